@@ -1,0 +1,314 @@
+"""Frozen dataclass configs and named presets.
+
+`ModelConfig` holds the decoder shape *and* the geometry of explicit memories (one concept: the
+model that writes and reads memories). Override fields with `dataclasses.replace` or, from the CLI,
+with `key=value` strings through `apply_overrides`.
+
+Memory layers are the first `memory_layers` layers (the paper uses the first half: layers 0..21 of
+44). Only they write memories (encoding) and read them (inference).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Score = Literal["softmax", "exp"]
+GroupReduce = Literal["sum", "max"]
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A config field has a bad value; the message names the field."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A Llama-style decoder with Memory3 explicit-memory attention.
+
+    Shape letters used across m3jax: B batch, T query length, S key length, D hidden (`hidden`),
+    N query heads, K kv heads, G = N // K query heads per kv head, H head dim, F mlp width,
+    V vocab, L layers, C chunks, M memory tokens visible to a chunk, R reference length.
+    """
+
+    name: str = "custom"
+    vocab_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 16
+    hidden: int = 64
+    mlp_dim: int = 128
+    rope_theta: float = 1e4
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    max_len: int = 2048  # longest context (excluding the reference prefix and memory window)
+    bos_id: int = 1
+    eos_id: int = 2
+    pad_id: int = 0
+    # --- explicit memory geometry ---
+    memory_layers: int = 2  # layers 0..memory_layers-1 write and read memories
+    tokens_per_memory: int = 8  # sparse tokens kept per (memory layer, kv head)
+    memories_per_chunk: int = 5  # memories retrieved by each context chunk at inference
+    chunk_size: int = 64  # context tokens per retrieval chunk
+    reference_len: int = 128  # max tokens of one reference (also the memory position window)
+    # BOS followed by the tokens of "Reference:". None turns the prefix sink and the memory
+    # window off: the model is then a plain Llama with context positions from 0.
+    reference_prefix: tuple[int, ...] | None = (1, 2, 3)
+    score: Score = "softmax"  # token sparsification score
+    group_reduce: GroupReduce = "sum"  # how query heads sharing a kv head are combined
+    # --- numerics ---
+    dtype: str = "float32"  # activations
+    param_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        for f in ("vocab_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden",
+                  "mlp_dim", "max_len", "tokens_per_memory", "memories_per_chunk", "chunk_size",
+                  "reference_len"):
+            v = getattr(self, f)
+            _check(isinstance(v, int) and not isinstance(v, bool) and v > 0,
+                   f"ModelConfig.{f} must be a positive int, got {v!r}")
+        _check(self.num_heads % self.num_kv_heads == 0,
+               f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+               f"({self.num_kv_heads}) for grouped-query attention")
+        _check(self.head_dim % 2 == 0, f"ModelConfig.head_dim must be even for RoPE, got {self.head_dim}")
+        _check(isinstance(self.memory_layers, int) and 0 <= self.memory_layers <= self.num_layers,
+               f"ModelConfig.memory_layers must be in [0, num_layers={self.num_layers}], "
+               f"got {self.memory_layers!r}")
+        _check(self.tokens_per_memory <= self.reference_len,
+               f"ModelConfig.tokens_per_memory ({self.tokens_per_memory}) cannot exceed "
+               f"reference_len ({self.reference_len})")
+        _check(self.score in typing.get_args(Score),
+               f"ModelConfig.score must be one of {typing.get_args(Score)}, got {self.score!r}")
+        _check(self.group_reduce in typing.get_args(GroupReduce),
+               f"ModelConfig.group_reduce must be one of {typing.get_args(GroupReduce)}, "
+               f"got {self.group_reduce!r}")
+        _check(self.rope_theta > 0, f"ModelConfig.rope_theta must be > 0, got {self.rope_theta}")
+        _check(self.norm_eps > 0, f"ModelConfig.norm_eps must be > 0, got {self.norm_eps}")
+        for f in ("dtype", "param_dtype"):
+            _check(getattr(self, f) in _DTYPES,
+                   f"ModelConfig.{f} must be one of {_DTYPES}, got {getattr(self, f)!r}")
+        for f in ("bos_id", "eos_id", "pad_id"):
+            v = getattr(self, f)
+            _check(isinstance(v, int) and 0 <= v < self.vocab_size,
+                   f"ModelConfig.{f}={v!r} is not a token id of a vocab of {self.vocab_size}")
+        if self.reference_prefix is not None:
+            # Lists from JSON/CLI become tuples so the config stays hashable (a jit static arg).
+            if not isinstance(self.reference_prefix, tuple):
+                object.__setattr__(self, "reference_prefix", tuple(self.reference_prefix))
+            p = self.reference_prefix
+            _check(len(p) >= 1, "ModelConfig.reference_prefix must hold at least the BOS id (or be None)")
+            _check(all(isinstance(t, int) and 0 <= t < self.vocab_size for t in p),
+                   f"ModelConfig.reference_prefix {p} holds ids outside the vocab of {self.vocab_size}")
+
+    # ------------------------------------------------------------------ derived geometry
+    @property
+    def group_size(self) -> int:
+        """G: query heads per kv head."""
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def memory_enabled(self) -> bool:
+        return self.reference_prefix is not None and self.memory_layers > 0
+
+    @property
+    def prefix_len(self) -> int:
+        """r: length of the reference prefix sink (0 when it is off)."""
+        return 0 if self.reference_prefix is None else len(self.reference_prefix)
+
+    @property
+    def context_offset(self) -> int:
+        """Position of the first context token (its BOS): r + reference_len, or 0 without memory."""
+        return 0 if self.reference_prefix is None else self.prefix_len + self.reference_len
+
+    @property
+    def memory_block_len(self) -> int:
+        """Memory tokens retrieved by one chunk at inference (memories_per_chunk * tokens_per_memory)."""
+        return self.memories_per_chunk * self.tokens_per_memory
+
+    # ------------------------------------------------------------------ counts
+    def num_params(self, embedding: bool = False) -> int:
+        """Parameter count; non-embedding only unless `embedding=True` (then embed + lm head too)."""
+        d, h = self.hidden, self.head_dim
+        attn = d * self.num_heads * h * 2 + d * self.num_kv_heads * h * 2
+        mlp = 3 * d * self.mlp_dim
+        per_layer = attn + mlp + 2 * d
+        n = self.num_layers * per_layer + d  # + final norm
+        if embedding:
+            n += self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        return n
+
+    def memory_bytes(self, codec: str = "bf16", **codec_options: Any) -> int:
+        """Bytes of one stored memory: (memory_layers, 2, kv_heads, tokens_per_memory, head_dim)
+        vectors coded by `codec` (see `m3jax.memory.codec`)."""
+        from m3jax.memory.codec import bytes_per_vector  # local: codec does not import config
+
+        vectors = self.memory_layers * 2 * self.num_kv_heads * self.tokens_per_memory
+        return vectors * bytes_per_vector(codec, self.head_dim, **codec_options)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if d["reference_prefix"] is not None:
+            d["reference_prefix"] = list(d["reference_prefix"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown ModelConfig fields: {unknown}")
+        return cls(**d)
+
+
+# ---------------------------------------------------------------------- presets
+_PRESETS: dict[str, ModelConfig] = {
+    # Small enough for unit tests; chunk/reference geometry shrunk so tests cross boundaries.
+    "tiny": ModelConfig(
+        name="tiny", vocab_size=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16,
+        hidden=64, mlp_dim=128, max_len=256, memory_layers=2, tokens_per_memory=4,
+        memories_per_chunk=2, chunk_size=16, reference_len=32, reference_prefix=(1, 5, 6)),
+    # A few M parameters, trains on a 2-core CPU in minutes. `reference_prefix` is replaced by the
+    # ids of "Reference:" in the demo's trained tokenizer.
+    "demo": ModelConfig(
+        name="demo", vocab_size=8192, num_layers=6, num_heads=8, num_kv_heads=4, head_dim=32,
+        hidden=256, mlp_dim=768, max_len=512, memory_layers=3, tokens_per_memory=8,
+        memories_per_chunk=5, chunk_size=64, reference_len=128, reference_prefix=(1, 2, 3)),
+    # SmolLM2-135M(-Instruct) shapes; prefix = BOS + tokens of "Reference:" in its tokenizer.
+    "smollm2-135m": ModelConfig(
+        name="smollm2-135m", vocab_size=49152, num_layers=30, num_heads=9, num_kv_heads=3,
+        head_dim=64, hidden=576, mlp_dim=1536, rope_theta=1e5, norm_eps=1e-5,
+        tie_embeddings=True, max_len=2048, bos_id=1, eos_id=2, pad_id=2, memory_layers=15,
+        reference_prefix=(1, 23682, 42)),
+    # The paper's 2.4B model (Yang et al. 2024, Table 1 and section 3). Its tokenizer is not
+    # public: the prefix ids below have the length of "BOS Reference:" in a typical BPE (3 ids)
+    # and are otherwise arbitrary; replace them with your tokenizer's ids.
+    "memory3-2b": ModelConfig(
+        name="memory3-2b", vocab_size=60416, num_layers=44, num_heads=40, num_kv_heads=8,
+        head_dim=80, hidden=3200, mlp_dim=3200, rope_theta=1e4, tie_embeddings=False,
+        max_len=2048, memory_layers=22, reference_prefix=(1, 2, 3), dtype="bfloat16",
+        param_dtype="bfloat16"),
+}
+
+
+def preset_names() -> list[str]:
+    return list(_PRESETS)
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """A named ModelConfig (`tiny`, `demo`, `smollm2-135m`, `memory3-2b`), optionally overridden."""
+    if name not in _PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose from {preset_names()}")
+    cfg = _PRESETS[name]
+    return dataclasses.replace(cfg, **overrides) if overrides else cfg
+
+
+def _parse_value(text: str, annotation: Any) -> Any:
+    import json
+
+    if text.lower() in ("none", "null"):
+        return None
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        v = json.loads(text)
+    except json.JSONDecodeError:
+        return text
+    if isinstance(v, list):
+        return tuple(v)
+    if isinstance(v, int) and "float" in str(annotation) and "int" not in str(annotation):
+        return float(v)
+    return v
+
+
+def apply_overrides(cfg: Any, overrides: list[str] | tuple[str, ...]) -> Any:
+    """Apply `key=value` strings (CLI style) to any frozen dataclass config."""
+    if not overrides:
+        return cfg
+    types = {f.name: f.type for f in dataclasses.fields(cfg)}
+    changes: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        k, v = item.split("=", 1)
+        if k not in types:
+            raise ConfigError(f"{type(cfg).__name__} has no field {k!r}; fields: {sorted(types)}")
+        changes[k] = _parse_value(v, types[k])
+    return dataclasses.replace(cfg, **changes)
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh sizes over axes ("data", "fsdp", "tensor"); one -1 fills the remaining devices."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+    def __post_init__(self) -> None:
+        sizes = (self.data, self.fsdp, self.tensor)
+        _check(all(isinstance(s, int) and (s == -1 or s >= 1) for s in sizes),
+               f"MeshConfig sizes must be positive ints or -1, got {sizes}")
+        _check(sum(s == -1 for s in sizes) <= 1, f"MeshConfig: at most one size may be -1, got {sizes}")
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Sampling and buffer settings for generation."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int = 0
+    max_cache_len: int = 512  # context tokens the KV cache holds (prompt + generated)
+    prompt_bucket: int = 64  # prompt lengths are padded up to a multiple of this
+
+    def __post_init__(self) -> None:
+        _check(self.max_new_tokens >= 0, f"DecodeConfig.max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        _check(self.temperature >= 0, f"DecodeConfig.temperature must be >= 0, got {self.temperature}")
+        _check(self.top_k >= 0, f"DecodeConfig.top_k must be >= 0, got {self.top_k}")
+        _check(0 < self.top_p <= 1, f"DecodeConfig.top_p must be in (0, 1], got {self.top_p}")
+        _check(self.max_cache_len > 0 and self.prompt_bucket > 0,
+               "DecodeConfig.max_cache_len and prompt_bucket must be positive")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimization settings for one training stage."""
+
+    stage: Literal["warmup", "continual"] = "warmup"
+    seq_len: int = 256
+    batch_size: int = 8
+    steps: int = 100
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    decay_fraction: float = 0.2  # warmup-stable-decay: last fraction of steps decays
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    grad_clip: float = 1.0
+    memory_grad: bool = True  # gradients through the memory write path (continual stage)
+    memory_lookback: int = 4  # chunk c sees the memories of chunks c-lookback..c in training
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.stage in ("warmup", "continual"), f"TrainConfig.stage must be warmup|continual, got {self.stage!r}")
+        for f in ("seq_len", "batch_size", "steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+            _check(getattr(self, f) > 0, f"TrainConfig.{f} must be > 0, got {getattr(self, f)}")
+        _check(self.lr > 0, f"TrainConfig.lr must be > 0, got {self.lr}")
+        _check(0 <= self.warmup_steps <= self.steps, "TrainConfig.warmup_steps must be in [0, steps]")
+        _check(0 <= self.decay_fraction <= 1, "TrainConfig.decay_fraction must be in [0, 1]")
+        _check(self.memory_lookback >= 0, "TrainConfig.memory_lookback must be >= 0")

@@ -1,0 +1,70 @@
+"""Explicit KV cache: a pytree preallocated to a maximum length and donated through jitted steps.
+
+Context token i of sequence b lives in slot i of its cache (prompts are left-aligned, so the
+fixed 64-token chunks of every sequence start at slot 0). Keys are stored post-RoPE.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from m3jax.config import ModelConfig
+from m3jax.model.memory import ChunkMemory
+from m3jax.model.transformer import (Params, _check_tokens, _embed, _logits, _run_stacks,
+                                     init_kv_stacks, prefix_kv)
+
+Array = jax.Array
+
+
+@struct.dataclass
+class KVCache:
+    """kv: {stack: (k, v)} each [L, B, S_max, K, H]; lengths: int32 [B] tokens held per sequence."""
+
+    kv: dict
+    lengths: Array
+
+    @property
+    def max_len(self) -> int:
+        return next(iter(self.kv.values()))[0].shape[2]
+
+    @property
+    def batch(self) -> int:
+        return self.lengths.shape[0]
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+    dtype = jnp.dtype(config.dtype) if dtype is None else dtype
+    return KVCache(init_kv_stacks(config, batch, max_len, dtype), jnp.zeros((batch,), jnp.int32))
+
+
+def extend(params: Params, config: ModelConfig, tokens: Array, cache: KVCache, *,
+           memory: ChunkMemory | None = None, prefix=None, new_lengths: Array | None = None):
+    """Append `tokens` [B, T] at each sequence's current length; return (logits [B, T, V], cache).
+
+    Used for prefill (empty cache, T a multiple of chunk_size when memory is given, one memory
+    block per chunk) and for decoding (T = 1, one memory block). `new_lengths` overrides the
+    lengths after the call (prefill of right-padded prompts of different lengths).
+    """
+    c = config
+    _check_tokens(tokens, c)
+    B, T = tokens.shape
+    if memory is not None:
+        if not c.memory_enabled:
+            raise ValueError(f"config {c.name!r} has memory off but memory was given")
+        C = memory.num_chunks
+        if T % C:
+            raise ValueError(f"{T} tokens cannot be split into {C} memory chunks")
+        memory.check(c, B, C)
+        memory = memory.windowed()
+    if prefix is None and c.reference_prefix is not None:
+        prefix = prefix_kv(params, c)
+    slots = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None]  # [B, T]
+    pos = c.context_offset + slots
+    mask = jnp.arange(cache.max_len)[None, None, :] <= slots[:, :, None]  # [B, T, S]
+    x = _embed(params, c, tokens)
+    x, kv, _ = _run_stacks(params, c, x, pos, mask, prefix=prefix, memory=memory, cache=cache.kv,
+                           slots_BT=slots)
+    lengths = cache.lengths + T if new_lengths is None else new_lengths.astype(jnp.int32)
+    return _logits(params, c, x), KVCache(kv, lengths)

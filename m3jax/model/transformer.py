@@ -1,0 +1,308 @@
+"""The Memory3 decoder as pure functions over a params pytree.
+
+Params (shape letters as in `ModelConfig`):
+
+    embed         [V, D]                      ("vocab", "embed")
+    mem_blocks    stacked layers 0..Lm-1      (the memory layers; absent if Lm == 0)
+    blocks        stacked layers Lm..L-1      (absent if Lm == L)
+    final_norm    [D]
+    lm_head       [D, V]                      (absent with tied embeddings)
+
+    each stack:   attn_norm [L, D], wq [L, D, N, H], wk [L, D, K, H], wv [L, D, K, H],
+                  wo [L, N, H, D], mlp_norm [L, D], w_gate [L, D, F], w_up [L, D, F], w_down [L, F, D]
+
+Positions (MEMORY3.md, "parallel position encoding"): the reference prefix ("BOS Reference:")
+sits at 0..r-1, every memory shares the window r..r+reference_len-1 (baked into its keys), and the
+context starts at r + reference_len. With `reference_prefix=None` there is no sink, no memory and
+the context starts at 0: a plain Llama.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from m3jax.config import ModelConfig
+from m3jax.model.attention import MemoryBlocks, PrefixKV, attention
+from m3jax.model.layers import apply_rope, mlp, rms_norm, rope_angles
+from m3jax.model.memory import ChunkMemory
+
+Array = jax.Array
+Params = dict[str, Any]
+STACKS = ("mem_blocks", "blocks")
+
+_BLOCK_AXES = {
+    "attn_norm": ("layers", "embed"),
+    "wq": ("layers", "embed", "heads", "head_dim"),
+    "wk": ("layers", "embed", "kv_heads", "head_dim"),
+    "wv": ("layers", "embed", "kv_heads", "head_dim"),
+    "wo": ("layers", "heads", "head_dim", "embed"),
+    "mlp_norm": ("layers", "embed"),
+    "w_gate": ("layers", "embed", "mlp"),
+    "w_up": ("layers", "embed", "mlp"),
+    "w_down": ("layers", "mlp", "embed"),
+}
+
+
+def stack_sizes(config: ModelConfig) -> dict[str, int]:
+    """Number of layers in each present stack, in execution order."""
+    sizes = {"mem_blocks": config.memory_layers, "blocks": config.num_layers - config.memory_layers}
+    return {k: v for k, v in sizes.items() if v > 0}
+
+
+def _block_shapes(c: ModelConfig, L: int) -> dict[str, tuple[int, ...]]:
+    D, N, K, H, F = c.hidden, c.num_heads, c.num_kv_heads, c.head_dim, c.mlp_dim
+    return {"attn_norm": (L, D), "wq": (L, D, N, H), "wk": (L, D, K, H), "wv": (L, D, K, H),
+            "wo": (L, N, H, D), "mlp_norm": (L, D), "w_gate": (L, D, F), "w_up": (L, D, F),
+            "w_down": (L, F, D)}
+
+
+def param_shapes(config: ModelConfig) -> dict[str, Any]:
+    """The params pytree as nested dicts of shape tuples."""
+    shapes: dict[str, Any] = {"embed": (config.vocab_size, config.hidden)}
+    for name, L in stack_sizes(config).items():
+        shapes[name] = _block_shapes(config, L)
+    shapes["final_norm"] = (config.hidden,)
+    if not config.tie_embeddings:
+        shapes["lm_head"] = (config.hidden, config.vocab_size)
+    return shapes
+
+
+def param_axes(config: ModelConfig) -> dict[str, Any]:
+    """Logical axis names of every parameter (same tree as the params), for sharding rules."""
+    axes: dict[str, Any] = {"embed": ("vocab", "embed")}
+    for name in stack_sizes(config):
+        axes[name] = dict(_BLOCK_AXES)
+    axes["final_norm"] = ("embed",)
+    if not config.tie_embeddings:
+        axes["lm_head"] = ("embed", "vocab")
+    return axes
+
+
+def init(config: ModelConfig, key: Array) -> Params:
+    """Random params: truncated normal(0.02), output projections scaled by 1/sqrt(2 * layers)."""
+    dtype = jnp.dtype(config.param_dtype)
+    shapes = param_shapes(config)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    keys = jax.random.split(key, len(flat))
+    out_std = 0.02 / math.sqrt(2 * config.num_layers)
+    leaves = []
+    for (path, shape), k in zip(flat, keys):
+        name = path[-1].key
+        if name.endswith("norm"):
+            leaves.append(jnp.ones(shape, dtype))
+            continue
+        std = out_std if name in ("wo", "w_down") else 0.02
+        leaves.append((std * jax.random.truncated_normal(k, -2.0, 2.0, shape, jnp.float32)).astype(dtype))
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def check_params(params: Params, config: ModelConfig) -> None:
+    """Raise a clear error if `params` does not have the tree and shapes of `config`."""
+    want = param_shapes(config)
+    flat_want = {jax.tree_util.keystr(p): s for p, s in
+                 jax.tree_util.tree_flatten_with_path(want, is_leaf=lambda x: isinstance(x, tuple))[0]}
+    flat_got = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    missing = sorted(set(flat_want) - set(flat_got))
+    extra = sorted(set(flat_got) - set(flat_want))
+    bad = sorted(k for k in set(flat_want) & set(flat_got) if flat_want[k] != flat_got[k])
+    if missing or extra or bad:
+        msg = [f"params do not match config {config.name!r}:"]
+        if missing:
+            msg.append(f"missing {missing}")
+        if extra:
+            msg.append(f"unexpected {extra}")
+        for k in bad[:5]:
+            msg.append(f"{k} has shape {flat_got[k]}, expected {flat_want[k]}")
+        raise ValueError(" ".join(msg))
+
+
+# ---------------------------------------------------------------------------- core
+def _block(p: Params, x_BTD: Array, c: ModelConfig, cos_BTH: Array, sin_BTH: Array, mask_BTS: Array,
+           *, prefix: PrefixKV | None, memory: MemoryBlocks | None, kv_BSKH: tuple[Array, Array] | None,
+           slots_BT: Array | None, tap: Callable | None):
+    """One decoder layer. With `kv_BSKH` (a cache layer) the new keys/values are written at
+    `slots_BT` and attention reads the whole cache layer; otherwise it reads the fresh ones."""
+    dt = jnp.dtype(c.dtype)
+    h = rms_norm(x_BTD, p["attn_norm"], c.norm_eps)
+    q = jnp.einsum("BTD,DNH->BTNH", h, p["wq"].astype(dt))
+    k = jnp.einsum("BTD,DKH->BTKH", h, p["wk"].astype(dt))
+    v = jnp.einsum("BTD,DKH->BTKH", h, p["wv"].astype(dt))
+    q_rot = apply_rope(q, cos_BTH, sin_BTH)
+    k_rot = apply_rope(k, cos_BTH, sin_BTH)
+    extra = tap(q, k, k_rot, v) if tap is not None else None
+    if kv_BSKH is not None:
+        ck, cv = kv_BSKH
+        b_idx = jnp.arange(x_BTD.shape[0])[:, None]
+        ck = ck.at[b_idx, slots_BT].set(k_rot.astype(ck.dtype))
+        cv = cv.at[b_idx, slots_BT].set(v.astype(cv.dtype))
+        keys, values, new_kv = ck, cv, (ck, cv)
+    else:
+        keys, values, new_kv = k_rot, v, None
+    o = attention(q_rot, keys.astype(dt), values.astype(dt), mask_BTS, prefix=prefix, memory=memory)
+    x_BTD = x_BTD + jnp.einsum("BTNH,NHD->BTD", o, p["wo"].astype(dt))
+    h = rms_norm(x_BTD, p["mlp_norm"], c.norm_eps)
+    x_BTD = x_BTD + mlp(h, p["w_gate"].astype(dt), p["w_up"].astype(dt), p["w_down"].astype(dt))
+    return x_BTD, new_kv, extra
+
+
+def _run_stacks(params: Params, c: ModelConfig, x_BTD: Array, positions_BT: Array, mask_BTS: Array, *,
+                prefix: dict[str, tuple[Array, Array]] | None = None,
+                memory: ChunkMemory | None = None,
+                cache: dict[str, tuple[Array, Array]] | None = None,
+                slots_BT: Array | None = None,
+                tap: Callable | None = None,
+                stacks: tuple[str, ...] = STACKS):
+    """Scan every present stack's layers over x. Returns x, the updated cache stacks, tap outputs."""
+    cos, sin = rope_angles(positions_BT, c.head_dim, c.rope_theta)
+    new_cache: dict[str, tuple[Array, Array]] = {}
+    taps: dict[str, Any] = {}
+    for name in stack_sizes(c):
+        if name not in stacks:
+            continue
+        use_mem = memory is not None and name == "mem_blocks"
+
+        def body(carry, xs, name=name, use_mem=use_mem):
+            x, kv = carry
+            p = xs["p"]
+            pre = PrefixKV(*xs["prefix"]) if "prefix" in xs else None
+            mem = MemoryBlocks(xs["mem_k"], xs["mem_v"], memory.mask_BCS) if use_mem else None
+            layer_kv = None
+            if kv is not None:
+                layer_kv = (kv[0][xs["i"]], kv[1][xs["i"]])
+            x, new_kv, extra = _block(p, x, c, cos, sin, mask_BTS, prefix=pre, memory=mem,
+                                      kv_BSKH=layer_kv, slots_BT=slots_BT, tap=tap)
+            if kv is not None:
+                kv = (kv[0].at[xs["i"]].set(new_kv[0]), kv[1].at[xs["i"]].set(new_kv[1]))
+            return (x, kv), extra
+
+        xs: dict[str, Any] = {"p": params[name], "i": jnp.arange(stack_sizes(c)[name])}
+        if prefix is not None:
+            xs["prefix"] = prefix[name]
+        if use_mem:
+            xs["mem_k"], xs["mem_v"] = memory.k_LBCSKH, memory.v_LBCSKH
+        kv0 = cache[name] if cache is not None else None
+        (x_BTD, kv), extra = jax.lax.scan(body, (x_BTD, kv0), xs)
+        if kv is not None:
+            new_cache[name] = kv
+        if tap is not None:
+            taps[name] = extra
+    return x_BTD, new_cache, taps
+
+
+def _embed(params: Params, c: ModelConfig, tokens_BT: Array) -> Array:
+    return jnp.take(params["embed"], tokens_BT, axis=0).astype(jnp.dtype(c.dtype))
+
+
+def _logits(params: Params, c: ModelConfig, x_BTD: Array) -> Array:
+    x = rms_norm(x_BTD, params["final_norm"], c.norm_eps)
+    w = params["embed"].T if c.tie_embeddings else params["lm_head"]
+    return jnp.einsum("BTD,DV->BTV", x, w.astype(x.dtype)).astype(jnp.float32)
+
+
+def prefix_kv(params: Params, config: ModelConfig) -> dict[str, tuple[Array, Array]] | None:
+    """Keys (post-RoPE) and values of the reference prefix at every layer, per stack:
+    {stack: (k [L, r, K, H], v [L, r, K, H])}. Constant for given weights: compute once."""
+    if config.reference_prefix is None:
+        return None
+    r = config.prefix_len
+    tokens = jnp.asarray(config.reference_prefix, jnp.int32)[None]
+    pos = jnp.arange(r, dtype=jnp.int32)[None]
+    cache = init_kv_stacks(config, 1, r, jnp.dtype(config.dtype))
+    x = _embed(params, config, tokens)
+    _, cache, _ = _run_stacks(params, config, x, pos, _causal_mask(pos[0], r)[None], cache=cache, slots_BT=pos)
+    return {k: (ck[:, 0], cv[:, 0]) for k, (ck, cv) in cache.items()}
+
+
+def init_kv_stacks(config: ModelConfig, batch: int, length: int, dtype=jnp.float32):
+    """Zeroed per-stack key/value buffers {stack: (k, v)} of shape [L, B, length, K, H]."""
+    out = {}
+    for name, L in stack_sizes(config).items():
+        shape = (L, batch, length, config.num_kv_heads, config.head_dim)
+        out[name] = (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    return out
+
+
+def _causal_mask(query_slots: Array, key_len: int) -> Array:
+    """[T, S] boolean: key slot j is visible to a query in slot i iff j <= i."""
+    return jnp.arange(key_len)[None, :] <= query_slots[:, None]
+
+
+def _check_tokens(tokens: Array, config: ModelConfig) -> None:
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be int [batch, length], got shape {tuple(tokens.shape)}")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"tokens must be integer ids, got dtype {tokens.dtype}")
+    if tokens.shape[1] > config.max_len:
+        raise ValueError(f"sequence of {tokens.shape[1]} tokens exceeds max_len={config.max_len} of "
+                         f"config {config.name!r}")
+
+
+def forward(params: Params, tokens: Array, config: ModelConfig, *, memory: ChunkMemory | None = None,
+            prefix: dict[str, tuple[Array, Array]] | None = None) -> Array:
+    """Logits [B, T, V] (float32) of a full sequence (training / evaluation).
+
+    tokens: int [B, T], the context including its leading BOS. memory: optional `ChunkMemory`
+    with one block per `chunk_size` tokens (ceil(T / chunk_size) chunks); chunk c reads blocks
+    c-lookback..c. prefix: precomputed `prefix_kv` (computed here from params when omitted).
+    """
+    c = config
+    _check_tokens(tokens, c)
+    B, T = tokens.shape
+    if memory is not None:
+        if not c.memory_enabled:
+            raise ValueError(f"config {c.name!r} has memory off (reference_prefix=None or memory_layers=0) "
+                             "but memory was given")
+        C = -(-T // c.chunk_size)
+        memory.check(c, B, C)
+        memory = memory.windowed()
+    if prefix is None and c.reference_prefix is not None:
+        prefix = prefix_kv(params, c)
+    Tp = T if memory is None else memory.num_chunks * c.chunk_size
+    tok = jnp.pad(tokens, ((0, 0), (0, Tp - T)), constant_values=c.pad_id) if Tp != T else tokens
+    slots = jnp.arange(Tp, dtype=jnp.int32)
+    pos = jnp.broadcast_to(c.context_offset + slots, (B, Tp))
+    mask = jnp.broadcast_to(_causal_mask(slots, Tp), (B, Tp, Tp))
+    x = _embed(params, c, tok)
+    x, _, _ = _run_stacks(params, c, x, pos, mask, prefix=prefix, memory=memory)
+    return _logits(params, c, x[:, :T])
+
+
+def encode_states(params: Params, config: ModelConfig, ref_tokens: Array, ref_mask: Array,
+                  fn: Callable[[Array, Array, Array, Array], Any]) -> Any:
+    """The memory write path: run `reference_prefix + reference` through the memory layers only.
+
+    ref_tokens: int [N, R] (R <= reference_len, valid tokens first, then padding), ref_mask: bool
+    [N, R]. At each memory layer `fn(q_pre [N,R,N_h,H], k_pre [N,R,K,H], k_post [N,R,K,H],
+    v [N,R,K,H])` is called on the reference positions (prefix sliced off; q and k before RoPE,
+    keys also after RoPE at positions r..r+R-1) inside the layer scan; its outputs are stacked
+    over memory layers and returned. Activations of the whole stack are never materialized.
+    """
+    c = config
+    if not c.memory_enabled:
+        raise ValueError(f"config {c.name!r} has memory off: it cannot write memories")
+    N, R = ref_tokens.shape
+    if R > c.reference_len:
+        raise ValueError(f"references of {R} tokens exceed reference_len={c.reference_len}")
+    r = c.prefix_len
+    pre = jnp.broadcast_to(jnp.asarray(c.reference_prefix, ref_tokens.dtype), (N, r))
+    tokens = jnp.concatenate([pre, ref_tokens], axis=1)
+    valid = jnp.concatenate([jnp.ones((N, r), bool), ref_mask.astype(bool)], axis=1)
+    slots = jnp.arange(r + R, dtype=jnp.int32)
+    pos = jnp.broadcast_to(slots, (N, r + R))
+    mask = _causal_mask(slots, r + R)[None] & valid[:, None, :]
+    x = _embed(params, c, tokens)
+
+    def tap(q, k, k_rot, v):
+        return fn(q[:, r:], k[:, r:], k_rot[:, r:], v[:, r:])
+
+    _, _, taps = _run_stacks(params, c, x, pos, mask, tap=tap, stacks=("mem_blocks",))
+    return taps["mem_blocks"]
+
+
+def num_params(params: Params) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
