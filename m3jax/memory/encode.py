@@ -1,0 +1,130 @@
+"""Writing memories: encode references into sparse explicit memories (MEMORY3.md, "Writing a memory").
+
+For every memory layer and KV head, each reference token j is scored by the attention it receives
+from all reference tokens i, with q and k taken *before* RoPE, no causal mask, and the prefix and
+padding excluded as queries and as candidates:
+
+    softmax: w_j = sum_i softmax_j(q_i . k_j / sqrt(d))
+    exp:     w_j = sum_i exp(q_i . k_j / sqrt(d))          (computed as log w_j, stably)
+
+Query heads that share a KV head are combined by `group_reduce` (sum or max). The top
+`tokens_per_memory` tokens are kept and their post-RoPE keys and values gathered.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from m3jax.config import ModelConfig
+from m3jax.model.memory import MemoryKV
+from m3jax.model.transformer import Params, encode_states
+
+Array = jax.Array
+_NEG = -1e30
+
+
+def token_scores(q_NRKGH: Array, k_NRKH: Array, valid_NR: Array, *, score: str, group_reduce: str) -> Array:
+    """Log importance of each reference token per kv head: [N, K, R] (very negative for padding).
+
+    Returned in log space for both scores so that the top-k and the group reduction are stable.
+    """
+    H = q_NRKGH.shape[-1]
+    q = q_NRKGH.astype(jnp.float32)
+    k = k_NRKH.astype(jnp.float32)
+    logits = jnp.einsum("NIKGH,NJKH->NKGIJ", q, k) * H ** -0.5
+    cand = valid_NR[:, None, None, None, :]
+    logits = jnp.where(cand, logits, _NEG)
+    query_ok = valid_NR[:, None, None, :, None]
+    if score == "softmax":
+        contrib = jnp.where(query_ok, jax.nn.softmax(logits, axis=-1), 0.0)
+        w = jnp.sum(contrib, axis=3)  # [N, K, G, J]
+        logw_NKGJ = jnp.log(jnp.maximum(w, 1e-30))
+    elif score == "exp":
+        logw_NKGJ = jax.nn.logsumexp(jnp.where(query_ok, logits, _NEG), axis=3)
+    else:
+        raise ValueError(f"unknown score {score!r}")
+    if group_reduce == "sum":
+        logw_NKJ = jax.nn.logsumexp(logw_NKGJ, axis=2)
+    elif group_reduce == "max":
+        logw_NKJ = jnp.max(logw_NKGJ, axis=2)
+    else:
+        raise ValueError(f"unknown group_reduce {group_reduce!r}")
+    return jnp.where(valid_NR[:, None, :], logw_NKJ, _NEG)
+
+
+def select_tokens(logw_NKR: Array, valid_NR: Array, top: int) -> tuple[Array, Array]:
+    """Indices [N, K, T] of the `top` best-scored valid tokens (ascending positions, invalid
+    slots last and pointing at position 0) and the slot mask [N, T]."""
+    R = logw_NKR.shape[-1]
+    top_eff = min(top, R)
+    _, idx = jax.lax.top_k(logw_NKR, top_eff)
+    n_valid = jnp.sum(valid_NR, axis=-1)  # [N]
+    slot_ok_NT = jnp.arange(top_eff)[None, :] < n_valid[:, None]
+    idx = jnp.where(slot_ok_NT[:, None, :], idx, R)
+    idx = jnp.sort(idx, axis=-1)  # valid positions ascending, sentinel R last
+    if top_eff < top:  # references padded shorter than `top`: pad with invalid slots
+        idx = jnp.pad(idx, ((0, 0), (0, 0), (0, top - top_eff)), constant_values=R)
+        slot_ok_NT = jnp.pad(slot_ok_NT, ((0, 0), (0, top - top_eff)))
+    return jnp.where(idx == R, 0, idx), slot_ok_NT
+
+
+def encode(params: Params, config: ModelConfig, ref_tokens: Array, ref_mask: Array) -> MemoryKV:
+    """Encode N references into N memories.
+
+    ref_tokens: int [N, R] with R <= reference_len (valid tokens first, padding after),
+    ref_mask: bool [N, R]. Returns `MemoryKV` with kv [N, Lm, 2, K, T, H] (keys post-RoPE at
+    their positions r..r+R-1 of the encoding sequence) and mask [N, T]. Jittable (config static);
+    differentiable with respect to params through the gathered keys and values.
+    """
+    c = config
+    ref_tokens = jnp.asarray(ref_tokens)
+    ref_mask = jnp.asarray(ref_mask, bool)
+    if ref_tokens.ndim != 2 or ref_tokens.shape != ref_mask.shape:
+        raise ValueError(f"ref_tokens {tuple(ref_tokens.shape)} and ref_mask {tuple(ref_mask.shape)} "
+                         "must both be [N, R]")
+    N, R = ref_tokens.shape
+    K, G, H, T = c.num_kv_heads, c.group_size, c.head_dim, c.tokens_per_memory
+
+    def per_layer(q_pre, k_pre, k_post, v):
+        logw = token_scores(q_pre.reshape(N, R, K, G, H), k_pre, ref_mask,
+                            score=c.score, group_reduce=c.group_reduce)
+        idx_NKT, slot_ok = select_tokens(logw, ref_mask, T)
+        gather = jax.vmap(jax.vmap(lambda x_RH, i_T: x_RH[i_T], in_axes=(1, 0)), in_axes=(0, 0))
+        k_sel = gather(k_post, idx_NKT)  # [N, K, T, H]
+        v_sel = gather(v, idx_NKT)
+        return jnp.stack([k_sel, v_sel], axis=1), slot_ok  # [N, 2, K, T, H]
+
+    kv_LNZKTH, ok_LNT = encode_states(params, c, ref_tokens, ref_mask, per_layer)
+    kv = jnp.transpose(kv_LNZKTH, (1, 0, 2, 3, 4, 5))
+    return MemoryKV(kv, ok_LNT[0])
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def encode_jit(params: Params, config: ModelConfig, ref_tokens: Array, ref_mask: Array) -> MemoryKV:
+    return encode(params, config, ref_tokens, ref_mask)
+
+
+def make_encode_fn(params: Params, config: ModelConfig) -> Callable[[np.ndarray, np.ndarray], MemoryKV]:
+    """A host-side `encode_fn(tokens [n, R], mask [n, R]) -> MemoryKV` for bank building: pads
+    references to `reference_len` and the batch to a power of two so the jitted encoder compiles
+    only a handful of times."""
+
+    def fn(tokens: np.ndarray, mask: np.ndarray) -> MemoryKV:
+        tokens = np.asarray(tokens, np.int32)
+        mask = np.asarray(mask, bool)
+        n, R = tokens.shape
+        if R > config.reference_len:
+            raise ValueError(f"references of {R} tokens exceed reference_len={config.reference_len}")
+        nb = 1 << max(0, (n - 1).bit_length())
+        tok = np.full((nb, config.reference_len), config.pad_id, np.int32)
+        msk = np.zeros((nb, config.reference_len), bool)
+        tok[:n, :R], msk[:n, :R] = tokens, mask
+        mem = encode_jit(params, config, jnp.asarray(tok), jnp.asarray(msk))
+        return mem.take(slice(0, n))
+
+    return fn
