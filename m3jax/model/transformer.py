@@ -30,6 +30,7 @@ from m3jax.config import ModelConfig
 from m3jax.model.attention import MemoryBlocks, PrefixKV, attention
 from m3jax.model.layers import apply_rope, mlp, rms_norm, rope_angles
 from m3jax.model.memory import ChunkMemory
+from m3jax.sharding import CACHE_AXES, MEMORY_AXES, MEMORY_MASK_AXES, constrain
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -128,10 +129,11 @@ def _block(p: Params, x_BTD: Array, c: ModelConfig, cos_BTH: Array, sin_BTH: Arr
     """One decoder layer. With `kv_BSKH` (a cache layer) the new keys/values are written at
     `slots_BT` and attention reads the whole cache layer; otherwise it reads the fresh ones."""
     dt = jnp.dtype(c.dtype)
+    x_BTD = constrain(x_BTD, ("batch", "length", "embed"))
     h = rms_norm(x_BTD, p["attn_norm"], c.norm_eps)
-    q = jnp.einsum("BTD,DNH->BTNH", h, p["wq"].astype(dt))
-    k = jnp.einsum("BTD,DKH->BTKH", h, p["wk"].astype(dt))
-    v = jnp.einsum("BTD,DKH->BTKH", h, p["wv"].astype(dt))
+    q = constrain(jnp.einsum("BTD,DNH->BTNH", h, p["wq"].astype(dt)), ("batch", "length", "heads", "head_dim"))
+    k = constrain(jnp.einsum("BTD,DKH->BTKH", h, p["wk"].astype(dt)), ("batch", "kv_length", "kv_heads", "head_dim"))
+    v = constrain(jnp.einsum("BTD,DKH->BTKH", h, p["wv"].astype(dt)), ("batch", "kv_length", "kv_heads", "head_dim"))
     q_rot = apply_rope(q, cos_BTH, sin_BTH)
     k_rot = apply_rope(k, cos_BTH, sin_BTH)
     extra = tap(q, k, k_rot, v) if tap is not None else None
@@ -147,7 +149,7 @@ def _block(p: Params, x_BTD: Array, c: ModelConfig, cos_BTH: Array, sin_BTH: Arr
     x_BTD = x_BTD + jnp.einsum("BTNH,NHD->BTD", o, p["wo"].astype(dt))
     h = rms_norm(x_BTD, p["mlp_norm"], c.norm_eps)
     x_BTD = x_BTD + mlp(h, p["w_gate"].astype(dt), p["w_up"].astype(dt), p["w_down"].astype(dt))
-    return x_BTD, new_kv, extra
+    return constrain(x_BTD, ("batch", "length", "embed")), new_kv, extra
 
 
 def _run_stacks(params: Params, c: ModelConfig, x_BTD: Array, positions_BT: Array, mask_BTS: Array, *,
@@ -173,7 +175,8 @@ def _run_stacks(params: Params, c: ModelConfig, x_BTD: Array, positions_BT: Arra
             mem = MemoryBlocks(xs["mem_k"], xs["mem_v"], memory.mask_BCS) if use_mem else None
             layer_kv = None
             if kv is not None:
-                layer_kv = (kv[0][xs["i"]], kv[1][xs["i"]])
+                kv_axes = CACHE_AXES[1:]
+                layer_kv = (constrain(kv[0][xs["i"]], kv_axes), constrain(kv[1][xs["i"]], kv_axes))
             x, new_kv, extra = _block(p, x, c, cos, sin, mask_BTS, prefix=pre, memory=mem,
                                       kv_BSKH=layer_kv, slots_BT=slots_BT, tap=tap)
             if kv is not None:
@@ -195,13 +198,16 @@ def _run_stacks(params: Params, c: ModelConfig, x_BTD: Array, positions_BT: Arra
 
 
 def _embed(params: Params, c: ModelConfig, tokens_BT: Array) -> Array:
-    return jnp.take(params["embed"], tokens_BT, axis=0).astype(jnp.dtype(c.dtype))
+    table = constrain(params["embed"], ("vocab", None))  # avoids a full rematerialization under fsdp
+    x = jnp.take(table, tokens_BT, axis=0).astype(jnp.dtype(c.dtype))
+    return constrain(x, ("batch", "length", "embed"))
 
 
 def _logits(params: Params, c: ModelConfig, x_BTD: Array) -> Array:
     x = rms_norm(x_BTD, params["final_norm"], c.norm_eps)
     w = params["embed"].T if c.tie_embeddings else params["lm_head"]
-    return jnp.einsum("BTD,DV->BTV", x, w.astype(x.dtype)).astype(jnp.float32)
+    logits = jnp.einsum("BTD,DV->BTV", x, w.astype(x.dtype)).astype(jnp.float32)
+    return constrain(logits, ("batch", "length", "vocab"))
 
 
 def prefix_kv(params: Params, config: ModelConfig) -> dict[str, tuple[Array, Array]] | None:
@@ -232,6 +238,13 @@ def _causal_mask(query_slots: Array, key_len: int) -> Array:
     return jnp.arange(key_len)[None, :] <= query_slots[:, None]
 
 
+def constrain_memory(memory: ChunkMemory) -> ChunkMemory:
+    """Shard memory like the batch (layers unsharded, kv heads on tensor when they divide)."""
+    return memory.replace(k_LBCSKH=constrain(memory.k_LBCSKH, MEMORY_AXES),
+                          v_LBCSKH=constrain(memory.v_LBCSKH, MEMORY_AXES),
+                          mask_BCS=constrain(memory.mask_BCS, MEMORY_MASK_AXES))
+
+
 def _check_tokens(tokens: Array, config: ModelConfig) -> None:
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be int [batch, length], got shape {tuple(tokens.shape)}")
@@ -259,7 +272,7 @@ def forward(params: Params, tokens: Array, config: ModelConfig, *, memory: Chunk
                              "but memory was given")
         C = -(-T // c.chunk_size)
         memory.check(c, B, C)
-        memory = memory.windowed()
+        memory = constrain_memory(memory.windowed())
     if prefix is None and c.reference_prefix is not None:
         prefix = prefix_kv(params, c)
     Tp = T if memory is None else memory.num_chunks * c.chunk_size
