@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterable, Sequence
+import re
+from typing import Any, Iterable, Mapping, Sequence
 
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 
 REFERENCE_TEXT = "Reference:"
 _META = "m3jax_tokenizer.json"
@@ -48,6 +49,32 @@ class Tokenizer:
     def reference_prefix(self) -> tuple[int, ...]:
         """BOS followed by the tokens of "Reference:" (MEMORY3.md, "Writing a memory")."""
         return (self.bos_id, *self.encode(REFERENCE_TEXT))
+
+    # ------------------------------------------------------------------ chat
+    def apply_chat_template(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True,
+                            *, system_prompt: str | None = None) -> str:
+        """Render `messages` ([{"role": ..., "content": ...}]) in the ChatML format of SmolLM2:
+        `<|im_start|>role\ncontent<|im_end|>\n` per message, then `<|im_start|>assistant\n` when
+        `add_generation_prompt`. When the first message is not a system message, a system message
+        is prepended: `system_prompt` if given, else the default one written in `chat_template`
+        (none when the template has none). The template itself is not executed (no jinja2)."""
+        default = system_prompt if system_prompt is not None else chatml_default_system(self.chat_template)
+        out = []
+        for i, m in enumerate(messages):
+            if "role" not in m or "content" not in m:
+                raise ValueError(f"chat message {i} needs 'role' and 'content' keys, got {sorted(m)}")
+            if i == 0 and m["role"] != "system" and default is not None:
+                out.append(f"<|im_start|>system\n{default}<|im_end|>\n")
+            out.append(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n")
+        if add_generation_prompt:
+            out.append("<|im_start|>assistant\n")
+        return "".join(out)
+
+    # ------------------------------------------------------------------ GGUF
+    @classmethod
+    def from_gguf(cls, path_or_reader: Any) -> "Tokenizer":
+        """The byte-level BPE stored in a GGUF file (see `load_gguf_tokenizer`)."""
+        return load_gguf_tokenizer(path_or_reader)
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str) -> None:
@@ -103,3 +130,78 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 8192, *, min_frequency: in
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=show_progress)
     tk.train_from_iterator(texts, trainer=trainer)
     return Tokenizer(tk, bos_id=0 + 1, eos_id=2, pad_id=0)
+
+
+# ---------------------------------------------------------------------- GGUF vocab
+_CHATML_SYSTEM = re.compile(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", re.S)
+
+
+def chatml_default_system(template: str | None) -> str | None:
+    """The default system message that a ChatML jinja template inserts when the conversation has
+    none (SmolLM2: "You are a helpful AI assistant named SmolLM, trained by Hugging Face")."""
+    if not template:
+        return None
+    m = _CHATML_SYSTEM.search(template)
+    return m.group(1) if m else None
+
+
+_GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4  # gguf.TokenType values
+
+
+def _gguf_field(reader: Any, key: str, default: Any = None) -> Any:
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def load_gguf_tokenizer(path_or_reader: Any) -> Tokenizer:
+    """Rebuild the byte-level BPE ("gpt2" tokenizer model) of a GGUF file from its vocab and merges.
+
+    Pre-tokenizer: digits split one by one, then GPT-2 byte level; ByteLevel decoder. Tokens of
+    type CONTROL (3) become special tokens and USER_DEFINED (4) added tokens, so both encode as
+    single ids. bos/eos/pad come from the `tokenizer.ggml.*_token_id` fields (pad defaults to
+    eos), the chat template from `tokenizer.chat_template`.
+    """
+    import gguf  # local: only GGUF users need it
+
+    reader = path_or_reader if isinstance(path_or_reader, gguf.GGUFReader) else gguf.GGUFReader(path_or_reader)
+    where = getattr(reader, "path", path_or_reader)
+    kind = _gguf_field(reader, "tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ValueError(f"{where}: tokenizer.ggml.model={kind!r} is not supported (only 'gpt2', "
+                         "the byte-level BPE)")
+    tokens = _gguf_field(reader, "tokenizer.ggml.tokens")
+    merges = _gguf_field(reader, "tokenizer.ggml.merges")
+    if not tokens or merges is None:
+        raise ValueError(f"{where}: tokenizer.ggml.tokens / tokenizer.ggml.merges are missing")
+    types = _gguf_field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise ValueError(f"{where}: tokenizer.ggml.tokens holds duplicate tokens")
+    pairs = []
+    for m in merges:
+        parts = m.split(" ")
+        if len(parts) != 2:
+            raise ValueError(f"{where}: malformed merge {m!r}")
+        pairs.append((parts[0], parts[1]))
+    tk = HFTokenizer(models.BPE(vocab, pairs, fuse_unk=False))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
+    tk.decoder = decoders.ByteLevel()
+    special = [AddedToken(t, special=True, normalized=False)
+               for t, ty in zip(tokens, types) if ty == _GGUF_CONTROL]
+    user = [AddedToken(t, special=False, normalized=False)
+            for t, ty in zip(tokens, types) if ty == _GGUF_USER_DEFINED]
+    if special:
+        tk.add_special_tokens(special)
+    if user:
+        tk.add_tokens(user)
+    eos = _gguf_field(reader, "tokenizer.ggml.eos_token_id")
+    bos = _gguf_field(reader, "tokenizer.ggml.bos_token_id", eos)
+    if bos is None or eos is None:
+        raise ValueError(f"{where}: tokenizer.ggml.bos_token_id / eos_token_id are missing")
+    pad = _gguf_field(reader, "tokenizer.ggml.padding_token_id", eos)
+    return Tokenizer(tk, bos_id=bos, eos_id=eos, pad_id=pad,
+                     chat_template=_gguf_field(reader, "tokenizer.chat_template"),
+                     add_bos=bool(_gguf_field(reader, "tokenizer.ggml.add_bos_token", True)))

@@ -1,0 +1,626 @@
+"""Import and export of external checkpoints: Hugging Face Llama safetensors and GGUF (llama.cpp).
+
+    load_hf(dir)      -> (ModelConfig, params)             config.json + *.safetensors (sharded or not)
+    save_hf(config, params, dir)                           the same layout back, bit-exact round trip
+    load_gguf(file)   -> (ModelConfig, params, Tokenizer)  llama GGUF, any quantization (dequantized)
+    save_checkpoint_dir / load_checkpoint_dir              the m3jax checkpoint directory
+    convert_main(argv)                                     `m3jax convert --from hf|gguf PATH --out DIR`
+
+Weight layouts. HF linear weights are (out, in); m3jax keeps (in, ...out) with the heads split out:
+`wq [L, D, N, H]` is `q_proj.weight.T` reshaped, query head n = kv_head * G + g (HF repeat_kv).
+Both use the "rotate_half" RoPE. GGUF stores q/k rows permuted for interleaved RoPE; `load_gguf`
+undoes that, after which a GGUF tensor is laid out exactly like its HF counterpart.
+
+Imported models have no Memory3 training: with `reference_prefix=None` (the default of `load_hf`)
+the m3jax model is exactly the source Llama. A prefix turns the attention sink and the memory
+position window on, which changes the outputs (positions shift by r + reference_len and every
+layer attends to the prefix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import json
+import os
+import re
+from typing import Any, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from m3jax.config import ModelConfig
+from m3jax.model.transformer import check_params, stack_sizes
+from m3jax.tokenizer import Tokenizer
+
+Params = dict[str, Any]
+AUTO = "auto"
+_FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+_HF_MODEL_TYPES = ("llama", "mistral")
+_HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+# Memory geometry that save_hf records under "m3jax" in config.json and load_hf reads back.
+_M3_FIELDS = ("memory_layers", "tokens_per_memory", "memories_per_chunk", "chunk_size", "reference_len",
+              "reference_prefix", "score", "group_reduce", "dtype", "name")
+_IGNORED_HF = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")  # old HF buffers
+
+
+class ConvertError(ValueError):
+    """A checkpoint cannot be converted; the message names the field or tensor at fault."""
+
+
+# ============================================================================ HF tensor names
+def _hf_layer_names(i: int) -> dict[str, str]:
+    p = f"model.layers.{i}."
+    return {"wq": p + "self_attn.q_proj.weight", "wk": p + "self_attn.k_proj.weight",
+            "wv": p + "self_attn.v_proj.weight", "wo": p + "self_attn.o_proj.weight",
+            "w_gate": p + "mlp.gate_proj.weight", "w_up": p + "mlp.up_proj.weight",
+            "w_down": p + "mlp.down_proj.weight", "attn_norm": p + "input_layernorm.weight",
+            "mlp_norm": p + "post_attention_layernorm.weight"}
+
+
+def hf_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the HF Llama layout of `config`, with its (out, in) shape."""
+    D, N, K, H, F, V = (config.hidden, config.num_heads, config.num_kv_heads, config.head_dim,
+                        config.mlp_dim, config.vocab_size)
+    per_layer = {"wq": (N * H, D), "wk": (K * H, D), "wv": (K * H, D), "wo": (D, N * H),
+                 "w_gate": (F, D), "w_up": (F, D), "w_down": (D, F), "attn_norm": (D,), "mlp_norm": (D,)}
+    out = {"model.embed_tokens.weight": (V, D)}
+    for i in range(config.num_layers):
+        for k, name in _hf_layer_names(i).items():
+            out[name] = per_layer[k]
+    out["model.norm.weight"] = (D,)
+    if not config.tie_embeddings:
+        out["lm_head.weight"] = (V, D)
+    return out
+
+
+def _hf_to_m3(key: str, w: np.ndarray, c: ModelConfig) -> np.ndarray:
+    """One layer tensor from HF (out, in) to the m3jax per-layer layout (transposes only)."""
+    D, N, K, H = c.hidden, c.num_heads, c.num_kv_heads, c.head_dim
+    if key == "wq":
+        return w.T.reshape(D, N, H)
+    if key in ("wk", "wv"):
+        return w.T.reshape(D, K, H)
+    if key == "wo":
+        return w.T.reshape(N, H, D)
+    if key in ("w_gate", "w_up", "w_down"):
+        return w.T
+    return w  # norms
+
+
+def _m3_to_hf(key: str, w: np.ndarray, c: ModelConfig) -> np.ndarray:
+    D = c.hidden
+    if key in ("wq", "wk", "wv"):
+        return np.ascontiguousarray(w.reshape(D, -1).T)
+    if key == "wo":
+        return np.ascontiguousarray(w.reshape(-1, D).T)
+    if key in ("w_gate", "w_up", "w_down"):
+        return np.ascontiguousarray(w.T)
+    return np.ascontiguousarray(w)
+
+
+def _check_tensors(tensors: dict[str, np.ndarray], config: ModelConfig, where: str) -> None:
+    want = hf_tensor_shapes(config)
+    missing = [k for k in want if k not in tensors]
+    unexpected = sorted(k for k in tensors if k not in want)
+    bad = [f"{k} has shape {tuple(tensors[k].shape)}, expected {want[k]}"
+           for k in want if k in tensors and tuple(tensors[k].shape) != want[k]]
+    not_float = [f"{k} has dtype {tensors[k].dtype}" for k in want
+                 if k in tensors and np.dtype(tensors[k].dtype).name not in _FLOAT_DTYPES]
+    if missing or unexpected or bad or not_float:
+        msg = [f"{where}: the tensors do not match a Llama of config {config.name!r}:"]
+        if missing:
+            msg.append(f"missing tensors {_short(missing)};")
+        if unexpected:
+            msg.append(f"unexpected tensors {_short(unexpected)};")
+        if bad:
+            msg.append("; ".join(bad[:8]) + ";")
+        if not_float:
+            msg.append("non-float tensors: " + "; ".join(not_float[:8]))
+        raise ConvertError(" ".join(msg))
+
+
+def _short(names: Sequence[str], n: int = 12) -> str:
+    names = list(names)
+    return str(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def params_from_hf_tensors(tensors: dict[str, np.ndarray], config: ModelConfig, *,
+                           where: str = "checkpoint") -> Params:
+    """The m3jax params pytree (in `config.param_dtype`) from HF-named (out, in) tensors."""
+    _check_tensors(tensors, config, where)
+    dt = jnp.dtype(config.param_dtype)
+    params: Params = {"embed": jnp.asarray(tensors["model.embed_tokens.weight"], dt)}
+    start = 0
+    for stack, L in stack_sizes(config).items():
+        layers = [_hf_layer_names(i) for i in range(start, start + L)]
+        params[stack] = {k: jnp.asarray(np.stack([_hf_to_m3(k, tensors[n[k]], config) for n in layers]), dt)
+                         for k in layers[0]}
+        start += L
+    params["final_norm"] = jnp.asarray(tensors["model.norm.weight"], dt)
+    if not config.tie_embeddings:
+        params["lm_head"] = jnp.asarray(np.ascontiguousarray(tensors["lm_head.weight"].T), dt)
+    check_params(params, config)
+    return params
+
+
+def hf_tensors_from_params(params: Params, config: ModelConfig) -> dict[str, np.ndarray]:
+    """HF-named (out, in) NumPy tensors (dtype of the params) from the m3jax params pytree."""
+    check_params(params, config)
+    out = {"model.embed_tokens.weight": np.ascontiguousarray(np.asarray(params["embed"]))}
+    start = 0
+    for stack, L in stack_sizes(config).items():
+        host = {k: np.asarray(v) for k, v in params[stack].items()}
+        for j in range(L):
+            for k, name in _hf_layer_names(start + j).items():
+                out[name] = _m3_to_hf(k, host[k][j], config)
+        start += L
+    out["model.norm.weight"] = np.ascontiguousarray(np.asarray(params["final_norm"]))
+    if not config.tie_embeddings:
+        out["lm_head.weight"] = np.ascontiguousarray(np.asarray(params["lm_head"]).T)
+    return out
+
+
+# ============================================================================ HF config
+def _first_id(v: Any) -> int | None:
+    if isinstance(v, (list, tuple)):
+        v = v[0] if v else None
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def _resolve_memory(config_kw: dict[str, Any], num_layers: int, memory_layers: int | None,
+                    reference_prefix: Any, stored: dict[str, Any]) -> None:
+    if memory_layers is None:
+        memory_layers = stored.get("memory_layers", num_layers // 2)
+    config_kw["memory_layers"] = memory_layers
+    if reference_prefix == AUTO:
+        reference_prefix = stored.get("reference_prefix")
+    config_kw["reference_prefix"] = None if reference_prefix is None else tuple(int(t) for t in reference_prefix)
+    for k in ("tokens_per_memory", "memories_per_chunk", "chunk_size", "reference_len", "score", "group_reduce"):
+        if k in stored:
+            config_kw[k] = stored[k]
+
+
+def config_from_hf(hf: dict[str, Any], *, memory_layers: int | None = None, reference_prefix: Any = AUTO,
+                   dtype: str | None = None, param_dtype: str = "float32", name: str | None = None,
+                   max_len: int | None = None, default_name: str = "hf-llama",
+                   where: str = "config.json") -> ModelConfig:
+    """A ModelConfig from a HF Llama `config.json` dict; raises ConvertError for what m3jax cannot run.
+
+    reference_prefix: "auto" = the one that `save_hf` recorded under "m3jax" (None = plain Llama when
+    there is none), None = plain Llama, or a sequence of ids. memory_layers: None = recorded or
+    first half.
+    """
+    def need(key: str) -> Any:
+        if hf.get(key) is None:
+            raise ConvertError(f"{where}: required field {key!r} is missing")
+        return hf[key]
+
+    mt = hf.get("model_type")
+    if mt not in _HF_MODEL_TYPES:
+        raise ConvertError(f"{where}: model_type={mt!r} is not supported; m3jax imports {_HF_MODEL_TYPES}")
+    archs = hf.get("architectures") or []
+    bad_arch = [a for a in archs if a not in _HF_ARCHITECTURES]
+    if bad_arch:
+        raise ConvertError(f"{where}: architectures {bad_arch} are not supported; m3jax imports "
+                           f"{_HF_ARCHITECTURES}")
+    if hf.get("rope_scaling") not in (None, {}):
+        raise ConvertError(f"{where}: rope_scaling={hf['rope_scaling']!r} is not supported (plain RoPE only)")
+    for key in ("attention_bias", "mlp_bias"):
+        if hf.get(key):
+            raise ConvertError(f"{where}: {key}=true is not supported (bias-free projections only)")
+    act = hf.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise ConvertError(f"{where}: hidden_act={act!r} is not supported (gated SiLU MLP only)")
+    n_pos = int(need("max_position_embeddings")) if hf.get("max_position_embeddings") else 2048
+    sw = hf.get("sliding_window")
+    if sw is not None and hf.get("use_sliding_window", True) and int(sw) < n_pos:
+        raise ConvertError(f"{where}: sliding_window={sw} < max_position_embeddings={n_pos} is not "
+                           "supported (full causal attention only)")
+    hidden = int(need("hidden_size"))
+    heads = int(need("num_attention_heads"))
+    kv = int(hf.get("num_key_value_heads") or heads)
+    head_dim = int(hf.get("head_dim") or hidden // heads)
+    if not hf.get("head_dim") and hidden % heads:
+        raise ConvertError(f"{where}: hidden_size={hidden} is not a multiple of num_attention_heads={heads} "
+                           "and head_dim is not given")
+    vocab = int(need("vocab_size"))
+    eos = _first_id(hf.get("eos_token_id"))
+    bos = _first_id(hf.get("bos_token_id"))
+    pad = _first_id(hf.get("pad_token_id"))
+    defaults = ModelConfig()
+    stored = hf.get("m3jax") or {}
+    kw: dict[str, Any] = dict(
+        name=(name or stored.get("name") or os.path.basename(str(hf.get("_name_or_path") or "").rstrip("/"))
+              or default_name),
+        vocab_size=vocab, num_layers=int(need("num_hidden_layers")), num_heads=heads, num_kv_heads=kv,
+        head_dim=head_dim, hidden=hidden, mlp_dim=int(need("intermediate_size")),
+        rope_theta=float(hf.get("rope_theta", 1e4)), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), max_len=max_len or n_pos,
+        bos_id=bos if bos is not None else defaults.bos_id,
+        eos_id=eos if eos is not None else defaults.eos_id,
+        pad_id=pad if pad is not None else (eos if eos is not None else defaults.pad_id),
+        dtype=dtype or stored.get("dtype", "float32"), param_dtype=param_dtype)
+    _resolve_memory(kw, kw["num_layers"], memory_layers, reference_prefix, stored)
+    try:
+        return ModelConfig(**kw)
+    except ValueError as e:
+        raise ConvertError(f"{where}: {e}") from e
+
+
+def config_to_hf(config: ModelConfig) -> dict[str, Any]:
+    """The HF LlamaForCausalLM config.json dict of `config` (memory geometry kept under "m3jax")."""
+    c = config
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": c.hidden, "intermediate_size": c.mlp_dim, "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim,
+        "hidden_act": "silu", "max_position_embeddings": c.max_len, "rms_norm_eps": c.norm_eps,
+        "rope_theta": c.rope_theta, "rope_scaling": None, "attention_bias": False, "mlp_bias": False,
+        "attention_dropout": 0.0, "initializer_range": 0.02, "vocab_size": c.vocab_size,
+        "tie_word_embeddings": c.tie_embeddings, "bos_token_id": c.bos_id, "eos_token_id": c.eos_id,
+        "pad_token_id": c.pad_id, "torch_dtype": c.param_dtype, "use_cache": True,
+        "m3jax": {k: (list(v) if isinstance(v, tuple) else v)
+                  for k, v in ((f, getattr(c, f)) for f in _M3_FIELDS)},
+    }
+
+
+# ============================================================================ HF files
+def _safetensors_files(path: str) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f).get("weight_map") or {}
+        files = sorted(set(weight_map.values()))
+        missing = [fn for fn in files if not os.path.exists(os.path.join(path, fn))]
+        if missing:
+            raise ConvertError(f"{index} names shard files that are missing: {missing}")
+        return [os.path.join(path, fn) for fn in files]
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise ConvertError(f"{path}: no *.safetensors files (PyTorch .bin checkpoints are not supported)")
+    return files
+
+
+def read_safetensors(files: Iterable[str]) -> dict[str, np.ndarray]:
+    """All tensors of the given safetensors files as NumPy arrays (bf16 as ml_dtypes.bfloat16)."""
+    from safetensors import safe_open
+
+    out: dict[str, np.ndarray] = {}
+    for fn in files:
+        with safe_open(fn, framework="numpy") as f:
+            for k in f.keys():
+                if k in out:
+                    raise ConvertError(f"tensor {k!r} appears in more than one file (again in {fn})")
+                out[k] = f.get_tensor(k)
+    return out
+
+
+def load_hf(path: str, *, memory_layers: int | None = None, reference_prefix: Any = AUTO,
+            dtype: str | None = None, param_dtype: str | None = None, name: str | None = None,
+            max_len: int | None = None) -> tuple[ModelConfig, Params]:
+    """Import a HF Llama checkpoint directory (config.json + *.safetensors, sharded or not).
+
+    memory_layers: layers 0..memory_layers-1 become the memory stack (default: first half).
+    reference_prefix: None = plain Llama (the model computes exactly what the source does), a
+    sequence of ids (BOS + "Reference:"), or "auto" (default): what `save_hf` recorded, else None.
+    dtype: activations (default float32). param_dtype: default the checkpoint's own float dtype when
+    all its tensors share one (bf16 stays bf16: the round trip is bit-exact), else float32.
+    """
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_path):
+        raise ConvertError(f"{path}: no config.json (expected a HF model directory)")
+    with open(cfg_path, encoding="utf-8") as f:
+        hf = json.load(f)
+    files = _safetensors_files(path)
+    tensors = read_safetensors(files)
+    for k in [k for k in tensors if _IGNORED_HF.fullmatch(k)]:
+        del tensors[k]
+    if param_dtype is None:
+        kinds = {np.dtype(t.dtype).name for t in tensors.values()}
+        param_dtype = kinds.pop() if len(kinds) == 1 and kinds <= set(_FLOAT_DTYPES) else "float32"
+    config = config_from_hf(hf, memory_layers=memory_layers, reference_prefix=reference_prefix, dtype=dtype,
+                            param_dtype=param_dtype, name=name,
+                            default_name=os.path.basename(os.path.normpath(path)) or "hf-llama",
+                            max_len=max_len, where=cfg_path)
+    if config.tie_embeddings and "lm_head.weight" in tensors:
+        emb = tensors.get("model.embed_tokens.weight")
+        head = tensors["lm_head.weight"]
+        if emb is None or emb.shape != head.shape or not np.array_equal(emb, head):
+            raise ConvertError(f"{path}: tensor 'lm_head.weight' differs from 'model.embed_tokens.weight' but "
+                               "config.json says tie_word_embeddings=true")
+        del tensors["lm_head.weight"]  # a tied checkpoint that stores its head twice
+    return config, params_from_hf_tensors(tensors, config, where=path)
+
+
+def save_hf(config: ModelConfig, params: Params, path: str) -> None:
+    """Export as a HF Llama directory: config.json + model.safetensors (tensors in the params' dtype)."""
+    from safetensors.numpy import save_file
+
+    tensors = hf_tensors_from_params(params, config)
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(config_to_hf(config), f, indent=2)
+
+
+def load_hf_tokenizer(path: str, config: ModelConfig) -> Tokenizer | None:
+    """The `tokenizer.json` of a HF directory (special ids from the config), or None if absent."""
+    file = os.path.join(path, "tokenizer.json")
+    if not os.path.exists(file):
+        return None
+    from tokenizers import Tokenizer as HFTokenizer
+
+    template = None
+    tc = os.path.join(path, "tokenizer_config.json")
+    if os.path.exists(tc):
+        with open(tc, encoding="utf-8") as f:
+            t = json.load(f).get("chat_template")
+        template = t if isinstance(t, str) else None
+    return Tokenizer(HFTokenizer.from_file(file), bos_id=config.bos_id, eos_id=config.eos_id,
+                     pad_id=config.pad_id, chat_template=template)
+
+
+# ============================================================================ GGUF
+def unpermute_gguf_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (interleaved-RoPE order -> HF rotate_half order).
+    w: (n_heads * head_dim, d_model)."""
+    out_dim, d = w.shape
+    return w.reshape(n_heads, out_dim // n_heads // 2, 2, d).swapaxes(1, 2).reshape(out_dim, d)
+
+
+def permute_gguf_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """The permutation llama.cpp applies (inverse of `unpermute_gguf_qk`)."""
+    out_dim, d = w.shape
+    return w.reshape(n_heads, 2, out_dim // n_heads // 2, d).swapaxes(1, 2).reshape(out_dim, d)
+
+
+_GGUF_LAYER = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+               "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+               "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
+               "ffn_norm": "post_attention_layernorm"}
+_GGUF_TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+             "output.weight": "lm_head.weight"}
+_GGUF_BLK = re.compile(r"blk\.(\d+)\.([a-z_]+)\.weight")
+
+
+def _gguf_to_hf_name(name: str) -> str | None:
+    if name in _GGUF_TOP:
+        return _GGUF_TOP[name]
+    m = _GGUF_BLK.fullmatch(name)
+    if m and m.group(2) in _GGUF_LAYER:
+        return f"model.layers.{m.group(1)}.{_GGUF_LAYER[m.group(2)]}.weight"
+    return None
+
+
+def _gguf_meta(reader: Any, key: str, default: Any = None) -> Any:
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def config_from_gguf(reader: Any, *, memory_layers: int | None = None, reference_prefix: Any = None,
+                     dtype: str = "float32", param_dtype: str = "float32", name: str | None = None,
+                     max_len: int | None = None, tied: bool = True, where: str = "gguf") -> ModelConfig:
+    arch = _gguf_meta(reader, "general.architecture")
+    if arch != "llama":
+        raise ConvertError(f"{where}: general.architecture={arch!r} is not supported (only 'llama')")
+
+    def need(key: str) -> Any:
+        v = _gguf_meta(reader, f"llama.{key}")
+        if v is None:
+            raise ConvertError(f"{where}: metadata 'llama.{key}' is missing")
+        return v
+
+    scaling = _gguf_meta(reader, "llama.rope.scaling.type")
+    if scaling not in (None, "none"):
+        raise ConvertError(f"{where}: llama.rope.scaling.type={scaling!r} is not supported (plain RoPE only)")
+    if _gguf_meta(reader, "llama.expert_count", 0):
+        raise ConvertError(f"{where}: mixture-of-experts (llama.expert_count) is not supported")
+    hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
+    kv = int(_gguf_meta(reader, "llama.attention.head_count_kv", heads))
+    head_dim = int(_gguf_meta(reader, "llama.attention.key_length", hidden // heads))
+    for key in ("attention.value_length", "rope.dimension_count"):
+        v = _gguf_meta(reader, f"llama.{key}")
+        if v is not None and int(v) != head_dim:
+            raise ConvertError(f"{where}: llama.{key}={v} differs from the head dim {head_dim} (partial RoPE "
+                               "or unequal key/value dims are not supported)")
+    tokens = _gguf_meta(reader, "tokenizer.ggml.tokens")
+    vocab = int(_gguf_meta(reader, "llama.vocab_size", len(tokens) if tokens else 0) or 0)
+    if vocab <= 0:
+        raise ConvertError(f"{where}: neither llama.vocab_size nor tokenizer.ggml.tokens gives the vocab size")
+    eos = _gguf_meta(reader, "tokenizer.ggml.eos_token_id")
+    bos = _gguf_meta(reader, "tokenizer.ggml.bos_token_id")
+    pad = _gguf_meta(reader, "tokenizer.ggml.padding_token_id", eos)
+    defaults = ModelConfig()
+    if name is None:
+        base, size = _gguf_meta(reader, "general.basename"), _gguf_meta(reader, "general.size_label")
+        name = (f"{base}-{size}".lower() if base and size else _gguf_meta(reader, "general.name")) or "gguf-llama"
+    n_layers = int(need("block_count"))
+    kw: dict[str, Any] = dict(
+        name=name, vocab_size=vocab, num_layers=n_layers, num_heads=heads, num_kv_heads=kv, head_dim=head_dim,
+        hidden=hidden, mlp_dim=int(need("feed_forward_length")),
+        rope_theta=float(_gguf_meta(reader, "llama.rope.freq_base", 1e4)),
+        # GGUF stores eps as float32 (1e-5 reads back 9.9999997e-06): keep its shortest decimal form.
+        norm_eps=float(np.format_float_positional(np.float32(need("attention.layer_norm_rms_epsilon")),
+                                                  unique=True)),
+        tie_embeddings=tied, max_len=max_len or int(_gguf_meta(reader, "llama.context_length", 2048)),
+        bos_id=int(bos) if bos is not None else defaults.bos_id,
+        eos_id=int(eos) if eos is not None else defaults.eos_id,
+        pad_id=int(pad) if pad is not None else defaults.pad_id, dtype=dtype, param_dtype=param_dtype)
+    _resolve_memory(kw, n_layers, memory_layers, reference_prefix, {})
+    try:
+        return ModelConfig(**kw)
+    except ValueError as e:
+        raise ConvertError(f"{where}: {e}") from e
+
+
+def read_gguf_tensors(reader: Any, *, where: str = "gguf") -> dict[str, np.ndarray]:
+    """Every tensor of a llama GGUF, dequantized to float32 (out, in), renamed to the HF layout,
+    with the q/k permutation undone. Unknown tensors raise ConvertError."""
+    from gguf.quants import dequantize
+
+    heads = int(_gguf_meta(reader, "llama.attention.head_count"))
+    kv = int(_gguf_meta(reader, "llama.attention.head_count_kv", heads))
+    out: dict[str, np.ndarray] = {}
+    unknown = []
+    for t in reader.tensors:
+        hf_name = _gguf_to_hf_name(t.name)
+        if hf_name is None:
+            unknown.append(t.name)
+            continue
+        w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        shape = tuple(int(s) for s in reversed(list(t.shape)))  # ggml [in, out] -> (out, in)
+        w = w.reshape(shape)
+        if t.name.endswith("attn_q.weight"):
+            w = unpermute_gguf_qk(w, heads)
+        elif t.name.endswith("attn_k.weight"):
+            w = unpermute_gguf_qk(w, kv)
+        out[hf_name] = w
+    if unknown:
+        raise ConvertError(f"{where}: unsupported GGUF tensors {_short(unknown)} (not a plain llama)")
+    return out
+
+
+def load_gguf(path: str, *, memory_layers: int | None = None, reference_prefix: Any = AUTO,
+              dtype: str = "float32", param_dtype: str = "float32", name: str | None = None,
+              max_len: int | None = None) -> tuple[ModelConfig, Params, Tokenizer]:
+    """Import a llama GGUF (any quantization the `gguf` package dequantizes) with its tokenizer.
+
+    reference_prefix: "auto" (default) = the rebuilt tokenizer's `reference_prefix()` (BOS +
+    "Reference:", (1, 23682, 42) for SmolLM2), None = plain Llama (exactly the source model), or a
+    sequence of ids. memory_layers: default first half. max_len: default llama.context_length.
+    """
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    tok = Tokenizer.from_gguf(reader)
+    if reference_prefix == AUTO:
+        reference_prefix = tok.reference_prefix()
+    tensors = read_gguf_tensors(reader, where=path)
+    config = config_from_gguf(reader, memory_layers=memory_layers, reference_prefix=reference_prefix,
+                              dtype=dtype, param_dtype=param_dtype, name=name, max_len=max_len,
+                              tied="lm_head.weight" not in tensors, where=path)
+    if tok.vocab_size > config.vocab_size:
+        raise ConvertError(f"{path}: the tokenizer has {tok.vocab_size} tokens but the model only "
+                           f"{config.vocab_size} embeddings")
+    return config, params_from_hf_tensors(tensors, config, where=path), tok
+
+
+# ============================================================================ m3jax checkpoint dir
+_PARAMS_FILE, _CONFIG_FILE, _TOKENIZER_DIR = "params.safetensors", "config.json", "tokenizer"
+
+
+def flatten_params(params: Params) -> dict[str, np.ndarray]:
+    """{"embed": ..., "mem_blocks/wq": ...}: the pytree flattened to `stack/param` names."""
+    out: dict[str, np.ndarray] = {}
+    for k, v in params.items():
+        if isinstance(v, dict):
+            for k2, v2 in v.items():
+                out[f"{k}/{k2}"] = np.ascontiguousarray(np.asarray(v2))
+        else:
+            out[k] = np.ascontiguousarray(np.asarray(v))
+    return out
+
+
+def unflatten_params(flat: dict[str, np.ndarray]) -> Params:
+    params: Params = {}
+    for k, v in flat.items():
+        parts = k.split("/")
+        if len(parts) > 2:
+            raise ConvertError(f"parameter name {k!r} is nested deeper than stack/param")
+        if len(parts) == 2:
+            params.setdefault(parts[0], {})[parts[1]] = jnp.asarray(v)
+        else:
+            params[k] = jnp.asarray(v)
+    return params
+
+
+def save_checkpoint_dir(directory: str, config: ModelConfig, params: Params,
+                        tokenizer: Tokenizer | None = None) -> None:
+    """Write an m3jax checkpoint: params.safetensors (`stack/param` names), config.json
+    (ModelConfig.to_dict()) and, when given, the tokenizer under tokenizer/."""
+    from safetensors.numpy import save_file
+
+    check_params(params, config)
+    os.makedirs(directory, exist_ok=True)
+    save_file(flatten_params(params), os.path.join(directory, _PARAMS_FILE), metadata={"format": "m3jax"})
+    with open(os.path.join(directory, _CONFIG_FILE), "w", encoding="utf-8") as f:
+        json.dump(config.to_dict(), f, indent=1)
+    if tokenizer is not None:
+        tokenizer.save(os.path.join(directory, _TOKENIZER_DIR))
+
+
+def load_checkpoint_dir(directory: str) -> tuple[ModelConfig, Params, Tokenizer | None]:
+    """Read a directory written by `save_checkpoint_dir`: (config, params, tokenizer or None)."""
+    cfg_path = os.path.join(directory, _CONFIG_FILE)
+    if not os.path.exists(cfg_path):
+        raise ConvertError(f"{directory}: no {_CONFIG_FILE} (not an m3jax checkpoint directory)")
+    with open(cfg_path, encoding="utf-8") as f:
+        config = ModelConfig.from_dict(json.load(f))
+    params = unflatten_params(read_safetensors([os.path.join(directory, _PARAMS_FILE)]))
+    check_params(params, config)
+    tok_dir = os.path.join(directory, _TOKENIZER_DIR)
+    tokenizer = Tokenizer.load(tok_dir) if os.path.isdir(tok_dir) else None
+    return config, params, tokenizer
+
+
+# ============================================================================ CLI
+def _parse_prefix(text: str | None) -> Any:
+    if text is None:
+        return None
+    if text.lower() == AUTO:
+        return AUTO
+    if text.lower() in ("none", "off", "plain"):
+        return None
+    try:
+        return tuple(int(t) for t in text.replace(",", " ").split())
+    except ValueError:
+        raise SystemExit(f"--reference-prefix must be 'auto', 'none' or comma-separated ids, got {text!r}")
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(prog="m3jax convert",
+                                          description="Convert a HF Llama or GGUF checkpoint to an m3jax checkpoint.")
+    p.add_argument("--from", dest="source", choices=("hf", "gguf"), required=True,
+                   help="hf: a directory with config.json + *.safetensors; gguf: a llama .gguf file")
+    p.add_argument("path", help="the checkpoint to import")
+    p.add_argument("--out", required=True, help="output directory (m3jax checkpoint)")
+    p.add_argument("--memory-layers", type=int, default=None, help="memory layers (default: first half)")
+    p.add_argument("--reference-prefix", default=None,
+                   help="'auto' (the tokenizer's BOS + 'Reference:'; default for gguf), 'none' (plain "
+                        "Llama; default for hf) or comma-separated token ids")
+    p.add_argument("--dtype", default=None, choices=_FLOAT_DTYPES, help="activation dtype (default float32)")
+    p.add_argument("--param-dtype", default=None, choices=_FLOAT_DTYPES,
+                   help="parameter dtype (default: hf = the checkpoint's, gguf = float32)")
+    p.add_argument("--name", default=None, help="config name")
+    p.add_argument("--max-len", type=int, default=None, help="max context length (default from the source)")
+    return p
+
+
+def convert_main(argv: Sequence[str] | None = None) -> int:
+    """`m3jax convert --from hf|gguf PATH --out DIR [options]`; returns the exit status."""
+    a = build_parser().parse_args(argv)
+    prefix = _parse_prefix(a.reference_prefix)
+    if a.source == "gguf":
+        config, params, tok = load_gguf(a.path, memory_layers=a.memory_layers,
+                                        reference_prefix=AUTO if a.reference_prefix is None else prefix,
+                                        dtype=a.dtype or "float32", param_dtype=a.param_dtype or "float32",
+                                        name=a.name, max_len=a.max_len)
+    else:
+        config, params = load_hf(a.path, memory_layers=a.memory_layers, reference_prefix=AUTO,
+                                 dtype=a.dtype, param_dtype=a.param_dtype, name=a.name, max_len=a.max_len)
+        tok = load_hf_tokenizer(a.path, config)
+        if a.reference_prefix is not None:
+            if prefix == AUTO:
+                if tok is None:
+                    raise SystemExit(f"--reference-prefix auto needs a tokenizer.json in {a.path}")
+                prefix = tok.reference_prefix()
+            config = dataclasses.replace(config, reference_prefix=prefix)
+    save_checkpoint_dir(a.out, config, params, tok)
+    n = int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
+    print(f"wrote {a.out}: {config.name}, {config.num_layers} layers ({config.memory_layers} memory), "
+          f"{n / 1e6:.1f}M params ({config.param_dtype}), reference_prefix={config.reference_prefix}, "
+          f"tokenizer={'yes' if tok is not None else 'no'}")
+    return 0
