@@ -1,0 +1,190 @@
+"""Retrieval: text chunks -> reference ids -> leakage filter -> memories from the bank.
+
+    queries (token chunks or texts) --embed--> unit vectors --index.search--> candidates
+    candidates --overlap filter (drop overlap > threshold with the filter text)--> top-k ids
+    top-k ids --LRU cache / bank.gather--> MemoryKV (masked where no reference is left)
+
+Adjacent chunks often retrieve the same references, so decoded memories are kept in a host LRU
+cache (MEMORY3.md allows a RAM cache of recently used memories). All counters are in `stats`.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from dataclasses import dataclass, fields
+from typing import Any, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from m3jax.memory.embed import Embedder
+from m3jax.memory.index import VectorIndex
+from m3jax.memory.overlap import EVAL_THRESHOLD, leak_mask
+from m3jax.model.memory import MemoryKV
+
+
+@dataclass
+class RetrievalStats:
+    calls: int = 0
+    queries: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    filtered: int = 0  # candidates dropped by the leakage filter
+    embed_s: float = 0.0
+    search_s: float = 0.0
+    filter_s: float = 0.0
+    fetch_s: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class Retriever:
+    """Finds the references (and their memories) for text chunks.
+
+    Args:
+      index: vector index over reference embeddings, ids = reference / memory ids.
+      embedder: texts -> unit vectors (the one that built the index).
+      reference_tokens: token ids of every reference, indexed by id (for the leakage filter and
+        for RAG), or None to read them from `bank.metadata`.
+      bank: the `MemoryBank` to gather memories from (None: search only, e.g. training pairs).
+      tokenizer: detokenizes token queries for the embedder.
+      k: references per query (the model's memories_per_chunk).
+      threshold: leakage filter threshold (2/3 at evaluation, 0.9 for training pairs).
+      candidates: how many neighbours to search before filtering (>= k).
+      cache_size: memories kept in the LRU cache (0 disables it).
+    """
+
+    def __init__(self, index: VectorIndex, embedder: Embedder, *, reference_tokens=None, bank=None,
+                 tokenizer=None, k: int = 5, threshold: float = EVAL_THRESHOLD, candidates: int | None = None,
+                 cache_size: int = 4096):
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if index.dim != embedder.dim:
+            raise ValueError(f"index vectors have dim {index.dim} but the embedder gives {embedder.dim}: "
+                             "the index was built with another embedder")
+        if reference_tokens is None and bank is None:
+            raise ValueError("give reference_tokens or a bank to read them from")
+        self.index, self.embedder, self.bank, self.tokenizer = index, embedder, bank, tokenizer
+        self._ref_tokens = reference_tokens
+        self.k = k
+        self.threshold = threshold
+        self.candidates = max(k, candidates if candidates is not None else 3 * k)
+        self.cache_size = cache_size
+        self._cache: collections.OrderedDict[int, tuple[np.ndarray, np.ndarray]] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self.stats = RetrievalStats()
+
+    # ---------------------------------------------------------------- pieces
+    def _texts(self, queries: Sequence[Any]) -> list[str]:
+        out = []
+        for q in queries:
+            if isinstance(q, str):
+                out.append(q)
+            else:
+                if self.tokenizer is None:
+                    raise ValueError("token queries need a tokenizer to be embedded")
+                out.append(self.tokenizer.decode(q))
+        return out
+
+    def reference_tokens(self, ids: np.ndarray) -> list[list[list[int]]]:
+        """ids [n, k] (-1 = none) -> token ids of each reference (none skipped)."""
+        ids = np.asarray(ids)
+        if self._ref_tokens is not None:
+            return [[list(self._ref_tokens[i]) for i in row if i >= 0] for row in ids]
+        flat = [int(i) for i in ids.reshape(-1) if i >= 0]
+        toks = dict(zip(flat, self.bank.reference_tokens(np.asarray(flat, np.int64)))) if flat else {}
+        return [[list(toks[int(i)]) for i in row if i >= 0] for row in ids]
+
+    def search(self, queries: Sequence[Any], *, filter_tokens: Sequence[Sequence[int]] | None = None,
+               threshold: float | None = None, k: int | None = None) -> np.ndarray:
+        """Top-k reference ids [n, k] (-1 where fewer than k survive the leakage filter).
+
+        filter_tokens[i]: the text reference i must not leak (default: the query's own tokens,
+        for text queries their tokenization). threshold None -> the retriever's; > 1 disables.
+        """
+        k = self.k if k is None else k
+        threshold = self.threshold if threshold is None else threshold
+        n = len(queries)
+        if n == 0:
+            return np.zeros((0, k), np.int64)
+        t0 = time.perf_counter()
+        vecs = self.embedder(self._texts(queries))
+        t1 = time.perf_counter()
+        cand = min(max(self.candidates, k), len(self.index))
+        cand_ids, _ = self.index.search(vecs, cand)
+        t2 = time.perf_counter()
+        keep = np.ones(cand_ids.shape, bool)
+        if threshold <= 1.0:
+            if filter_tokens is None:
+                filter_tokens = [q if not isinstance(q, str) else self.tokenizer.encode(q) for q in queries]
+            if len(filter_tokens) != n:
+                raise ValueError(f"{len(filter_tokens)} filter texts for {n} queries")
+            refs = self.reference_tokens(cand_ids)
+            pairs_q = [filter_tokens[i] for i in range(n) for _ in refs[i]]
+            pairs_r = [r for row in refs for r in row]
+            leak = leak_mask(pairs_q, pairs_r, threshold) if pairs_r else np.zeros(0, bool)
+            keep = ~leak.reshape(cand_ids.shape)
+            self.stats.filtered += int(leak.sum())
+        t3 = time.perf_counter()
+        out = np.full((n, k), -1, np.int64)
+        for i in range(n):
+            kept = cand_ids[i][keep[i]][:k]
+            out[i, : len(kept)] = kept
+        self.stats.embed_s += t1 - t0
+        self.stats.search_s += t2 - t1
+        self.stats.filter_s += t3 - t2
+        self.stats.calls += 1
+        self.stats.queries += n
+        return out
+
+    def memories(self, ids: np.ndarray) -> MemoryKV:
+        """ids [n, k] (-1 = none) -> MemoryKV of n * k memories (masked where id == -1)."""
+        if self.bank is None:
+            raise ValueError("this retriever has no memory bank: it can only search")
+        t0 = time.perf_counter()
+        flat = np.asarray(ids, np.int64).reshape(-1)
+        with self._lock:
+            want = [int(i) for i in dict.fromkeys(flat.tolist()) if i >= 0]
+            misses = [i for i in want if i not in self._cache]
+            self.stats.cache_hits += sum(1 for i in flat if i >= 0 and int(i) not in misses)
+            self.stats.cache_misses += len(misses)
+            fetched: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+            if misses:
+                mem = self.bank.gather(np.asarray(misses, np.int64))
+                kv, mask = np.asarray(mem.kv_NLZKTH), np.asarray(mem.mask_NT)
+                for j, i in enumerate(misses):
+                    fetched[i] = (kv[j], mask[j])
+            rows = {}
+            for i in want:
+                if i in fetched:
+                    rows[i] = fetched[i]
+                    if self.cache_size > 0:
+                        self._cache[i] = fetched[i]
+                else:
+                    rows[i] = self._cache[i]
+                    self._cache.move_to_end(i)
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        if not rows:  # nothing retrieved at all: an all-masked block of the bank's shape
+            shape = self.bank.memory_shape
+            kv = np.zeros((len(flat),) + tuple(shape[0]), np.float32)
+            mask = np.zeros((len(flat),) + tuple(shape[1]), bool)
+        else:
+            kv0, m0 = next(iter(rows.values()))
+            kv = np.zeros((len(flat),) + kv0.shape, kv0.dtype)
+            mask = np.zeros((len(flat),) + m0.shape, bool)
+            for j, i in enumerate(flat):
+                if i >= 0:
+                    kv[j], mask[j] = rows[int(i)]
+        self.stats.fetch_s += time.perf_counter() - t0
+        return MemoryKV(jnp.asarray(kv), jnp.asarray(mask))
+
+    # ---------------------------------------------------------------- decoding protocol
+    def retrieve(self, queries: Sequence[Any], *, filter_tokens=None, threshold: float | None = None
+                 ) -> tuple[np.ndarray, MemoryKV]:
+        """Queries (token chunks or texts) -> (ids [n, k], MemoryKV of n * k memories)."""
+        ids = self.search(queries, filter_tokens=filter_tokens, threshold=threshold)
+        return ids, self.memories(ids)

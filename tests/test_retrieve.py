@@ -1,0 +1,116 @@
+"""Retriever (search, leakage filter, LRU cache) and continual-stage reference pairing."""
+
+import numpy as np
+import pytest
+
+from m3jax.memory.embed import FunctionEmbedder
+from m3jax.memory.index import VectorIndex
+from m3jax.memory.retrieve import Retriever
+from m3jax.model.memory import MemoryKV
+from m3jax.train.pairs import load_or_pair, pair_references, reference_lookup
+
+DIM = 1024
+
+
+def _bow(texts):
+    """Bag-of-token-ids embedding: texts here are space-separated ints."""
+    out = np.zeros((len(texts), DIM), np.float32)
+    for i, t in enumerate(texts):
+        for w in t.split():
+            out[i, int(w) % DIM] = 1.0
+    out[:, 0] += 1e-3
+    return out
+
+
+class IntTokenizer:
+    def decode(self, ids):
+        return " ".join(str(int(i)) for i in ids)
+
+    def encode(self, text):
+        return [int(w) for w in text.split()]
+
+
+class FakeBank:
+    """kv of memory i is filled with the value i, so a gather is checkable."""
+
+    def __init__(self, n):
+        self.n = n
+        self.gathered = []
+        self.memory_shape = ((1, 2, 1, 2, 2), (2,))
+
+    def gather(self, ids):
+        ids = np.asarray(ids)
+        self.gathered.append(ids.tolist())
+        kv = np.broadcast_to(ids[:, None, None, None, None, None].astype(np.float32), (len(ids), 1, 2, 1, 2, 2))
+        return MemoryKV(np.array(kv), np.ones((len(ids), 2), bool))
+
+
+@pytest.fixture()
+def setup():
+    rng = np.random.default_rng(0)
+    refs = [list(rng.integers(0, 1000, 20)) for _ in range(50)]
+    emb = FunctionEmbedder(_bow, DIM)
+    index = VectorIndex.build(emb([" ".join(map(str, r)) for r in refs]))
+    bank = FakeBank(len(refs))
+    ret = Retriever(index, emb, reference_tokens=refs, bank=bank, tokenizer=IntTokenizer(), k=2, candidates=6)
+    return refs, ret, bank
+
+
+def test_retrieves_the_matching_reference_unless_it_leaks(setup):
+    refs, ret, _ = setup
+    q = refs[7][:12]  # 12 of 20 tokens: overlap 0.6 < 2/3, kept
+    ids = ret.search([q])
+    assert ids[0, 0] == 7
+    q = refs[7][:16]  # 16/20 = 0.8 > 2/3: it leaks and is dropped
+    ids = ret.search([q])
+    assert 7 not in ids[0] and ret.stats.filtered >= 1
+    ids = ret.search([q], threshold=0.9)  # the training threshold keeps it
+    assert ids[0, 0] == 7
+    # a longer filter text: the whole document the query comes from
+    ids = ret.search([refs[7][:5]], filter_tokens=[refs[7] + [1, 2, 3]])
+    assert 7 not in ids[0]
+
+
+def test_memories_and_lru_cache(setup):
+    refs, ret, bank = setup
+    ids, mem = ret.retrieve([refs[3][:10], refs[3][:10]])
+    assert mem.kv_NLZKTH.shape[0] == 4
+    np.testing.assert_array_equal(np.asarray(mem.kv_NLZKTH)[:, 0, 0, 0, 0, 0], ids.reshape(-1).astype(np.float32))
+    assert len(bank.gathered) == 1 and len(bank.gathered[0]) == len(set(ids.reshape(-1)))
+    ret.retrieve([refs[3][:10]])
+    assert len(bank.gathered) == 1  # all hits
+    assert ret.stats.cache_hits >= 2
+    masked = ret.memories(np.array([[-1, ids[0, 0]]]))
+    assert not np.asarray(masked.mask_NT)[0].any() and np.asarray(masked.mask_NT)[1].all()
+
+
+def test_errors(setup):
+    refs, ret, _ = setup
+    with pytest.raises(ValueError, match="dim"):
+        Retriever(ret.index, FunctionEmbedder(lambda t: _bow(t)[:, :16], 16), reference_tokens=refs)
+    with pytest.raises(ValueError, match="no memory bank"):
+        Retriever(ret.index, ret.embedder, reference_tokens=refs, tokenizer=IntTokenizer()).memories(np.array([[1]]))
+
+
+def test_pairing_one_reference_per_chunk_respecting_the_filter(setup, tmp_path):
+    refs, ret, _ = setup
+    # row 0: chunk 0 quotes ref 5 fully (overlap 1 with the row: must be dropped), chunk 1 quotes
+    # 8 tokens of ref 9 (overlap 0.4: kept)
+    row0 = refs[5] + [1] * 12 + refs[9][:8] + [2] * 24
+    row1 = refs[11][:8] + [3] * 24 + [0] * 32
+    tokens = np.array([row0, row1], np.int32)
+    mask = np.ones_like(tokens, bool)
+    mask[1, 32:] = False
+    ids = pair_references(tokens, mask, ret, chunk_size=32, show_progress=False)
+    assert ids.shape == (2, 2)
+    assert ids[0, 0] != 5 and ids[0, 1] == 9 and ids[1, 0] == 11 and ids[1, 1] == -1
+    path = str(tmp_path / "pairs.npy")
+    a = load_or_pair(path, tokens, mask, ret, chunk_size=32, show_progress=False)
+    np.testing.assert_array_equal(a, ids)
+    ret.index = None  # cached: no retrieval needed the second time
+    np.testing.assert_array_equal(load_or_pair(path, tokens, mask, ret, chunk_size=32), ids)
+    add = reference_lookup(refs, 24)
+    b = add({"ref_ids": ids})
+    assert b["ref_tokens"].shape == (2, 2, 24)
+    assert b["ref_mask"][0, 1].sum() == 20 and not b["ref_mask"][1, 1].any()
+    np.testing.assert_array_equal(b["ref_tokens"][0, 1, :20], refs[9])
