@@ -31,18 +31,20 @@ class IntTokenizer:
 
 
 class FakeBank:
-    """kv of memory i is filled with the value i, so a gather is checkable."""
+    """Codes of memory i are filled with the value i; decoding doubles them."""
 
     def __init__(self, n):
         self.n = n
         self.gathered = []
-        self.memory_shape = ((1, 2, 1, 2, 2), (2,))
 
-    def gather(self, ids):
+    def gather_codes(self, ids):
         ids = np.asarray(ids)
         self.gathered.append(ids.tolist())
-        kv = np.broadcast_to(ids[:, None, None, None, None, None].astype(np.float32), (len(ids), 1, 2, 1, 2, 2))
-        return MemoryKV(np.array(kv), np.ones((len(ids), 2), bool))
+        codes = np.broadcast_to(ids[:, None, None, None, None, None].astype(np.float32), (len(ids), 1, 2, 1, 2, 2))
+        return np.array(codes), np.ones((len(ids), 2), bool)
+
+    def decode(self, codes, mask):
+        return MemoryKV(2 * np.asarray(codes), np.asarray(mask))
 
 
 @pytest.fixture()
@@ -75,7 +77,7 @@ def test_memories_and_lru_cache(setup):
     refs, ret, bank = setup
     ids, mem = ret.retrieve([refs[3][:10], refs[3][:10]])
     assert mem.kv_NLZKTH.shape[0] == 4
-    np.testing.assert_array_equal(np.asarray(mem.kv_NLZKTH)[:, 0, 0, 0, 0, 0], ids.reshape(-1).astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(mem.kv_NLZKTH)[:, 0, 0, 0, 0, 0], 2 * ids.reshape(-1).astype(np.float32))
     assert len(bank.gathered) == 1 and len(bank.gathered[0]) == len(set(ids.reshape(-1)))
     ret.retrieve([refs[3][:10]])
     assert len(bank.gathered) == 1  # all hits

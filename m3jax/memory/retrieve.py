@@ -94,9 +94,12 @@ class Retriever:
         ids = np.asarray(ids)
         if self._ref_tokens is not None:
             return [[list(self._ref_tokens[i]) for i in row if i >= 0] for row in ids]
-        flat = [int(i) for i in ids.reshape(-1) if i >= 0]
-        toks = dict(zip(flat, self.bank.reference_tokens(np.asarray(flat, np.int64)))) if flat else {}
-        return [[list(toks[int(i)]) for i in row if i >= 0] for row in ids]
+        flat = sorted({int(i) for i in ids.reshape(-1) if i >= 0})
+        toks: dict[int, list[int]] = {}
+        if flat:
+            meta = self.bank.metadata(np.asarray(flat, np.int64))
+            toks = {i: meta.tokens[j, : meta.lengths[j]].tolist() for j, i in enumerate(flat)}
+        return [[toks[int(i)] for i in row if i >= 0] for row in ids]
 
     def search(self, queries: Sequence[Any], *, filter_tokens: Sequence[Sequence[int]] | None = None,
                threshold: float | None = None, k: int | None = None) -> np.ndarray:
@@ -141,7 +144,11 @@ class Retriever:
         return out
 
     def memories(self, ids: np.ndarray) -> MemoryKV:
-        """ids [n, k] (-1 = none) -> MemoryKV of n * k memories (masked where id == -1)."""
+        """ids [n, k] (-1 = none) -> MemoryKV of n * k memories (masked where id == -1).
+
+        Codes (compact for int8 / pq) are cached on the host; the batch is decoded once, on
+        device, by the bank's codec.
+        """
         if self.bank is None:
             raise ValueError("this retriever has no memory bank: it can only search")
         t0 = time.perf_counter()
@@ -149,38 +156,34 @@ class Retriever:
         with self._lock:
             want = [int(i) for i in dict.fromkeys(flat.tolist()) if i >= 0]
             misses = [i for i in want if i not in self._cache]
-            self.stats.cache_hits += sum(1 for i in flat if i >= 0 and int(i) not in misses)
+            self.stats.cache_hits += int(sum(1 for i in flat if i >= 0 and int(i) not in misses))
             self.stats.cache_misses += len(misses)
-            fetched: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+            rows: dict[int, tuple[np.ndarray, np.ndarray]] = {}
             if misses:
-                mem = self.bank.gather(np.asarray(misses, np.int64))
-                kv, mask = np.asarray(mem.kv_NLZKTH), np.asarray(mem.mask_NT)
+                codes, mask = self.bank.gather_codes(np.asarray(misses, np.int64))
                 for j, i in enumerate(misses):
-                    fetched[i] = (kv[j], mask[j])
-            rows = {}
-            for i in want:
-                if i in fetched:
-                    rows[i] = fetched[i]
+                    rows[i] = (codes[j], mask[j])
                     if self.cache_size > 0:
-                        self._cache[i] = fetched[i]
-                else:
+                        self._cache[i] = rows[i]
+            for i in want:
+                if i not in rows:
                     rows[i] = self._cache[i]
                     self._cache.move_to_end(i)
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
-        if not rows:  # nothing retrieved at all: an all-masked block of the bank's shape
-            shape = self.bank.memory_shape
-            kv = np.zeros((len(flat),) + tuple(shape[0]), np.float32)
-            mask = np.zeros((len(flat),) + tuple(shape[1]), bool)
-        else:
-            kv0, m0 = next(iter(rows.values()))
-            kv = np.zeros((len(flat),) + kv0.shape, kv0.dtype)
+        if rows:
+            c0, m0 = next(iter(rows.values()))
+            codes = np.zeros((len(flat),) + c0.shape, c0.dtype)
             mask = np.zeros((len(flat),) + m0.shape, bool)
             for j, i in enumerate(flat):
                 if i >= 0:
-                    kv[j], mask[j] = rows[int(i)]
+                    codes[j], mask[j] = rows[int(i)]
+        else:  # nothing retrieved: any valid memory's codes, fully masked
+            codes, mask = self.bank.gather_codes(np.zeros(len(flat), np.int64))
+            mask = np.zeros_like(mask)
+        mem = self.bank.decode(codes, mask)
         self.stats.fetch_s += time.perf_counter() - t0
-        return MemoryKV(jnp.asarray(kv), jnp.asarray(mask))
+        return mem
 
     # ---------------------------------------------------------------- decoding protocol
     def retrieve(self, queries: Sequence[Any], *, filter_tokens=None, threshold: float | None = None
