@@ -179,7 +179,7 @@ _PRESETS: dict[str, ModelConfig] = {
     # ids of "Reference:" in the demo's trained tokenizer.
     "demo": ModelConfig(
         name="demo", vocab_size=8192, num_layers=6, num_heads=8, num_kv_heads=4, head_dim=32,
-        hidden=256, mlp_dim=768, max_len=512, memory_layers=3, tokens_per_memory=8,
+        hidden=256, mlp_dim=768, max_len=1024, memory_layers=3, tokens_per_memory=8,
         memories_per_chunk=5, chunk_size=64, reference_len=128, reference_prefix=(1, 2, 3)),
     # SmolLM2-135M(-Instruct) shapes; prefix = BOS + tokens of "Reference:" in its tokenizer.
     "smollm2-135m": ModelConfig(
