@@ -260,7 +260,10 @@ class Generator:
         if lengths.max() + max_new > dc.max_cache_len:
             raise ValueError(f"prompt of {lengths.max()} tokens + {max_new} new tokens exceeds the KV cache "
                              f"(max_cache_len={dc.max_cache_len})")
-        S = max(dc.max_cache_len, P)
+        # The cache is sized per call (bucketed to powers of two, so a few sizes compile): decoding
+        # attends over all S slots, so a cache sized for RAG would slow the other modes down.
+        need = max(P, int(lengths.max()) + max_new)
+        S = min(max(dc.max_cache_len, P), max(P, 1 << (need - 1).bit_length()))
         if S > c.max_len:
             raise ValueError(f"prompt of {lengths.max()} tokens (bucket {P}) exceeds the model's max_len {c.max_len}")
         tok = np.full((B, P), c.pad_id, np.int32)
