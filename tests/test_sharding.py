@@ -247,7 +247,7 @@ def test_memory_and_cache_shardings():
     # batch 2 on data x fsdp = 4: falls back to data only
     assert _has_spec(S.memory_sharding(cfg, mesh, batch=2).k_LBCSKH, None, "data", None, None, "tensor", None)
     cache = jax.device_put(M.init_cache(cfg, 4, 32), S.cache_sharding(cfg, mesh, batch=4))
-    assert _has_spec(cache.kv["blocks"][0], None, ("data", "fsdp"), None, "tensor", None)
+    assert _has_spec(cache.kv["blocks"][0][0], ("data", "fsdp"), "tensor", None, None)
     assert _has_spec(cache.lengths, ("data", "fsdp"))
     mkv = S.memory_kv_sharding(cfg, mesh, num=8)
     assert _has_spec(mkv.kv_NLZKTH, ("data", "fsdp"), None, None, "tensor", None, None)

@@ -34,8 +34,8 @@ class MemoryBlocks(NamedTuple):
 
 def attention(
     q_BTNH: Array,
-    k_BSKH: Array,
-    v_BSKH: Array,
+    k_BKSH: Array,
+    v_BKSH: Array,
     mask_BTS: Array,
     *,
     prefix: PrefixKV | None = None,
@@ -44,11 +44,15 @@ def attention(
 ):
     """Grouped-query attention with optional prefix sink and chunked memory.
 
+    Context keys and values are kv-head-major, [B, K, S, H] (the KV cache layout): with it the
+    score and value contractions are plain batched matmuls over (B, K), which XLA runs an order
+    of magnitude faster on CPU than the token-major layout when decoding one token.
+
     Returns out_BTNH (in q's dtype), and with `return_probs` also the attention mass that each
     query puts on (prefix, memory, context) as three [B, N, T] arrays.
     """
     B, T, N, H = q_BTNH.shape
-    K = k_BSKH.shape[2]
+    K = k_BKSH.shape[1]
     if N % K:
         raise ValueError(f"query heads ({N}) must be a multiple of kv heads ({K})")
     G = N // K
@@ -71,13 +75,13 @@ def attention(
         s = jnp.where(m, s, _NEG).reshape(B, K, G, T, M)
         parts.append(s)
         values.append(("memory", memory.v_BCMKH))
-    s = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH.astype(jnp.float32))
+    s = jnp.einsum("BTKGH,BKSH->BKGTS", q_BTKGH, k_BKSH.astype(jnp.float32))
     parts.append(jnp.where(mask_BTS[:, None, None], s, _NEG))
-    values.append(("context", v_BSKH))
+    values.append(("context", v_BKSH))
 
     sizes = [p.shape[-1] for p in parts]
     probs = jax.nn.softmax(jnp.concatenate(parts, axis=-1), axis=-1)
-    out_BTKGH = jnp.zeros((B, T, K, G, H), jnp.float32)
+    out_BKGTH = jnp.zeros((B, K, G, T, H), jnp.float32)
     masses = {}
     start = 0
     for (name, v), size in zip(values, sizes):
@@ -85,16 +89,16 @@ def attention(
         start += size
         v = v.astype(jnp.float32)
         if name == "prefix":
-            out_BTKGH += jnp.einsum("BKGTP,PKH->BTKGH", p, v)
+            out_BKGTH += jnp.einsum("BKGTP,PKH->BKGTH", p, v)
         elif name == "memory":
             C = v.shape[1]
             p_BKGCQM = p.reshape(B, K, G, C, T // C, size)
-            out_BTKGH += jnp.einsum("BKGCQM,BCMKH->BCQKGH", p_BKGCQM, v).reshape(B, T, K, G, H)
+            out_BKGTH += jnp.einsum("BKGCQM,BCMKH->BKGCQH", p_BKGCQM, v).reshape(B, K, G, T, H)
         else:
-            out_BTKGH += jnp.einsum("BKGTS,BSKH->BTKGH", p, v)
+            out_BKGTH += jnp.einsum("BKGTS,BKSH->BKGTH", p, v)
         if return_probs:
             masses[name] = p.sum(-1).reshape(B, N, T)
-    out = out_BTKGH.reshape(B, T, N, H).astype(q_BTNH.dtype)
+    out = jnp.transpose(out_BKGTH, (0, 3, 1, 2, 4)).reshape(B, T, N, H).astype(q_BTNH.dtype)
     if return_probs:
         z = jnp.zeros((B, N, T), jnp.float32)
         return out, (masses.get("prefix", z), masses.get("memory", z), masses["context"])

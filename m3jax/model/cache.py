@@ -13,21 +13,23 @@ from flax import struct
 from m3jax.config import ModelConfig
 from m3jax.model.memory import ChunkMemory
 from m3jax.model.transformer import (Params, _check_tokens, _embed, _logits, _run_stacks,
-                                     constrain_memory, init_kv_stacks, prefix_kv)
+                                     constrain_memory, init_kv_layers, prefix_kv)
 
 Array = jax.Array
 
 
 @struct.dataclass
 class KVCache:
-    """kv: {stack: (k, v)} each [L, B, S_max, K, H]; lengths: int32 [B] tokens held per sequence."""
+    """kv: {stack: ((k, v) per layer)} each [B, K, S_max, H]; lengths: int32 [B] tokens held per
+    sequence. Per-layer arrays (not a stacked [L, ...] buffer) let each decoding step update
+    its cache in place."""
 
     kv: dict
     lengths: Array
 
     @property
     def max_len(self) -> int:
-        return next(iter(self.kv.values()))[0].shape[2]
+        return next(iter(self.kv.values()))[0][0].shape[2]
 
     @property
     def batch(self) -> int:
@@ -36,7 +38,7 @@ class KVCache:
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
     dtype = jnp.dtype(config.dtype) if dtype is None else dtype
-    return KVCache(init_kv_stacks(config, batch, max_len, dtype), jnp.zeros((batch,), jnp.int32))
+    return KVCache(init_kv_layers(config, batch, max_len, dtype), jnp.zeros((batch,), jnp.int32))
 
 
 def extend(params: Params, config: ModelConfig, tokens: Array, cache: KVCache, *,

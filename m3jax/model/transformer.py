@@ -124,10 +124,10 @@ def check_params(params: Params, config: ModelConfig) -> None:
 
 # ---------------------------------------------------------------------------- core
 def _block(p: Params, x_BTD: Array, c: ModelConfig, cos_BTH: Array, sin_BTH: Array, mask_BTS: Array,
-           *, prefix: PrefixKV | None, memory: MemoryBlocks | None, kv_BSKH: tuple[Array, Array] | None,
+           *, prefix: PrefixKV | None, memory: MemoryBlocks | None, kv_BKSH: tuple[Array, Array] | None,
            slots_BT: Array | None, tap: Callable | None):
-    """One decoder layer. With `kv_BSKH` (a cache layer) the new keys/values are written at
-    `slots_BT` and attention reads the whole cache layer; otherwise it reads the fresh ones."""
+    """One decoder layer. With `kv_BKSH` (a cache layer, [B, K, S, H]) the new keys/values are
+    written at `slots_BT` and attention reads the whole cache layer; otherwise the fresh ones."""
     dt = jnp.dtype(c.dtype)
     x_BTD = constrain(x_BTD, ("batch", "length", "embed"))
     h = rms_norm(x_BTD, p["attn_norm"], c.norm_eps)
@@ -137,14 +137,14 @@ def _block(p: Params, x_BTD: Array, c: ModelConfig, cos_BTH: Array, sin_BTH: Arr
     q_rot = apply_rope(q, cos_BTH, sin_BTH)
     k_rot = apply_rope(k, cos_BTH, sin_BTH)
     extra = tap(q, k, k_rot, v) if tap is not None else None
-    if kv_BSKH is not None:
-        ck, cv = kv_BSKH
+    if kv_BKSH is not None:
+        ck, cv = kv_BKSH
         b_idx = jnp.arange(x_BTD.shape[0])[:, None]
-        ck = ck.at[b_idx, slots_BT].set(k_rot.astype(ck.dtype))
-        cv = cv.at[b_idx, slots_BT].set(v.astype(cv.dtype))
+        ck = ck.at[b_idx, :, slots_BT].set(k_rot.astype(ck.dtype))  # [B, T, K, H] rows into [B, K, S, H]
+        cv = cv.at[b_idx, :, slots_BT].set(v.astype(cv.dtype))
         keys, values, new_kv = ck, cv, (ck, cv)
     else:
-        keys, values, new_kv = k_rot, v, None
+        keys, values, new_kv = jnp.swapaxes(k_rot, 1, 2), jnp.swapaxes(v, 1, 2), None
     o = attention(q_rot, keys.astype(dt), values.astype(dt), mask_BTS, prefix=prefix, memory=memory)
     x_BTD = x_BTD + jnp.einsum("BTNH,NHD->BTD", o, p["wo"].astype(dt))
     h = rms_norm(x_BTD, p["mlp_norm"], c.norm_eps)
@@ -155,43 +155,52 @@ def _block(p: Params, x_BTD: Array, c: ModelConfig, cos_BTH: Array, sin_BTH: Arr
 def _run_stacks(params: Params, c: ModelConfig, x_BTD: Array, positions_BT: Array, mask_BTS: Array, *,
                 prefix: dict[str, tuple[Array, Array]] | None = None,
                 memory: ChunkMemory | None = None,
-                cache: dict[str, tuple[Array, Array]] | None = None,
+                cache: dict[str, tuple[tuple[Array, Array], ...]] | None = None,
                 slots_BT: Array | None = None,
                 tap: Callable | None = None,
                 stacks: tuple[str, ...] = STACKS):
-    """Scan every present stack's layers over x. Returns x, the updated cache stacks, tap outputs."""
+    """Run every present stack's layers over x. Returns x, the updated cache, tap outputs.
+
+    Without a cache the layers of a stack run in one `lax.scan` (fast to compile, the training
+    path). With a cache (prefill / decoding) the layers are unrolled over per-layer cache arrays,
+    so each step updates its cache in place instead of copying a stacked cache layer.
+    """
     cos, sin = rope_angles(positions_BT, c.head_dim, c.rope_theta)
-    new_cache: dict[str, tuple[Array, Array]] = {}
+    new_cache: dict[str, tuple[tuple[Array, Array], ...]] = {}
     taps: dict[str, Any] = {}
-    for name in stack_sizes(c):
+    for name, L in stack_sizes(c).items():
         if name not in stacks:
             continue
         use_mem = memory is not None and name == "mem_blocks"
+        if cache is not None:
+            layers = []
+            for i in range(L):
+                p = {k: v[i] for k, v in params[name].items()}
+                pre = PrefixKV(prefix[name][0][i], prefix[name][1][i]) if prefix is not None else None
+                mem = (MemoryBlocks(memory.k_LBCSKH[i], memory.v_LBCSKH[i], memory.mask_BCS)
+                       if use_mem else None)
+                kv_axes = CACHE_AXES
+                ck, cv = cache[name][i]
+                x_BTD, new_kv, _ = _block(p, x_BTD, c, cos, sin, mask_BTS, prefix=pre, memory=mem,
+                                          kv_BKSH=(constrain(ck, kv_axes), constrain(cv, kv_axes)),
+                                          slots_BT=slots_BT, tap=None)
+                layers.append(new_kv)
+            new_cache[name] = tuple(layers)
+            continue
 
-        def body(carry, xs, name=name, use_mem=use_mem):
-            x, kv = carry
-            p = xs["p"]
+        def body(x, xs, use_mem=use_mem):
             pre = PrefixKV(*xs["prefix"]) if "prefix" in xs else None
             mem = MemoryBlocks(xs["mem_k"], xs["mem_v"], memory.mask_BCS) if use_mem else None
-            layer_kv = None
-            if kv is not None:
-                kv_axes = CACHE_AXES[1:]
-                layer_kv = (constrain(kv[0][xs["i"]], kv_axes), constrain(kv[1][xs["i"]], kv_axes))
-            x, new_kv, extra = _block(p, x, c, cos, sin, mask_BTS, prefix=pre, memory=mem,
-                                      kv_BSKH=layer_kv, slots_BT=slots_BT, tap=tap)
-            if kv is not None:
-                kv = (kv[0].at[xs["i"]].set(new_kv[0]), kv[1].at[xs["i"]].set(new_kv[1]))
-            return (x, kv), extra
+            x, _, extra = _block(xs["p"], x, c, cos, sin, mask_BTS, prefix=pre, memory=mem,
+                                 kv_BKSH=None, slots_BT=None, tap=tap)
+            return x, extra
 
-        xs: dict[str, Any] = {"p": params[name], "i": jnp.arange(stack_sizes(c)[name])}
+        xs: dict[str, Any] = {"p": params[name]}
         if prefix is not None:
             xs["prefix"] = prefix[name]
         if use_mem:
             xs["mem_k"], xs["mem_v"] = memory.k_LBCSKH, memory.v_LBCSKH
-        kv0 = cache[name] if cache is not None else None
-        (x_BTD, kv), extra = jax.lax.scan(body, (x_BTD, kv0), xs)
-        if kv is not None:
-            new_cache[name] = kv
+        x_BTD, extra = jax.lax.scan(body, x_BTD, xs)
         if tap is not None:
             taps[name] = extra
     return x_BTD, new_cache, taps
@@ -218,19 +227,19 @@ def prefix_kv(params: Params, config: ModelConfig) -> dict[str, tuple[Array, Arr
     r = config.prefix_len
     tokens = jnp.asarray(config.reference_prefix, jnp.int32)[None]
     pos = jnp.arange(r, dtype=jnp.int32)[None]
-    cache = init_kv_stacks(config, 1, r, jnp.dtype(config.dtype))
+    cache = init_kv_layers(config, 1, r, jnp.dtype(config.dtype))
     x = _embed(params, config, tokens)
     _, cache, _ = _run_stacks(params, config, x, pos, _causal_mask(pos[0], r)[None], cache=cache, slots_BT=pos)
-    return {k: (ck[:, 0], cv[:, 0]) for k, (ck, cv) in cache.items()}
+    return {name: (jnp.stack([jnp.swapaxes(k[0], 0, 1) for k, _ in layers]),
+                   jnp.stack([jnp.swapaxes(v[0], 0, 1) for _, v in layers]))
+            for name, layers in cache.items()}
 
 
-def init_kv_stacks(config: ModelConfig, batch: int, length: int, dtype=jnp.float32):
-    """Zeroed per-stack key/value buffers {stack: (k, v)} of shape [L, B, length, K, H]."""
-    out = {}
-    for name, L in stack_sizes(config).items():
-        shape = (L, batch, length, config.num_kv_heads, config.head_dim)
-        out[name] = (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
-    return out
+def init_kv_layers(config: ModelConfig, batch: int, length: int, dtype=jnp.float32):
+    """Zeroed key/value buffers per layer: {stack: ((k, v) per layer)}, each [B, K, length, H]."""
+    shape = (batch, config.num_kv_heads, length, config.head_dim)
+    return {name: tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(L))
+            for name, L in stack_sizes(config).items()}
 
 
 def _causal_mask(query_slots: Array, key_len: int) -> Array:
