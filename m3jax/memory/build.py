@@ -39,6 +39,7 @@ def embed_cached(texts: Sequence[str], embedder: Embedder, path: str, *, block: 
     from tqdm.auto import tqdm
 
     n = len(texts)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if os.path.exists(path):
         v = np.load(path)
         if v.shape == (n, embedder.dim):
