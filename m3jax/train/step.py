@@ -1,0 +1,373 @@
+"""One training step, for both stages of Memory3 training (MEMORY3.md, "Training: two stages").
+
+Stage "warmup": a plain LM step. Stage "continual": the batch also carries one reference per
+`chunk_size`-token chunk of every sequence,
+
+    ref_tokens int32 [B, C, R], ref_mask bool [B, C, R]    (C = ceil(T / chunk_size), R <= reference_len)
+
+(a chunk without a reference has an all-False mask row). In the same step the references are
+encoded into sparse memories by `m3jax.memory.encode` with the current weights, arranged by
+`ChunkMemory.from_memories(mem, B, C, lookback=train_cfg.memory_lookback)` (chunk c reads the
+memories of chunks c-lookback..c), and the forward pass reads them. The loss covers only the
+training tokens. With `memory_grad=False` the memories are computed outside the differentiated
+function (equivalent to `jax.lax.stop_gradient` on them), so the write path costs one forward pass
+and no backward pass.
+
+Loss: next-token cross-entropy of `tokens[:, 1:]`, weighted by `loss_mask[:, 1:]` (padding targets
+excluded), averaged over the real targets of the (global) batch.
+
+Optimizer (`make_optimizer`): AdamW (weight decay on every parameter except the RMSNorm scales),
+warmup-stable-decay learning rate (linear warmup to `lr` over `warmup_steps`, constant `lr`, linear
+decay over the last `decay_fraction` of `steps` to `min_lr_ratio * lr`), clipping by global norm.
+
+Mixed precision policy (`ModelConfig.param_dtype`, `ModelConfig.dtype`):
+  * `TrainState.params` are kept in `param_dtype` (e.g. bfloat16, the paper's setting); the model
+    casts them to `dtype` for its matmuls. Logits, softmax, norms and the loss are float32.
+  * When `param_dtype` is narrower than float32, the optimizer keeps an fp32 *master copy* of the
+    params (`MasterState.master`) next to the fp32 Adam moments. Gradients (in `param_dtype`) are
+    upcast to float32, clipped, and applied to the master copy; the new params are the master
+    rounded to `param_dtype`. So small updates are never lost to bf16 rounding, and all optimizer
+    state is fp32. With float32 params there is no extra copy (`opt_state` is optax's state).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from jax.sharding import NamedSharding, PartitionSpec
+
+from m3jax import sharding as S
+from m3jax.config import ModelConfig, TrainConfig
+from m3jax.memory.encode import encode
+from m3jax.model import ChunkMemory, MemoryKV, check_params, forward, init
+from m3jax.model.transformer import Params
+
+Array = jax.Array
+
+BATCH_KEYS = ("tokens", "loss_mask")
+REF_KEYS = ("ref_tokens", "ref_mask")
+
+
+# ---------------------------------------------------------------------------- state
+@struct.dataclass
+class MasterState:
+    """Optimizer state with an fp32 master copy of low-precision params."""
+
+    master: Params
+    inner: Any
+
+
+@struct.dataclass
+class TrainState:
+    """step: int32 scalar (optimizer updates done); params in `param_dtype`; opt_state: optax's
+    state, or `MasterState` when params are narrower than float32."""
+
+    step: Array
+    params: Params
+    opt_state: Any
+
+
+def _needs_master(params: Params) -> bool:
+    return any(jnp.dtype(x.dtype) != jnp.float32 for x in jax.tree.leaves(params))
+
+
+# ------------------------------------------------------------------------ optimizer
+def lr_schedule(train_cfg: TrainConfig) -> optax.Schedule:
+    """Warmup-stable-decay learning rate of update `s` (0-based):
+    `lr * (s + 1) / warmup_steps` during the first `warmup_steps` updates (no wasted update at 0),
+    then `lr`, then over the last `round(decay_fraction * steps)` updates a linear decay that
+    reaches `min_lr_ratio * lr` at the last update (`s = steps - 1`)."""
+    tc = train_cfg
+    warm = tc.warmup_steps
+    decay = min(int(round(tc.decay_fraction * tc.steps)), tc.steps - warm)
+    peak, low = tc.lr, tc.lr * tc.min_lr_ratio
+    decay_start = tc.steps - decay
+
+    def schedule(count):
+        s = jnp.asarray(count, jnp.float32)
+        lr = jnp.asarray(peak, jnp.float32)
+        if warm:
+            lr = jnp.where(s < warm, peak * (s + 1) / warm, lr)
+        if decay:
+            frac = jnp.clip((s - decay_start + 1) / decay, 0.0, 1.0)
+            lr = jnp.where(s >= decay_start, peak + (low - peak) * frac, lr)
+        return lr
+
+    return schedule
+
+
+def decay_mask(params: Params) -> Any:
+    """True for parameters that get weight decay: every matrix (embeddings, projections, lm head),
+    not the RMSNorm scales (names ending in `norm`, also when stacked over layers)."""
+    def keep(path, _):
+        name = path[-1].key if hasattr(path[-1], "key") else str(path[-1])
+        return not str(name).endswith("norm")
+    return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_optimizer(train_cfg: TrainConfig) -> optax.GradientTransformation:
+    """Clip by global norm (`grad_clip`, off when <= 0), then AdamW with the WSD schedule and
+    weight decay `weight_decay` on matrices only. Its moments take the dtype of the params it is
+    initialized with (fp32: see the module's mixed precision policy)."""
+    tc = train_cfg
+    adamw = optax.adamw(lr_schedule(tc), b1=tc.b1, b2=tc.b2, eps=1e-8, weight_decay=tc.weight_decay,
+                        mask=decay_mask)
+    return optax.chain(optax.clip_by_global_norm(tc.grad_clip), adamw) if tc.grad_clip > 0 else adamw
+
+
+def init_state(params: Params, train_cfg: TrainConfig, tx: optax.GradientTransformation | None = None) -> TrainState:
+    """A fresh `TrainState` (step 0) around `params` (jittable)."""
+    tx = tx or make_optimizer(train_cfg)
+    if _needs_master(params):
+        master = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+        opt_state = MasterState(master, tx.init(master))
+    else:
+        opt_state = tx.init(params)
+    return TrainState(jnp.zeros((), jnp.int32), params, opt_state)
+
+
+def apply_gradients(state: TrainState, grads: Params, tx: optax.GradientTransformation) -> TrainState:
+    """One optimizer update (see the mixed precision policy)."""
+    if isinstance(state.opt_state, MasterState):
+        g32 = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+        master = state.opt_state.master
+        updates, inner = tx.update(g32, state.opt_state.inner, master)
+        master = optax.apply_updates(master, updates)
+        params = jax.tree.map(lambda m, p: m.astype(p.dtype), master, state.params)
+        opt_state = MasterState(master, inner)
+    else:
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+    return TrainState(state.step + 1, params, opt_state)
+
+
+# ----------------------------------------------------------------------------- loss
+def lm_loss(logits_BTV: Array, tokens_BT: Array, loss_mask_BT: Array) -> tuple[Array, Array]:
+    """(mean next-token cross-entropy over real targets, number of real targets). logits are
+    those of `forward(tokens)`: position t predicts token t+1."""
+    logits = logits_BTV[:, :-1].astype(jnp.float32)
+    targets = tokens_BT[:, 1:]
+    w = loss_mask_BT[:, 1:].astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    n = jnp.sum(w)
+    return jnp.sum(ce * w) / jnp.maximum(n, 1.0), n
+
+
+def encode_references(params: Params, model_cfg: ModelConfig, ref_tokens_BCR: Array, ref_mask_BCR: Array,
+                      lookback: int) -> ChunkMemory:
+    """Encode one reference per chunk with the model's own write path (`m3jax.memory.encode`)
+    and arrange them for reading: chunk c sees the memories of chunks c-lookback..c."""
+    B, C, R = ref_tokens_BCR.shape
+    mem: MemoryKV = encode(params, model_cfg, ref_tokens_BCR.reshape(B * C, R), ref_mask_BCR.reshape(B * C, R))
+    return ChunkMemory.from_memories(mem, B, C, lookback=lookback)
+
+
+def loss_fn(params: Params, batch: Mapping[str, Array], model_cfg: ModelConfig, *,
+            memory: ChunkMemory | None = None, memory_grad: bool = True,
+            lookback: int = 4) -> tuple[Array, dict[str, Array]]:
+    """Loss of one batch and aux metrics. With `ref_tokens` in the batch (and no `memory`), the
+    references are encoded here from `params` (gradients flow through the write path unless
+    `memory_grad=False`). A precomputed `memory` is read as is."""
+    tokens = batch["tokens"]
+    if memory is None and "ref_tokens" in batch:
+        memory = encode_references(params, model_cfg, batch["ref_tokens"], batch["ref_mask"], lookback)
+        if not memory_grad:
+            memory = jax.lax.stop_gradient(memory)
+    logits = forward(params, tokens, model_cfg, memory=memory)  # constrained by the model
+    loss, n = lm_loss(logits, tokens, batch["loss_mask"])
+    return loss, {"tokens": n}
+
+
+# ------------------------------------------------------------------------ shardings
+def abstract_state(model_cfg: ModelConfig, train_cfg: TrainConfig) -> TrainState:
+    """`ShapeDtypeStruct`s of a fresh `TrainState` (no memory used)."""
+    return jax.eval_shape(lambda k: init_state(init(model_cfg, k), train_cfg), jax.random.key(0))
+
+
+def state_shardings(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh) -> TrainState:
+    """NamedShardings of every `TrainState` leaf on `mesh`: params by the logical rules
+    (`sharding.param_shardings`); every optimizer leaf shaped like a param (Adam moments, fp32
+    master) like that param; the rest (counters, step) replicated."""
+    pshard = S.param_shardings(model_cfg, mesh)
+    abstract = abstract_state(model_cfg, train_cfg)
+    by_path = {tuple(_key_names(p)): (s, a.shape) for (p, s), a in
+               zip(jax.tree_util.tree_flatten_with_path(pshard)[0], jax.tree.leaves(abstract.params))}
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def pick(path, leaf):
+        names = _key_names(path)
+        for start in range(len(names)):
+            hit = by_path.get(tuple(names[start:]))
+            if hit is not None and tuple(hit[1]) == tuple(leaf.shape):
+                return hit[0]
+        return replicated
+
+    opt = jax.tree_util.tree_map_with_path(pick, abstract.opt_state)
+    return TrainState(replicated, pshard, opt)
+
+
+def _key_names(path) -> list[str]:
+    out = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                out.append(str(getattr(k, attr)))
+                break
+        else:
+            out.append(str(k))
+    return out
+
+
+def abstract_state_on(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh) -> TrainState:
+    """`abstract_state` with the shardings of `state_shardings` attached: an Orbax restore target
+    that places the restored state on `mesh` (any mesh shape)."""
+    shard = state_shardings(model_cfg, train_cfg, mesh)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract_state(model_cfg, train_cfg), shard)
+
+
+@functools.lru_cache(maxsize=16)
+def _state_initializer(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh, from_params: bool):
+    tx = make_optimizer(train_cfg)
+    if from_params:
+        make = lambda p: init_state(p, train_cfg, tx)  # noqa: E731
+    else:
+        make = lambda k: init_state(init(model_cfg, k), train_cfg, tx)  # noqa: E731
+    if mesh is None:
+        return jax.jit(make)
+    return jax.jit(make, out_shardings=state_shardings(model_cfg, train_cfg, mesh))
+
+
+def create_state(model_cfg: ModelConfig, train_cfg: TrainConfig, params: Params | None = None, *,
+                 mesh=None, key: Array | None = None) -> TrainState:
+    """A fresh `TrainState`: from `params` (placed on `mesh`) or from `init(model_cfg, key)`
+    (default key: `train_cfg.seed`), computed directly into its shards when a mesh is given."""
+    if params is not None:
+        check_params(params, model_cfg)
+        if mesh is not None:
+            params = jax.device_put(params, S.param_shardings(model_cfg, mesh))
+        return _state_initializer(model_cfg, train_cfg, mesh, True)(params)
+    key = jax.random.key(train_cfg.seed) if key is None else key
+    return _state_initializer(model_cfg, train_cfg, mesh, False)(key)
+
+
+# ----------------------------------------------------------------------------- step
+def check_batch(batch: Mapping[str, Any], model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
+    """Raise a clear error when the batch does not fit the stage and the model."""
+    for k in BATCH_KEYS:
+        if k not in batch:
+            raise KeyError(f"training batch has no {k!r} (keys: {sorted(batch)})")
+    B, T = batch["tokens"].shape
+    if tuple(batch["loss_mask"].shape) != (B, T):
+        raise ValueError(f"loss_mask {tuple(batch['loss_mask'].shape)} does not match tokens {(B, T)}")
+    if train_cfg.stage != "continual":
+        return
+    if not model_cfg.memory_enabled:
+        raise ValueError(f"stage 'continual' needs a model with memory; config {model_cfg.name!r} has "
+                         "reference_prefix=None or memory_layers=0")
+    missing = [k for k in REF_KEYS if k not in batch]
+    if missing:
+        raise KeyError(f"stage 'continual' needs {list(REF_KEYS)} in the batch (one reference per "
+                       f"{model_cfg.chunk_size}-token chunk); missing {missing}. Pass a reference_fn to "
+                       "the training loop.")
+    C = -(-T // model_cfg.chunk_size)
+    rs = tuple(batch["ref_tokens"].shape)
+    if len(rs) != 3 or rs[:2] != (B, C) or rs[2] > model_cfg.reference_len:
+        raise ValueError(f"ref_tokens of shape {rs}: expected [{B}, {C}, R<={model_cfg.reference_len}] "
+                         f"(batch, chunks of {model_cfg.chunk_size} tokens, reference length)")
+    if tuple(batch["ref_mask"].shape) != rs:
+        raise ValueError(f"ref_mask {tuple(batch['ref_mask'].shape)} does not match ref_tokens {rs}")
+
+
+def step_keys(train_cfg: TrainConfig) -> tuple[str, ...]:
+    return BATCH_KEYS + (REF_KEYS if train_cfg.stage == "continual" else ())
+
+
+def _train_step(state: TrainState, batch: Mapping[str, Array], *, model_cfg: ModelConfig,
+                train_cfg: TrainConfig, tx: optax.GradientTransformation, schedule: optax.Schedule):
+    tc = train_cfg
+    memory = None
+    if tc.stage == "continual" and not tc.memory_grad:
+        # Encoded outside the differentiated function: no residuals kept, no backward pass.
+        memory = jax.lax.stop_gradient(
+            encode_references(state.params, model_cfg, batch["ref_tokens"], batch["ref_mask"], tc.memory_lookback))
+    inputs = {k: batch[k] for k in BATCH_KEYS}
+    if tc.stage == "continual" and memory is None:
+        inputs.update({k: batch[k] for k in REF_KEYS})
+    grad_fn = jax.value_and_grad(functools.partial(loss_fn, model_cfg=model_cfg, memory=memory,
+                                                   memory_grad=tc.memory_grad, lookback=tc.memory_lookback),
+                                 has_aux=True)
+    (loss, aux), grads = grad_fn(state.params, inputs)
+    grad_norm = optax.tree.norm(jax.tree.map(lambda g: g.astype(jnp.float32), grads))
+    lr = schedule(state.step)
+    new_state = apply_gradients(state, grads, tx)
+    metrics = {"loss": loss, "tokens": aux["tokens"], "grad_norm": grad_norm, "lr": jnp.asarray(lr, jnp.float32)}
+    return new_state, metrics
+
+
+class TrainStep:
+    """A jitted training step `step(state, batch) -> (state, metrics)`; the state is donated.
+
+    metrics: loss (mean over real targets), tokens (number of real targets), grad_norm (before
+    clipping), lr (the rate used by this update). Host batches (NumPy) are placed on the mesh
+    (`sharding.shard_batch`, multi-process aware); keys the stage does not use are dropped.
+    """
+
+    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, mesh=None):
+        self.model_cfg, self.train_cfg, self.mesh = model_cfg, train_cfg, mesh
+        self.keys = step_keys(train_cfg)
+        fn = functools.partial(_train_step, model_cfg=model_cfg, train_cfg=train_cfg,
+                               tx=make_optimizer(train_cfg), schedule=lr_schedule(train_cfg))
+        if mesh is None:
+            self.jitted = jax.jit(fn, donate_argnums=(0,))
+            self.batch_divisor = 1
+        else:
+            self.state_sharding = state_shardings(model_cfg, train_cfg, mesh)
+            bsh = S.batch_sharding(mesh)
+            replicated = NamedSharding(mesh, PartitionSpec())
+            self.jitted = jax.jit(fn, in_shardings=(self.state_sharding, bsh),
+                                  out_shardings=(self.state_sharding, replicated), donate_argnums=(0,))
+            self.batch_divisor = int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
+
+    def prepare(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """Check the batch, keep the keys of the stage, and place host arrays on the mesh."""
+        check_batch(batch, self.model_cfg, self.train_cfg)
+        batch = {k: batch[k] for k in self.keys}
+        host = any(not isinstance(v, jax.Array) for v in batch.values())
+        B = batch["tokens"].shape[0] * (jax.process_count() if host else 1)  # the global batch
+        if B % self.batch_divisor:
+            raise ValueError(f"global batch {B} is not divisible by data x fsdp = {self.batch_divisor} of the mesh "
+                             f"{dict(self.mesh.shape)}")
+        if self.mesh is not None and host:
+            batch = S.shard_batch(batch, self.mesh)
+        return batch
+
+    def _ctx(self):
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
+    def __call__(self, state: TrainState, batch: Mapping[str, Any]) -> tuple[TrainState, dict[str, Array]]:
+        batch = self.prepare(batch)
+        with self._ctx():
+            return self.jitted(state, batch)
+
+    def lower(self, state: TrainState, batch: Mapping[str, Any]):
+        """`jax.jit(...).lower` of the step (AOT compile, cost analysis)."""
+        batch = self.prepare(batch)
+        with self._ctx():
+            return self.jitted.lower(state, batch)
+
+
+@functools.lru_cache(maxsize=16)
+def make_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh=None) -> TrainStep:
+    """The jitted step of `train_cfg.stage`. With `mesh`: explicit in/out shardings (state by
+    `state_shardings`, batch over ("data", "fsdp")); without: one device. State is donated.
+    Cached per (configs, mesh), so a resumed or repeated run in one process does not recompile."""
+    return TrainStep(model_cfg, train_cfg, mesh)
+
