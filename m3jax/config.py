@@ -175,11 +175,11 @@ _PRESETS: dict[str, ModelConfig] = {
         name="tiny", vocab_size=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16,
         hidden=64, mlp_dim=128, max_len=256, memory_layers=2, tokens_per_memory=4,
         memories_per_chunk=2, chunk_size=16, reference_len=32, reference_prefix=(1, 5, 6)),
-    # A few M parameters, trains on a 2-core CPU in minutes. `reference_prefix` is replaced by the
-    # ids of "Reference:" in the demo's trained tokenizer.
+    # ~3M parameters: trains on a 2-core CPU in minutes; the memory geometry is the paper's.
+    # `reference_prefix` is replaced by the ids of "Reference:" in the demo's trained tokenizer.
     "demo": ModelConfig(
-        name="demo", vocab_size=8192, num_layers=6, num_heads=8, num_kv_heads=4, head_dim=32,
-        hidden=256, mlp_dim=768, max_len=1024, memory_layers=3, tokens_per_memory=8,
+        name="demo", vocab_size=4096, num_layers=4, num_heads=6, num_kv_heads=2, head_dim=32,
+        hidden=192, mlp_dim=512, max_len=1024, memory_layers=2, tokens_per_memory=8,
         memories_per_chunk=5, chunk_size=64, reference_len=128, reference_prefix=(1, 2, 3)),
     # SmolLM2-135M(-Instruct) shapes; prefix = BOS + tokens of "Reference:" in its tokenizer.
     "smollm2-135m": ModelConfig(

@@ -32,12 +32,12 @@ HELDOUT_FRACTION = 0.05
 class DemoConfig:
     """Sizes of the demo. The defaults fit in ~15 minutes on a 2-core CPU; `quick()` in ~1."""
 
-    n_docs: int = 2500  # Wikipedia leads used (knowledge base = all; training = train split)
-    vocab_size: int = 8192
+    n_docs: int = 1600  # Wikipedia leads used (knowledge base = all; training = train split)
+    vocab_size: int = 4096
     seq_len: int = 256
     batch_size: int = 16
-    warmup_steps: int = 500
-    continual_steps: int = 250
+    warmup_steps: int = 240
+    continual_steps: int = 120
     lr: float = 3e-3
     continual_lr: float = 1e-3
     codec: str = "int8"
