@@ -221,3 +221,14 @@ def test_cache_extend_matches_forward():
     got = np.concatenate(outs, axis=1)
     np.testing.assert_allclose(got, full, atol=2e-4)
     assert np.all(np.asarray(cache.lengths) == T)
+
+
+def test_attention_mass_sums_to_one_and_sees_memory():
+    p, toks = _params(), _tokens(1, 2 * CFG.chunk_size)
+    mem = _memory(1, 2, CFG.memory_block_len, p_valid=1.0)
+    m = jax.jit(M.attention_mass, static_argnums=2)(p, toks, CFG, memory=mem)
+    total = np.asarray(m["prefix"] + m["memory"] + m["context"])
+    assert total.shape == (CFG.num_layers, 1, toks.shape[1])
+    np.testing.assert_allclose(total, 1.0, atol=1e-5)
+    assert float(m["memory"][: CFG.memory_layers].min()) > 0  # memory layers read memory
+    assert float(np.abs(m["memory"][CFG.memory_layers:]).max()) == 0  # the others cannot

@@ -3,9 +3,9 @@
 from m3jax.model.attention import MemoryBlocks, PrefixKV, attention
 from m3jax.model.cache import KVCache, extend, init_cache
 from m3jax.model.memory import ChunkMemory, MemoryKV
-from m3jax.model.transformer import (STACKS, check_params, encode_states, forward, init, num_params,
+from m3jax.model.transformer import (STACKS, attention_mass, check_params, encode_states, forward, init, num_params,
                                      param_axes, param_shapes, prefix_kv, stack_sizes)
 
 __all__ = ["MemoryBlocks", "PrefixKV", "attention", "KVCache", "extend", "init_cache", "ChunkMemory",
-           "MemoryKV", "STACKS", "check_params", "encode_states", "forward", "init", "num_params",
+           "MemoryKV", "STACKS", "attention_mass", "check_params", "encode_states", "forward", "init", "num_params",
            "param_axes", "param_shapes", "prefix_kv", "stack_sizes"]

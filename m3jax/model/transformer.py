@@ -136,7 +136,7 @@ def _block(p: Params, x_BTD: Array, c: ModelConfig, cos_BTH: Array, sin_BTH: Arr
     v = constrain(jnp.einsum("BTD,DKH->BTKH", h, p["wv"].astype(dt)), ("batch", "kv_length", "kv_heads", "head_dim"))
     q_rot = apply_rope(q, cos_BTH, sin_BTH)
     k_rot = apply_rope(k, cos_BTH, sin_BTH)
-    extra = tap(q, k, k_rot, v) if tap is not None else None
+    extra = tap(q, k, k_rot, v) if callable(tap) else None
     if kv_BKSH is not None:
         ck, cv = kv_BKSH
         b_idx = jnp.arange(x_BTD.shape[0])[:, None]
@@ -145,7 +145,12 @@ def _block(p: Params, x_BTD: Array, c: ModelConfig, cos_BTH: Array, sin_BTH: Arr
         keys, values, new_kv = ck, cv, (ck, cv)
     else:
         keys, values, new_kv = jnp.swapaxes(k_rot, 1, 2), jnp.swapaxes(v, 1, 2), None
-    o = attention(q_rot, keys.astype(dt), values.astype(dt), mask_BTS, prefix=prefix, memory=memory)
+    if tap == "mass":  # attention mass on (prefix, memory, context), head-averaged: 3 x [B, T]
+        o, masses = attention(q_rot, keys.astype(dt), values.astype(dt), mask_BTS, prefix=prefix,
+                              memory=memory, return_probs=True)
+        extra = jnp.stack([m.mean(axis=1) for m in masses])
+    else:
+        o = attention(q_rot, keys.astype(dt), values.astype(dt), mask_BTS, prefix=prefix, memory=memory)
     x_BTD = x_BTD + jnp.einsum("BTNH,NHD->BTD", o, p["wo"].astype(dt))
     h = rms_norm(x_BTD, p["mlp_norm"], c.norm_eps)
     x_BTD = x_BTD + mlp(h, p["w_gate"].astype(dt), p["w_up"].astype(dt), p["w_down"].astype(dt))
@@ -292,6 +297,29 @@ def forward(params: Params, tokens: Array, config: ModelConfig, *, memory: Chunk
     x = _embed(params, c, tok)
     x, _, _ = _run_stacks(params, c, x, pos, mask, prefix=prefix, memory=memory)
     return _logits(params, c, x[:, :T])
+
+
+def attention_mass(params: Params, tokens: Array, config: ModelConfig, *,
+                   memory: ChunkMemory | None = None) -> dict[str, Array]:
+    """Where attention goes: the head-averaged probability mass each token puts on the prefix
+    sink, on explicit memory and on the context, per layer: {"prefix", "memory", "context"}
+    each [L, B, T] (layers in order). Same inputs as `forward`; for inspection, not training."""
+    c = config
+    _check_tokens(tokens, c)
+    B, T = tokens.shape
+    if memory is not None:
+        memory.check(c, B, -(-T // c.chunk_size))
+        memory = memory.windowed()
+    prefix = prefix_kv(params, c) if c.reference_prefix is not None else None
+    Tp = T if memory is None else memory.num_chunks * c.chunk_size
+    tok = jnp.pad(tokens, ((0, 0), (0, Tp - T)), constant_values=c.pad_id) if Tp != T else tokens
+    slots = jnp.arange(Tp, dtype=jnp.int32)
+    pos = jnp.broadcast_to(c.context_offset + slots, (B, Tp))
+    mask = jnp.broadcast_to(_causal_mask(slots, Tp), (B, Tp, Tp))
+    _, _, taps = _run_stacks(params, c, _embed(params, c, tok), pos, mask, prefix=prefix, memory=memory,
+                             tap="mass")
+    m = jnp.concatenate([taps[name] for name in stack_sizes(c)], axis=0)[..., :T]  # [L, 3, B, T]
+    return {"prefix": m[:, 0], "memory": m[:, 1], "context": m[:, 2]}
 
 
 def encode_states(params: Params, config: ModelConfig, ref_tokens: Array, ref_mask: Array,
