@@ -35,9 +35,9 @@ class DemoConfig:
     n_docs: int = 1600  # Wikipedia leads used (knowledge base = all; training = train split)
     vocab_size: int = 4096
     seq_len: int = 256
-    batch_size: int = 16
-    warmup_steps: int = 240
-    continual_steps: int = 120
+    batch_size: int = 8
+    warmup_steps: int = 200
+    continual_steps: int = 100
     lr: float = 3e-3
     continual_lr: float = 1e-3
     codec: str = "int8"

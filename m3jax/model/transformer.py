@@ -269,23 +269,16 @@ def _check_tokens(tokens: Array, config: ModelConfig) -> None:
                          f"config {config.name!r}")
 
 
-def forward(params: Params, tokens: Array, config: ModelConfig, *, memory: ChunkMemory | None = None,
-            prefix: dict[str, tuple[Array, Array]] | None = None) -> Array:
-    """Logits [B, T, V] (float32) of a full sequence (training / evaluation).
-
-    tokens: int [B, T], the context including its leading BOS. memory: optional `ChunkMemory`
-    with one block per `chunk_size` tokens (ceil(T / chunk_size) chunks); chunk c reads blocks
-    c-lookback..c. prefix: precomputed `prefix_kv` (computed here from params when omitted).
-    """
-    c = config
+def _full_sequence(params: Params, c: ModelConfig, tokens: Array, memory: ChunkMemory | None, prefix, tap=None):
+    """The no-cache path shared by `forward` and `attention_mass`: checks, chunk padding,
+    positions from `context_offset`, causal mask; returns (x [B, T, D], taps)."""
     _check_tokens(tokens, c)
     B, T = tokens.shape
     if memory is not None:
         if not c.memory_enabled:
             raise ValueError(f"config {c.name!r} has memory off (reference_prefix=None or memory_layers=0) "
                              "but memory was given")
-        C = -(-T // c.chunk_size)
-        memory.check(c, B, C)
+        memory.check(c, B, -(-T // c.chunk_size))
         memory = constrain_memory(memory.windowed())
     if prefix is None and c.reference_prefix is not None:
         prefix = prefix_kv(params, c)
@@ -294,9 +287,20 @@ def forward(params: Params, tokens: Array, config: ModelConfig, *, memory: Chunk
     slots = jnp.arange(Tp, dtype=jnp.int32)
     pos = jnp.broadcast_to(c.context_offset + slots, (B, Tp))
     mask = jnp.broadcast_to(_causal_mask(slots, Tp), (B, Tp, Tp))
-    x = _embed(params, c, tok)
-    x, _, _ = _run_stacks(params, c, x, pos, mask, prefix=prefix, memory=memory)
-    return _logits(params, c, x[:, :T])
+    x, _, taps = _run_stacks(params, c, _embed(params, c, tok), pos, mask, prefix=prefix, memory=memory, tap=tap)
+    return x[:, :T], taps
+
+
+def forward(params: Params, tokens: Array, config: ModelConfig, *, memory: ChunkMemory | None = None,
+            prefix: dict[str, tuple[Array, Array]] | None = None) -> Array:
+    """Logits [B, T, V] (float32) of a full sequence (training / evaluation).
+
+    tokens: int [B, T], the context including its leading BOS. memory: optional `ChunkMemory`
+    with one block per `chunk_size` tokens (ceil(T / chunk_size) chunks); chunk c reads blocks
+    c-lookback..c. prefix: precomputed `prefix_kv` (computed here from params when omitted).
+    """
+    x, _ = _full_sequence(params, config, tokens, memory, prefix)
+    return _logits(params, config, x)
 
 
 def attention_mass(params: Params, tokens: Array, config: ModelConfig, *,
@@ -304,21 +308,9 @@ def attention_mass(params: Params, tokens: Array, config: ModelConfig, *,
     """Where attention goes: the head-averaged probability mass each token puts on the prefix
     sink, on explicit memory and on the context, per layer: {"prefix", "memory", "context"}
     each [L, B, T] (layers in order). Same inputs as `forward`; for inspection, not training."""
-    c = config
-    _check_tokens(tokens, c)
-    B, T = tokens.shape
-    if memory is not None:
-        memory.check(c, B, -(-T // c.chunk_size))
-        memory = memory.windowed()
-    prefix = prefix_kv(params, c) if c.reference_prefix is not None else None
-    Tp = T if memory is None else memory.num_chunks * c.chunk_size
-    tok = jnp.pad(tokens, ((0, 0), (0, Tp - T)), constant_values=c.pad_id) if Tp != T else tokens
-    slots = jnp.arange(Tp, dtype=jnp.int32)
-    pos = jnp.broadcast_to(c.context_offset + slots, (B, Tp))
-    mask = jnp.broadcast_to(_causal_mask(slots, Tp), (B, Tp, Tp))
-    _, _, taps = _run_stacks(params, c, _embed(params, c, tok), pos, mask, prefix=prefix, memory=memory,
-                             tap="mass")
-    m = jnp.concatenate([taps[name] for name in stack_sizes(c)], axis=0)[..., :T]  # [L, 3, B, T]
+    _, taps = _full_sequence(params, config, tokens, memory, None, tap="mass")
+    T = tokens.shape[1]
+    m = jnp.concatenate([taps[name] for name in stack_sizes(config)], axis=0)[..., :T]  # [L, 3, B, T]
     return {"prefix": m[:, 0], "memory": m[:, 1], "context": m[:, 2]}
 
 
