@@ -24,10 +24,12 @@ demo: $(STAMP)
 	$(VENV)/bin/m3jax demo --out $(DEMO_OUT)
 
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS) -q
+	JAX_PLATFORMS=cpu $(PY) -m pytest $(PYTEST_ARGS) -q
 
+# The slow checks also compile for TPU topologies on this CPU: they need libtpu (the `tpu` extra).
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pip install --quiet -e '.[test,tpu]'
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q -m slow
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
