@@ -274,15 +274,18 @@ def perplexity(params: Params, config: ModelConfig, texts_or_token_lists: Sequen
     """Perplexity of texts (or token id lists; BOS is prepended when missing) in `mode`.
 
     Each sequence (BOS + text) is truncated to min(max_tokens, max_len) tokens; every token after
-    BOS is scored. Returns {"ppl": exp(nll), "nll": mean NLL per token, "tokens": count,
+    BOS is scored. Retrieved references are filtered against the whole (untruncated) text. Returns {"ppl": exp(nll), "nll": mean NLL per token, "tokens": count,
     "texts": number of texts scored}.
     """
     limit = config.max_len if max_tokens is None else min(int(max_tokens), config.max_len)
     inputs = []
     for x in texts_or_token_lists:
-        ids = _as_sequence(x, config, tokenizer)[:limit]
+        full = _as_sequence(x, config, tokenizer)
+        ids = full[:limit]
         if len(ids) >= 2:
-            inputs.append(ScoreInput(ids))
+            # the leakage filter compares references with the WHOLE text, not the scored part:
+            # a reference holding the rest of a truncated text would otherwise pass
+            inputs.append(ScoreInput(ids, filter_tokens=list(full[1:])))
     if not inputs:
         raise ValueError("no text with at least one token to score")
     scores = score_sequences(params, config, inputs, mode=mode, retriever=retriever, batch_size=batch_size,

@@ -225,6 +225,27 @@ def test_leakage_filter_compares_with_the_whole_text():
         assert {0, 1} & set(np.asarray(off[0].ids).ravel().tolist()), mode  # the filter did the work
 
 
+def test_truncated_perplexity_filters_against_the_whole_text():
+    """Scoring only the first tokens of a text must not let a reference holding the rest through."""
+    p = _params()
+    texts = [" ".join(_WORDS[i:i + 5]) for i in range(0, 25, 5)]
+    refs = [TOK.encode(t) for t in texts]
+    emb = FunctionEmbedder(_bow, 64)
+    ret = Retriever(VectorIndex.build(emb(texts)), emb, reference_tokens=refs,
+                    bank=EncodedBank(_encode_refs(p, refs)), tokenizer=TOK, k=2, candidates=6)
+    seen = []
+    search = ret.search
+
+    def spy(queries, **kw):
+        seen.append(kw["filter_tokens"])
+        return search(queries, **kw)
+
+    ret.search = spy
+    full = texts[0] + " " + texts[1] + " " + texts[2]
+    ev.perplexity(p, CFG, [full], mode="memory", retriever=ret, tokenizer=TOK, max_tokens=CS, progress=False)
+    assert seen and all(list(f) == TOK.encode(full) for f in seen[0])
+
+
 # ------------------------------------------------------------------------------ QA
 ARTS = [Article(0, "Paris", "Paris is the capital of France.", "capital of France", "geo"),
         Article(1, "Zinc", "Zinc is a chemical element.", "chemical element", "sci"),
