@@ -21,7 +21,6 @@ and 160 random memories from a bank of `--n` memories, cold and warm.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -35,7 +34,9 @@ import numpy as np
 import tensorstore as ts
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from _bench_utils import median_ms, write_json  # noqa: E402
 from m3jax.config import ModelConfig, preset  # noqa: E402
 from m3jax.memory.bank import MemoryBank  # noqa: E402
 from m3jax.memory.codec import PQCodec, make_codec, relative_error  # noqa: E402
@@ -63,15 +64,6 @@ def synthetic(n: int, Lm: int, K: int, T: int, H: int, seed: int, structured: bo
     a, b = k[..., : H // 2], k[..., H // 2:]
     x[:, :, 0] = np.concatenate([a * cos - b * sin, b * cos + a * sin], -1)
     return x.astype(np.float32)
-
-
-def median_ms(fn, repeats: int) -> float:
-    ts_ = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        ts_.append(time.perf_counter() - t)
-    return float(np.median(ts_) * 1e3)
 
 
 def evict(path: str, drop_caches: bool) -> str:
@@ -240,10 +232,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"{r['gather5_cold_ms']:>8.2f} {r['gather5_warm_ms']:>8.2f} {r['gather160_cold_ms']:>9.2f} "
               f"{r['gather160_warm_ms']:>9.2f} {r['gather160_decoded_warm_ms']:>8.1f}")
     print(f"total {result['total_s']:.1f} s")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {args.out}")
+    write_json(args.out, result)
     return result
 
 

@@ -13,15 +13,10 @@ counts generated tokens over the whole call (retrieval, prefill and decoding).
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
-import statistics
 import sys
-import tempfile
-import time
 
-import numpy as np
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _bench_utils (and the repo root, via it)
 
 
 def main(argv=None) -> int:
@@ -38,62 +33,21 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="bench_decode.json")
     args = ap.parse_args(argv)
 
-    import jax
+    from _bench_utils import decode_config_for, decode_setup, device_name, log, run_generate, write_json
 
-    from m3jax import model as M
-    from m3jax.assets import wiki_leads
-    from m3jax.config import DecodeConfig, preset
-    from m3jax.decode import Generator
-    from m3jax.memory.build import build_knowledge_base, open_knowledge_base
-    from m3jax.tokenizer import train_bpe
+    setup = decode_setup(args.preset, references=args.references, codec=args.codec,
+                         tokenizer_extra=args.batch * 4, dtype=args.dtype, work=args.work)
+    cfg, kb = setup.cfg, setup.kb
+    prompts = setup.prompts(args.batch, args.prompt_len)
+    gen = setup.generator(decode_config_for(cfg, args.prompt_len, args.new_tokens))
+    retriever = gen.retriever  # no cache hits: every read hits the bank
+    setup_s = setup.setup_s
+    log(f"setup {setup_s:.1f}s")
 
-    t_setup = time.perf_counter()
-    arts = wiki_leads()
-    base = preset(args.preset)
-    tok = train_bpe((a.text for a in arts[: args.references + args.batch * 4]), min(base.vocab_size, 8192))
-    over = dict(reference_prefix=tok.reference_prefix(), bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
-    if args.dtype:
-        over.update(dtype=args.dtype)
-    cfg = dataclasses.replace(base, **over)
-    params = M.init(cfg, jax.random.PRNGKey(0))
-    work = args.work or tempfile.mkdtemp(prefix="m3jax_bench_")
-    kb_dir = os.path.join(work, f"kb_{cfg.name}_{args.codec}")
-    docs = [(a.doc_id, a.text) for a in arts[: args.references]]
-    build_knowledge_base(kb_dir, params, cfg, tok, docs, codec=args.codec, show_progress=True,
-                         log=lambda m: print(m, file=sys.stderr))
-    kb = open_knowledge_base(kb_dir, cfg, params)
-    retriever = kb.retriever(tokenizer=tok, cache_size=0)  # no cache hits: every read hits the bank
-    prompts = []
-    for a in arts[args.references: args.references + 4 * args.batch]:
-        ids = tok.encode(a.text, bos=True)
-        if len(ids) >= args.prompt_len:
-            prompts.append(ids[: args.prompt_len])
-        if len(prompts) == args.batch:
-            break
-    while len(prompts) < args.batch:
-        prompts.append(prompts[len(prompts) % max(1, len(prompts))])
-    rag_len = args.prompt_len + cfg.memories_per_chunk * cfg.reference_len
-    dc = DecodeConfig(max_new_tokens=args.new_tokens, max_cache_len=min(cfg.max_len, rag_len + args.new_tokens),
-                      prompt_bucket=cfg.chunk_size)
-    gen = Generator(params, cfg, tok, retriever, dc)
-    setup_s = time.perf_counter() - t_setup
-
-    results = {}
-    for mode in ("none", "memory", "rag"):
-        t0 = time.perf_counter()
-        gen.generate(prompts, mode=mode, ignore_eos=True)  # compile + warm up
-        compile_s = time.perf_counter() - t0
-        runs = [gen.generate(prompts, mode=mode, ignore_eos=True).stats for _ in range(args.repeats)]
-        tps = [s.tokens_per_s for s in runs]
-        med = runs[int(np.argsort(tps)[len(tps) // 2])]
-        results[mode] = {"tokens_per_s": statistics.median(tps), "runs_tokens_per_s": tps,
-                         "first_call_s": compile_s, "prefill_s": med.prefill_s, "decode_s": med.decode_s,
-                         "retrieval_s": med.retrieval_s, "retrievals": med.retrievals,
-                         "memory_swaps": med.memory_swaps, "prompt_tokens": med.prompt_tokens,
-                         "new_tokens": med.new_tokens, "total_s": med.total_s}
+    results = {mode: run_generate(gen, prompts, mode, args.repeats) for mode in ("none", "memory", "rag")}
     tps = {m: r["tokens_per_s"] for m, r in results.items()}
     out = {
-        "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
+        "device": device_name(),
         "preset": cfg.name, "dtype": cfg.dtype, "codec": args.codec, "batch": args.batch,
         "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
         "memories_per_chunk": cfg.memories_per_chunk, "references": len(kb.bank),
@@ -112,9 +66,7 @@ def main(argv=None) -> int:
               f"{r['retrieval_s']:>12.3f} {r['retrievals']:>10}")
     print(f"memory/none = {out['ratio_memory_none']:.3f} (target >= 0.90; paper 0.648)   "
           f"memory/rag = {out['ratio_memory_rag']:.2f} (target >= 2.0)")
-    with open(args.out, "w", encoding="utf-8") as f:
-        json.dump(out, f, indent=1)
-    print(f"wrote {args.out}")
+    write_json(args.out, out)
     return 0
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import statistics
@@ -33,7 +32,9 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from _bench_utils import compile_timed, interleaved, write_json  # noqa: E402
 from m3jax import sharding as S  # noqa: E402
 from m3jax.config import MeshConfig, TrainConfig, apply_overrides, preset  # noqa: E402
 from m3jax.train import loop as L  # noqa: E402
@@ -61,9 +62,7 @@ class Mode:
         self.step = ST.make_train_step(cfg, tc, mesh)
         self.state = ST.create_state(cfg, tc, params, mesh=mesh)
         self.batch = self.step.prepare(batch)  # on device once: the timed steps move no data
-        t0 = time.perf_counter()
-        self.step.lower(self.state, self.batch).compile()
-        self.compile_s = time.perf_counter() - t0
+        _, self.compile_s = compile_timed(self.step, self.state, self.batch)
         self.times, self.losses = [], []
 
     def run(self, timed: bool = True) -> None:
@@ -76,16 +75,10 @@ class Mode:
 
 
 def bench(modes: list[Mode], steps: int, warmup: int) -> None:
-    """Interleaved timing: each round runs one step of every mode (in rotating order), so that load
-    from other processes on a shared host hits all modes alike; per-mode medians and per-round
-    ratios are then comparable."""
-    for _ in range(warmup):
-        for m in modes:
-            m.run(timed=False)
-    for i in range(steps):
-        k = i % len(modes)
-        for m in modes[k:] + modes[:k]:
-            m.run()
+    """Interleaved timing (`_bench_utils.interleaved`): each round runs one step of every mode (in
+    rotating order), so that load from other processes on a shared host hits all modes alike;
+    per-mode medians and per-round ratios are then comparable."""
+    interleaved(modes, steps, warmup)
 
 
 def main(argv=None) -> dict:
@@ -160,11 +153,7 @@ def main(argv=None) -> dict:
            "jax": jax.__version__, "mesh": dict(mesh.shape), "model_config": cfg.to_dict(),
            "batch": args.batch, "seq_len": T, "steps": args.steps, "warmup": args.warmup,
            "memory_lookback": base.memory_lookback, "results": results}
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
-        print(f"wrote {args.out}")
+    write_json(args.out, out)
     return out
 
 
