@@ -31,5 +31,8 @@ test-slow: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[test,tpu]'
 	JAX_PLATFORMS=cpu $(PY) -m pytest -q -m slow
 
+bench: $(STAMP)
+	$(PY) experiments/bench.py --preset demo --out bench.json
+
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
