@@ -188,7 +188,7 @@ class Generator:
             if isinstance(p, str):
                 if self.tokenizer is None:
                     raise ValueError("text prompts need a tokenizer; pass token ids or a tokenizer")
-                ids = self.tokenizer.encode(p, bos=True)
+                ids = [self.config.bos_id] + self.tokenizer.encode(p)  # the model's BOS, always
             else:
                 ids = [int(t) for t in p]
                 if not ids or ids[0] != self.config.bos_id:

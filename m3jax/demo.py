@@ -328,21 +328,20 @@ def _read_jsonl(path: str) -> list[dict[str, Any]]:
 
 
 def _plots(out: str, stage1: str, stage2: str, m: dict[str, Any]) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: leaves the session's backend alone
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     r1, r2 = _read_jsonl(os.path.join(stage1, "metrics.jsonl")), _read_jsonl(os.path.join(stage2, "metrics.jsonl"))
     n1 = max([r["step"] for r in r1], default=0)
     ax.plot([r["step"] for r in r1], [r["loss"] for r in r1], label="stage 1: warmup (no memory)")
     ax.plot([n1 + r["step"] for r in r2], [r["loss"] for r in r2], label="stage 2: continual (with memory)")
     ax.set_xlabel("step"), ax.set_ylabel("train loss"), ax.legend(), ax.grid(alpha=0.3)
-    fig.tight_layout(), fig.savefig(os.path.join(out, "loss_curves.png"), dpi=110), plt.close(fig)
+    fig.tight_layout(), fig.savefig(os.path.join(out, "loss_curves.png"), dpi=110)
 
     modes = ["memory", "rag", "none"]
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.5))
+    fig = Figure(figsize=(11, 3.5))
+    axes = fig.subplots(1, 3)
     for ax, key, title in zip(axes, ["ppl", "qa_exact_match", "decode_tokens_per_s"],
                               ["held-out perplexity (lower is better)", "QA exact match", "decode tokens/s"]):
         vals = [float(m[key].get(k, float("nan"))) for k in modes]
@@ -350,7 +349,7 @@ def _plots(out: str, stage1: str, stage2: str, m: dict[str, Any]) -> None:
         ax.set_title(title, fontsize=10)
         for i, v in enumerate(vals):
             ax.text(i, v, f"{v:.3g}", ha="center", va="bottom", fontsize=9)
-    fig.tight_layout(), fig.savefig(os.path.join(out, "modes.png"), dpi=110), plt.close(fig)
+    fig.tight_layout(), fig.savefig(os.path.join(out, "modes.png"), dpi=110)
 
 
 def _report(out: str, cfg: DemoConfig, m: dict[str, Any], samples: list[dict[str, Any]],

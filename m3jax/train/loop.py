@@ -10,7 +10,7 @@
     config.json                                         model and train configs of the run
     metrics.jsonl                                       one record per step (process 0)
     tb/                                                 TensorBoard event files (tensorboardX)
-    loss.png                                            loss curve (matplotlib, Agg)
+    loss.png                                            loss curve (matplotlib)
 
 Checkpoints hold the params, the optimizer state, the step (in `meta`) and the data iterator's
 state (`data`, from `get_state()`): a run killed after a checkpoint and started again with the
@@ -308,10 +308,7 @@ class MetricsWriter:
 
 def plot_loss(jsonl_path: str, png_path: str, title: str = "") -> None:
     """Plot `loss` (and a running mean) against `step` from a metrics JSONL file into a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: leaves the session's backend alone (notebooks)
 
     steps, loss = [], []
     with open(jsonl_path) as f:
@@ -323,7 +320,8 @@ def plot_loss(jsonl_path: str, png_path: str, title: str = "") -> None:
                     loss.append(r["loss"])
     if not steps:
         return
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     ax.plot(steps, loss, lw=0.8, alpha=0.5, label="loss")
     w = max(1, len(loss) // 50)
     if w > 1:
@@ -336,7 +334,6 @@ def plot_loss(jsonl_path: str, png_path: str, title: str = "") -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------- the loop

