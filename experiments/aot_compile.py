@@ -1,0 +1,662 @@
+"""Ahead-of-time compile the Memory3 train and decode steps for a TPU pod, on a CPU-only machine.
+
+    python experiments/aot_compile.py --config v5e-256 --out aot_v5e.json
+    python experiments/aot_compile.py --topology v5e:16x16 --preset memory3-2b --global-batch 2048 \
+        --seq-len 2048 --mesh 1,32,8 --out aot.json
+    python experiments/aot_compile.py --config v5e-256,v4-128 --remat full --out aot_remat.json
+
+Needs `libtpu` (`pip install 'm3jax[tpu]'`, or `pip install libtpu==0.0.42.1` for jax 0.10.2):
+`jax.experimental.topologies.get_topology_desc` then describes the devices of a TPU topology
+without any TPU attached, and `jax.jit(f).lower(abstract args with shardings).compile()` runs the
+real TPU compiler (SPMD partitioning, fusion, memory assignment) for it. No parameter is ever
+materialized: state and batch are `jax.ShapeDtypeStruct`s carrying `NamedSharding`s.
+
+What is compiled:
+  train   the project's jitted step (`m3jax.train.step.make_train_step(model_cfg, train_cfg,
+          mesh)`, stage "continual" by default: one reference per 64-token chunk encoded by the
+          model in the step, chunk c reading the memories of chunks c-4..c), its state
+          (`abstract_state_on`: bf16 params, fp32 master copy and Adam moments) and a batch of
+          tokens/loss_mask [B, T] + ref_tokens/ref_mask [B, C, R].
+  decode  `m3jax.decode._decode_chunk` (the jitted `lax.while_loop` that generates one 64-token
+          chunk, one `extend` of one token per iteration, reading a memory block of
+          memories_per_chunk memories), with params, KV cache and memory sharded on the decode
+          mesh.
+
+Per chip it reports `compiled.memory_analysis()` (arguments, outputs, aliased, temporaries, code,
+total = arguments + outputs - aliased + temporaries + code) and whether it fits the chip's HBM.
+When a batch does not fit, the TPU compiler fails with RESOURCE_EXHAUSTED (naming the bytes it
+needed); with `--search` (default) the global batch is then lowered (in multiples of
+data x fsdp, the smallest batch that keeps every chip busy) until it fits, and tokens per step
+are reported for the batch that fits. The project's step has no gradient accumulation, so a
+smaller batch is the only way down.
+
+FLOPs and projections (all per optimizer step):
+  model_flops   `m3jax.train.loop.flops_per_token` x B x T: the project's analytic model FLOPs
+                (dense matmuls, attention, in-step memory writing; remat recompute not counted).
+  xla_flops     `compiled.cost_analysis()["flops"]` of one chip's partitioned program, as XLA
+                counts it. XLA's HLO cost analysis counts the body of a while loop once, and the
+                model scans its layers, so this is far below the real count; it is reported, not
+                used.
+  step_s        model_flops / (chips x peak x assumed MFU) (`--assumed-mfu`, default 0.40, a
+                typical figure for dense 1-3B models on TPU with XLA; the real value comes from a
+                run: `m3jax.train.loop` logs it), and tokens/s = B x T / step_s.
+  decode        a bandwidth roofline: one generated token reads every argument of the decode
+                program once (params shard, KV cache, memory), so a token of the whole batch
+                takes at least arguments / HBM bandwidth, i.e. tokens/s <= B x bandwidth /
+                arguments (per-chip, all chips in parallel).
+
+`--remat full|dots` is a what-if, not the project's model: it wraps every decoder layer
+(`m3jax.model.transformer._block`) in `jax.checkpoint` while compiling, to show what layer
+rematerialization would buy (the project's model does not remat yet).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+GIB = 2.0**30
+
+
+def setup_tpu_env(topology: str | None = None) -> None:
+    """Environment for a compile-only libtpu client on a machine without TPUs: skip the GCE
+    metadata query and name the worker and accelerator, which silences libtpu's warnings
+    (it runs without them too), and allow several processes to load libtpu (without it a second
+    process fails on /tmp/libtpu_lockfile, which any JAX process holds while libtpu is loaded).
+    Existing values win."""
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    if topology and ":" in topology:
+        gen = topology.split(":")[0].lower()
+        kind = {"v5e": "v5litepod", "v6e": "v6e", "v4": "v4", "v5p": "v5p"}.get(gen)
+        if kind:
+            os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{kind}-8" if gen in ("v4", "v5p") else f"{kind}-4")
+
+
+from experiments.pod_configs import POD_CONFIGS, PodConfig, for_topology, pod_config  # noqa: E402
+
+
+def libtpu_version() -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version("libtpu")
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def topology_devices(topology: str, **kwargs: Any) -> list:
+    """Compile-only devices of a TPU topology (raises ImportError-like RuntimeError without libtpu)."""
+    setup_tpu_env(topology)
+    from jax.experimental.topologies import get_topology_desc
+
+    return list(get_topology_desc(platform="tpu", topology_name=topology, **kwargs).devices)
+
+
+# ------------------------------------------------------------------------------ helpers
+def parse_mesh(text: str | None, default: tuple[int, int, int]) -> tuple[int, int, int]:
+    """`1,32,8`, `data=1,fsdp=32,tensor=8`, or the axis names alone (`data,fsdp,tensor`: default)."""
+    if not text or text.replace(" ", "") == "data,fsdp,tensor":
+        return tuple(default)  # type: ignore[return-value]
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if all("=" in p for p in parts):
+        d = {k: int(v) for k, v in (p.split("=") for p in parts)}
+        unknown = set(d) - {"data", "fsdp", "tensor"}
+        if unknown:
+            raise ValueError(f"--mesh: unknown axes {sorted(unknown)}")
+        sizes = {"data": 1, "fsdp": 1, "tensor": 1, **d}
+        if "fsdp" not in d and -1 not in d.values():
+            sizes["fsdp"] = -1
+        return (sizes["data"], sizes["fsdp"], sizes["tensor"])
+    if len(parts) != 3:
+        raise ValueError(f"--mesh {text!r}: give data,fsdp,tensor sizes (e.g. 1,32,8)")
+    return tuple(int(p) for p in parts)  # type: ignore[return-value]
+
+
+def memory_dict(ma: Any) -> dict[str, float]:
+    """Per-chip bytes of a `CompiledMemoryStats`, with total = args + outputs - alias + temps + code."""
+    d = {k: int(getattr(ma, f"{k}_size_in_bytes", 0) or 0) for k in ("argument", "output", "alias", "temp")}
+    d["code"] = int(getattr(ma, "generated_code_size_in_bytes", 0) or 0)
+    d["total"] = d["argument"] + d["output"] - d["alias"] + d["temp"] + d["code"]
+    return d
+
+
+def cost_dict(compiled: Any) -> dict[str, float]:
+    try:
+        ca = compiled.cost_analysis()
+    except Exception as e:  # noqa: BLE001
+        return {"error": str(e)[:200]}
+    if isinstance(ca, (list, tuple)):
+        ca = ca[0] if ca else {}
+    return {k: float(v) for k, v in (ca or {}).items() if "{" not in k and isinstance(v, (int, float))}
+
+
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def oom_info(err: BaseException) -> dict[str, Any] | None:
+    """{required_bytes, available_bytes, message} of a TPU compiler out-of-memory error, else None."""
+    msg = str(err)
+    if "RESOURCE_EXHAUSTED" not in msg and "Ran out of memory" not in msg:
+        return None
+    nums = re.findall(r"([\d.]+)([KMGT]?)i?B?\)?\s*(?:exceeds|of)\s+(?:available\s+HBM\s+)?\(?([\d.]+)([KMGT])", msg)
+    info: dict[str, Any] = {"message": " ".join(msg.split())[:400]}
+    if nums:
+        a, au, b, bu = nums[0]
+        info["required_bytes"] = float(a) * _UNITS[au]
+        info["available_bytes"] = float(b) * _UNITS[bu]
+    return info
+
+
+@contextlib.contextmanager
+def remat_layers(mode: str | None):
+    """What-if: wrap every decoder layer in `jax.checkpoint` (policy: `full` saves nothing,
+    `dots` saves matmul outputs without batch dims). Restores the model on exit."""
+    if not mode or mode == "none":
+        yield
+        return
+    import jax
+
+    from m3jax.model import transformer as TR
+
+    policy = {"full": jax.checkpoint_policies.nothing_saveable,
+              "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[mode]
+    orig = TR._block
+
+    def block(p, x, c, cos, sin, mask, **kw):
+        if any(k.startswith("kv_") and v is not None for k, v in kw.items()):
+            return orig(p, x, c, cos, sin, mask, **kw)  # a cache layer (decoding): no backward pass
+
+        def f(p, x, cos, sin, mask, prefix, memory):
+            return orig(p, x, c, cos, sin, mask, **{**kw, "prefix": prefix, "memory": memory})
+
+        return jax.checkpoint(f, policy=policy)(p, x, cos, sin, mask, kw.get("prefix"), kw.get("memory"))
+
+    TR._block = block
+    try:
+        yield
+    finally:
+        TR._block = orig
+
+
+def build_mesh(sizes: tuple[int, int, int], devices: list) -> tuple[Any, str | None]:
+    """(Mesh over ("data", "fsdp", "tensor"), note). `sharding.make_mesh` first; when the TPU torus
+    cannot be cut into the logical axes without splitting a physical axis (e.g. tensor=8 on a
+    v4 4x4x4 torus), the same mesh with `allow_split_physical_axes=True` (and a note)."""
+    from jax.experimental import mesh_utils
+    from jax.sharding import AxisType, Mesh
+
+    from m3jax import sharding as S
+    from m3jax.config import MeshConfig
+
+    try:
+        return S.make_mesh(MeshConfig(*sizes), devices), None
+    except NotImplementedError as e:
+        shape = S.mesh_shape(MeshConfig(*sizes), len(devices))
+        n = len({getattr(d, "slice_index", 0) for d in devices})
+        if n > 1:  # multi-slice: one ICI mesh per slice, the slices along "data" (as make_mesh does)
+            ici = (shape[0] // n, shape[1], shape[2])
+            arr = mesh_utils.create_hybrid_device_mesh(ici, (n, 1, 1), devices, allow_split_physical_axes=True)
+        else:
+            arr = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        how = "create_hybrid_device_mesh" if n > 1 else "create_device_mesh"
+        note = (f"sharding.make_mesh failed ({str(e).split('.')[0]}); built with "
+                f"mesh_utils.{how}(allow_split_physical_axes=True)")
+        return Mesh(arr, S.MESH_AXES, axis_types=(AxisType.Auto,) * 3), note
+
+
+# ------------------------------------------------------------------------------ train
+def abstract_batch(model_cfg, mesh, B: int, T: int, stage: str) -> dict[str, Any]:
+    """ShapeDtypeStructs of a training batch, sharded like `TrainStep` expects (batch over data x fsdp)."""
+    import jax
+    import jax.numpy as jnp
+
+    from m3jax import sharding as S
+
+    def sds(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=S.batch_sharding(mesh, shape))
+
+    batch = {"tokens": sds((B, T), jnp.int32), "loss_mask": sds((B, T), jnp.bool_)}
+    if stage == "continual":
+        C, R = -(-T // model_cfg.chunk_size), model_cfg.reference_len
+        batch.update(ref_tokens=sds((B, C, R), jnp.int32), ref_mask=sds((B, C, R), jnp.bool_))
+    return batch
+
+
+def lower_train(model_cfg, train_cfg, mesh, B: int, T: int):
+    """(Lowered of the project's jitted train step on abstract state + batch, note)."""
+    import jax
+
+    from m3jax.train.step import TrainStep, abstract_state_on, check_batch
+
+    # A fresh TrainStep (the class `make_train_step` returns, without its cache): a fresh jit,
+    # so a `--remat` what-if is traced anew.
+    step = TrainStep(model_cfg, train_cfg, mesh)
+    state = abstract_state_on(model_cfg, train_cfg, mesh)
+    batch = abstract_batch(model_cfg, mesh, B, T, train_cfg.stage)
+    try:
+        return step.lower(state, batch), "TrainStep.lower"
+    except (ValueError, TypeError) as e:
+        # TrainStep.prepare places host arrays with np.asarray, which does not take abstract
+        # ShapeDtypeStructs: lower the same jitted function directly, under the same mesh.
+        check_batch(batch, model_cfg, train_cfg)
+        with jax.set_mesh(mesh):
+            return step.jitted.lower(state, batch), f"TrainStep.jitted.lower (TrainStep.lower: {e})"
+
+
+def compile_train(model_cfg, train_cfg, mesh, B: int, T: int, remat: str | None = None) -> dict[str, Any]:
+    rec: dict[str, Any] = {"global_batch": B, "seq_len": T, "tokens_per_step": B * T}
+    t0 = time.perf_counter()
+    try:
+        with remat_layers(remat):
+            lowered, how = lower_train(model_cfg, train_cfg, mesh, B, T)
+        rec["lowered_with"] = how.split(" (")[0]
+        rec["lower_s"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        compiled = lowered.compile()
+        rec["compile_s"] = time.perf_counter() - t1
+    except Exception as e:  # noqa: BLE001
+        info = oom_info(e)
+        if info is None:
+            raise
+        rec.update(fits=False, oom=info, compile_s=time.perf_counter() - t0)
+        return rec
+    rec["fits"] = True
+    rec["memory"] = memory_dict(compiled.memory_analysis())
+    rec["cost"] = cost_dict(compiled)
+    return rec
+
+
+def _fmt_mem(m: dict[str, float]) -> str:
+    return ", ".join(f"{k} {m[k] / GIB:.2f}" for k in ("argument", "output", "alias", "temp", "code", "total")) + " GiB"
+
+
+def search_train(model_cfg, train_cfg, mesh, B: int, T: int, *, search: bool = True, remat: str | None = None,
+                 max_tries: int = 4, hbm_bytes: float | None = None, on_attempt=None,
+                 log=print) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """Compile at global batch B; when it does not fit and `search`, find the largest batch (a
+    multiple of data x fsdp) that does, with few compiles (a successful compile of a pod-size
+    step takes minutes on a small CPU machine): the temporaries grow about linearly with the
+    batch, so each next batch is read off a line through the attempts so far (the bytes the
+    compiler needed on a failure, the temporaries it used on a success) against the bytes it
+    had available. Returns (largest fitting attempt or None, all attempts)."""
+    step_b = int(mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1))
+    tried: dict[int, dict[str, Any]] = {}
+    avail: list[float] = []
+
+    def attempt(b: int) -> dict[str, Any]:
+        log(f"  compiling train step: global batch {b} x {T} tokens ...")
+        r = compile_train(model_cfg, train_cfg, mesh, b, T, remat=remat)
+        r["compiled"] = r["fits"]
+        if r["fits"] and hbm_bytes is not None and r["memory"]["total"] > hbm_bytes:
+            # The compiler accepted it, but memory_analysis() adds up to more than the chip has:
+            # counted as not fitting (the conservative reading).
+            m = r["memory"]
+            log(f"    compiled in {r['compile_s']:.0f} s, but {_fmt_mem(m)} exceeds the {hbm_bytes / GIB:.0f} GiB HBM")
+            r["fits"] = False
+            r["oom"] = {"message": f"compiled, but memory_analysis total {m['total'] / GIB:.2f} GiB exceeds the "
+                                   f"chip's {hbm_bytes / GIB:.0f} GiB HBM",
+                        "required_bytes": m["temp"],
+                        "available_bytes": min(avail) if avail else hbm_bytes - m["argument"] - m["code"]}
+        tried[b] = r
+        if r["fits"]:
+            log(f"    compiled in {r['compile_s']:.0f} s: {_fmt_mem(r['memory'])}")
+        elif r["compiled"]:
+            avail.append(r["oom"]["available_bytes"])
+        else:
+            need = r["oom"].get("required_bytes")
+            if r["oom"].get("available_bytes"):
+                avail.append(r["oom"]["available_bytes"])
+            log(f"    does not fit ({r['compile_s']:.0f} s): needs {need / GIB if need else float('nan'):.2f} GiB of "
+                f"temporaries, {r['oom'].get('available_bytes', float('nan')) / GIB:.2f} GiB available")
+        if on_attempt is not None:
+            on_attempt(list(tried.values()))
+        return r
+
+    def used(r):  # temporaries: needed (failure) or used (success)
+        return r["memory"]["temp"] if r["fits"] else r["oom"].get("required_bytes")
+
+    def next_batch() -> int | None:
+        pts = sorted((b, used(r)) for b, r in tried.items() if used(r))
+        if not pts or not avail:
+            return None
+        cap = min(avail) * 0.95
+        if len(pts) >= 2:
+            below = [pt for pt in pts if pt[1] <= cap]
+            above = [pt for pt in pts if pt[1] > cap]
+            if below and above:  # interpolate between the two attempts that bracket the cap
+                (b0, m0), (b1, m1) = below[-1], above[0]
+            else:  # extrapolate from the two attempts nearest to it
+                (b0, m0), (b1, m1) = (below[-2:] if len(below) >= 2 else above[:2])
+            slope = (m1 - m0) / (b1 - b0) if b1 != b0 else m1 / b1
+            est = b0 + (cap - m0) / slope if slope > 0 else b1
+        else:
+            b0, m0 = pts[0]
+            est = b0 * cap / m0
+        b = int(est // step_b) * step_b
+        fits = [x for x, r in tried.items() if r["fits"]]
+        fails = [x for x, r in tried.items() if not r["fits"]]
+        lo, hi = max(fits, default=0), min(fails, default=float("inf"))
+        b = min(max(b, lo + step_b, step_b), int(hi - step_b) if hi != float("inf") else b)
+        if b in tried or b <= lo or b >= hi or b < step_b:
+            return None
+        return b
+
+    r = attempt(B)
+    if r["fits"] or not search:
+        return (r if r["fits"] else None), list(tried.values())
+    while len(tried) < max_tries:
+        b = next_batch()
+        if b is None:
+            if not any(r["fits"] for r in tried.values()) and step_b not in tried:
+                b = step_b  # the smallest batch that keeps every chip busy
+            else:
+                break
+        attempt(b)
+        fits = [x for x, r in tried.items() if r["fits"]]
+        if fits and (max(fits) + step_b) in tried:
+            break
+        if fits and len(tried) >= 2 and not any(not r["fits"] and x < max(fits) * 1.2 for x, r in tried.items()):
+            # one more step up only when the line promises >= 20% more tokens
+            b2 = next_batch()
+            if b2 is None or b2 < max(fits) * 1.2:
+                break
+    fits = [b for b, r in tried.items() if r["fits"]]
+    if not fits:
+        return None, list(tried.values())
+    return tried[max(fits)], list(tried.values())
+
+
+# ------------------------------------------------------------------------------ decode
+def compile_decode(model_cfg, mesh, B: int, cache_len: int) -> dict[str, Any]:
+    """AOT compile `m3jax.decode._decode_chunk` (one 64-token chunk, one memory block)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from m3jax import sharding as S
+    from m3jax.decode import _decode_chunk
+    from m3jax.model.cache import init_cache
+    from m3jax.model.memory import ChunkMemory
+    from m3jax.model.transformer import prefix_kv
+
+    c = model_cfg
+    dt = jnp.dtype(c.dtype)
+    rep = NamedSharding(mesh, PartitionSpec())
+
+    def sds(shape, dtype, sharding):
+        return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
+
+    params = S.abstract_params(c, mesh)
+    # Shapes from the model's own constructors (eval_shape: nothing materialized), shardings from
+    # `sharding.cache_sharding`; the prefix sink (a few tokens per layer) is replicated.
+    prefix = None
+    if c.reference_prefix is not None:
+        prefix = jax.tree.map(lambda a: sds(a.shape, a.dtype, rep),
+                              jax.eval_shape(lambda p: prefix_kv(p, c), params))
+    cache = jax.tree.map(lambda a, s: sds(a.shape, a.dtype, s),
+                         jax.eval_shape(lambda: init_cache(c, B, cache_len)), S.cache_sharding(c, mesh, batch=B))
+    memory = None
+    if c.memory_enabled:
+        mem = jax.eval_shape(lambda: ChunkMemory.empty(c, B, 1, dtype=dt))  # one block, memories_per_chunk
+        memory = jax.tree.map(lambda a, s: sds(a.shape, a.dtype, s), mem, S.memory_sharding(c, mesh, memory=mem))
+    bsh = S.named_sharding(mesh, ("batch",), (B,), label="decode")
+    lsh = S.named_sharding(mesh, ("batch", "vocab"), (B, c.vocab_size), label="decode.logits")
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    args = (params, c, (0.0, 0, 1.0), prefix, cache, memory,
+            sds((B, c.vocab_size), jnp.float32, lsh), sds(key.shape, key.dtype, rep),
+            sds((), jnp.int32, rep), sds((), jnp.int32, rep), sds((B,), jnp.bool_, bsh),
+            sds((B,), jnp.int32, bsh), sds((1,), jnp.int32, rep))
+    rec: dict[str, Any] = {"batch": B, "cache_len": cache_len, "memory_tokens": c.memory_block_len}
+    t0 = time.perf_counter()
+    try:
+        with jax.set_mesh(mesh):
+            lowered = _decode_chunk.lower(*args)
+        compiled = lowered.compile()
+    except Exception as e:  # noqa: BLE001
+        info = oom_info(e)
+        if info is None:
+            raise
+        rec.update(fits=False, oom=info, compile_s=time.perf_counter() - t0)
+        return rec
+    rec.update(fits=True, compile_s=time.perf_counter() - t0, memory=memory_dict(compiled.memory_analysis()),
+               cost=cost_dict(compiled))
+    return rec
+
+
+# ------------------------------------------------------------------------------ one pod config
+def run_pod(pod: PodConfig, *, search: bool = True, remat: str | None = None, train: bool = True,
+            decode: bool = True, memory_grad: bool = True, assumed_mfu: float = 0.40, on_progress=None,
+            log=print) -> dict[str, Any]:
+    """Compile the train (and decode) step of `pod`; returns a JSON-able record."""
+    setup_tpu_env(pod.topology)
+    import jax
+
+    from m3jax import sharding as S
+    from m3jax.config import MeshConfig, TrainConfig, preset
+    from m3jax.train.loop import flops_per_token
+
+    chip = pod.chip
+    model_cfg = preset(pod.preset)
+    devices = topology_devices(pod.topology, **pod.topology_kwargs())
+    n = len(devices)
+    hosts = len({d.process_index for d in devices})
+    log(f"{pod.name}: {pod.topology} x{pod.num_slices} slice(s), {n} chips ({devices[0].device_kind}), "
+        f"{hosts} hosts; preset {pod.preset}; libtpu {libtpu_version()}")
+    rec: dict[str, Any] = {
+        "config": {**dataclasses.asdict(pod), "mesh": list(pod.mesh), "decode_mesh": list(pod.decode_mesh)},
+        "chips": n, "hosts": hosts, "device_kind": devices[0].device_kind, "chip": dataclasses.asdict(chip),
+        "jax": jax.__version__, "libtpu": libtpu_version(), "remat": remat or "none",
+        "assumed_mfu": assumed_mfu, "model": {"preset": pod.preset, "params": model_cfg.num_params(embedding=True),
+                                               "non_embedding_params": model_cfg.num_params()},
+    }
+    hbm = chip.hbm_gib * GIB
+    if train:
+        mesh, note = build_mesh(pod.mesh, devices)
+        rec["mesh"] = dict(mesh.shape)
+        if note:
+            rec["mesh_note"] = note
+            log(f"  note: {note}")
+        tc = TrainConfig(stage=pod.stage, seq_len=pod.seq_len, batch_size=pod.global_batch, steps=1000,
+                         warmup_steps=10, memory_grad=memory_grad, mesh=MeshConfig(*pod.mesh))
+        log(f"  train mesh {dict(mesh.shape)}, stage {pod.stage}, memory_grad {memory_grad}, remat {remat or 'none'}")
+        def partial(attempts):  # keep what a long search found so far
+            rec["train_attempts"] = attempts
+            if on_progress is not None:
+                on_progress(rec)
+
+        best, attempts = search_train(model_cfg, tc, mesh, pod.global_batch, pod.seq_len, search=search,
+                                      remat=remat, hbm_bytes=hbm, on_attempt=partial, log=log)
+        rec["train_attempts"] = attempts
+        out: dict[str, Any] = {"requested_global_batch": pod.global_batch, "seq_len": pod.seq_len,
+                               "fits": best is not None}
+        if best is not None:
+            B, T = best["global_batch"], pod.seq_len
+            fpt = flops_per_token(model_cfg, T, stage=pod.stage, memory_grad=memory_grad, lookback=tc.memory_lookback)
+            model_flops = fpt * B * T
+            step_s = model_flops / (n * chip.peak_flops * assumed_mfu)
+            out.update(global_batch=B, per_batch_shard=B // (rec["mesh"]["data"] * rec["mesh"]["fsdp"]),
+                       tokens_per_step=B * T, memory=best["memory"], fits_hbm=best["memory"]["total"] <= hbm,
+                       hbm_bytes=hbm, xla_flops_per_chip=best["cost"].get("flops"),
+                       model_flops_per_step=model_flops, model_flops_per_token=fpt,
+                       projected_step_s=step_s, projected_tokens_per_s=B * T / step_s,
+                       projected_mfu=assumed_mfu, compile_s=best["compile_s"],
+                       lowered_with=best.get("lowered_with"),
+                       steps_for_4m_tokens=math.ceil(4 * 2**20 / (B * T)))
+        else:
+            smallest = min(attempts, key=lambda r: r["global_batch"])
+            out.update(smallest_tried=smallest["global_batch"],
+                       required_bytes=smallest["oom"].get("required_bytes"),
+                       available_bytes=smallest["oom"].get("available_bytes"))
+        rec["train"] = out
+    if decode:
+        dmesh, dnote = build_mesh(pod.decode_mesh, devices)
+        shards = dmesh.shape["data"] * dmesh.shape["fsdp"]
+        B = pod.decode_batch_per_shard * shards
+        log(f"  compiling decode chunk: mesh {dict(dmesh.shape)}, batch {B}, cache {pod.decode_cache_len} ...")
+        d = compile_decode(model_cfg, dmesh, B, pod.decode_cache_len)
+        d["mesh"] = dict(dmesh.shape)
+        if dnote:
+            d["mesh_note"] = dnote
+        if d["fits"]:
+            args = d["memory"]["argument"]
+            t_tok = args / chip.hbm_bw
+            d.update(fits_hbm=d["memory"]["total"] <= hbm, roofline_token_s=t_tok,
+                     roofline_tokens_per_s=B / t_tok,
+                     roofline_note="one token of the batch reads every argument (params shard, KV cache, memory) "
+                                   "once: time >= argument bytes / HBM bandwidth")
+            log(f"    fits: {d['memory']['total'] / GIB:.2f} GiB per chip; roofline {1e3 * t_tok:.2f} ms/token "
+                f"-> <= {B / t_tok:,.0f} tokens/s (compile {d['compile_s']:.0f} s)")
+        rec["decode"] = d
+    return rec
+
+
+# ------------------------------------------------------------------------------ report
+def table(records: list[dict[str, Any]]) -> str:
+    hdr = (f"{'config':<12} {'chips':>5} {'mesh d/f/t':>10} {'remat':>5} {'batch':>6} {'tok/step':>9} {'fits':>4} "
+           f"{'args':>6} {'temps':>6} {'total':>6} {'HBM':>4} {'XLA TF/chip':>11} {'model PF/step':>13} "
+           f"{'step s':>7} {'tok/s':>9} {'MFU':>4}")
+    lines = [hdr, "-" * len(hdr)]
+    for r in records:
+        t = r.get("train")
+        m = r.get("mesh", {})
+        mesh = f"{m.get('data')}/{m.get('fsdp')}/{m.get('tensor')}"
+        name = r["config"]["name"]
+        if t is None:
+            continue
+        if t["fits"]:
+            mem = t["memory"]
+            lines.append(
+                f"{name:<12} {r['chips']:>5} {mesh:>10} {r['remat']:>5} {t['global_batch']:>6} {t['tokens_per_step']:>9,} "
+                f"{'yes' if t['fits_hbm'] else 'NO':>4} {mem['argument'] / GIB:>6.2f} {mem['temp'] / GIB:>6.2f} "
+                f"{mem['total'] / GIB:>6.2f} {r['chip']['hbm_gib']:>4.0f} {(t['xla_flops_per_chip'] or 0) / 1e12:>11.2f} "
+                f"{t['model_flops_per_step'] / 1e15:>13.2f} {t['projected_step_s']:>7.3f} "
+                f"{t['projected_tokens_per_s']:>9,.0f} {t['projected_mfu']:>4.0%}")
+        else:
+            need = t.get("required_bytes") or float("nan")
+            lines.append(f"{name:<12} {r['chips']:>5} {mesh:>10} {r['remat']:>5} {t['smallest_tried']:>6} "
+                         f"{t['smallest_tried'] * t['seq_len']:>9,} {'NO':>4}  needs {need / GIB:.2f} GiB of temporaries "
+                         f"at the smallest batch tried (HBM {r['chip']['hbm_gib']:.0f} GiB)")
+    lines.append("")
+    dh = (f"{'config':<12} {'decode mesh':>11} {'batch':>6} {'cache':>6} {'fits':>4} {'args GiB':>8} "
+          f"{'temps GiB':>9} {'total GiB':>9} {'ms/token':>8} {'tok/s <=':>10}")
+    lines += [dh, "-" * len(dh)]
+    for r in records:
+        d = r.get("decode")
+        if d is None:
+            continue
+        m = d["mesh"]
+        mesh = f"{m['data']}/{m['fsdp']}/{m['tensor']}"
+        if d["fits"]:
+            mem = d["memory"]
+            lines.append(f"{r['config']['name']:<12} {mesh:>11} {d['batch']:>6} {d['cache_len']:>6} "
+                         f"{'yes' if d['fits_hbm'] else 'NO':>4} {mem['argument'] / GIB:>8.2f} {mem['temp'] / GIB:>9.2f} "
+                         f"{mem['total'] / GIB:>9.2f} {1e3 * d['roofline_token_s']:>8.2f} {d['roofline_tokens_per_s']:>10,.0f}")
+        else:
+            lines.append(f"{r['config']['name']:<12} {mesh:>11} {d['batch']:>6} {d['cache_len']:>6} {'NO':>4} "
+                         f"{d['oom']['message'][:60]}")
+    return "\n".join(lines)
+
+
+def build_pods(args: argparse.Namespace) -> list[PodConfig]:
+    if args.config:
+        pods = [pod_config(n.strip()) for n in args.config.split(",") if n.strip()]
+    else:
+        if not args.topology:
+            raise SystemExit("give --config NAME[,NAME] or --topology (e.g. v5e:16x16)")
+        pods = [for_topology(args.topology)]
+    out = []
+    for p in pods:
+        ch: dict[str, Any] = {}
+        if args.topology and args.config:
+            ch["topology"] = args.topology
+        if args.preset:
+            ch["preset"] = args.preset
+        if args.global_batch:
+            ch["global_batch"] = args.global_batch
+        if args.seq_len:
+            ch["seq_len"] = args.seq_len
+        if args.stage:
+            ch["stage"] = args.stage
+        if args.mesh:
+            ch["mesh"] = parse_mesh(args.mesh, p.mesh)
+        if args.decode_mesh:
+            ch["decode_mesh"] = parse_mesh(args.decode_mesh, p.decode_mesh)
+        if args.decode_batch_per_shard:
+            ch["decode_batch_per_shard"] = args.decode_batch_per_shard
+        if args.decode_cache_len:
+            ch["decode_cache_len"] = args.decode_cache_len
+        if args.num_slices:
+            ch["num_slices"] = args.num_slices
+        out.append(p.replace(**ch) if ch else p)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help=f"pod config name(s), comma separated: {', '.join(POD_CONFIGS)}")
+    ap.add_argument("--topology", help="TPU topology, e.g. v5e:16x16, v4:4x4x4 (overrides the config's)")
+    ap.add_argument("--num-slices", type=int, help="number of slices (multi-slice over DCN)")
+    ap.add_argument("--preset", help="model preset (default: the config's, memory3-2b)")
+    ap.add_argument("--global-batch", type=int, help="sequences per step (paper: 2048 = ~4M tokens)")
+    ap.add_argument("--seq-len", type=int, help="tokens per sequence (paper: 2048)")
+    ap.add_argument("--stage", choices=["warmup", "continual"])
+    ap.add_argument("--mesh", help="training mesh data,fsdp,tensor sizes (e.g. 1,32,8 or data=1,fsdp=-1,tensor=8)")
+    ap.add_argument("--decode-mesh", help="decode mesh sizes (default: the config's, e.g. -1,1,8)")
+    ap.add_argument("--decode-batch-per-shard", type=int, help="decode sequences per data x fsdp shard")
+    ap.add_argument("--decode-cache-len", type=int)
+    ap.add_argument("--no-memory-grad", action="store_true", help="continual stage without gradients through the write path")
+    ap.add_argument("--remat", choices=["none", "full", "dots"], default="none",
+                    help="what-if: compile with every decoder layer under jax.checkpoint")
+    ap.add_argument("--no-search", action="store_true", help="compile only the requested batch")
+    ap.add_argument("--no-train", action="store_true")
+    ap.add_argument("--no-decode", action="store_true")
+    ap.add_argument("--assumed-mfu", type=float, default=0.40)
+    ap.add_argument("--out", help="write the records as JSON here")
+    args = ap.parse_args(argv)
+
+    pods = build_pods(args)
+    setup_tpu_env(pods[0].topology)
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:
+        raise SystemExit("libtpu is not installed: pip install 'libtpu==0.0.42.*' (the version jax 0.10.2's "
+                         "`tpu` extra pins) to compile for TPUs on this machine")
+    records = []
+    for pod in pods:
+        t0 = time.perf_counter()
+        def save(partial_rec, done=list(records)):
+            if args.out:
+                with open(args.out, "w") as f:
+                    json.dump(done + [partial_rec], f, indent=1, default=str)
+
+        rec = run_pod(pod, search=not args.no_search, remat=None if args.remat == "none" else args.remat,
+                      train=not args.no_train, decode=not args.no_decode, memory_grad=not args.no_memory_grad,
+                      assumed_mfu=args.assumed_mfu, on_progress=save)
+        rec["wall_s"] = time.perf_counter() - t0
+        records.append(rec)
+        if args.out:  # after every config: a long run keeps what it has
+            with open(args.out, "w") as f:
+                json.dump(records, f, indent=1, default=str)
+    print()
+    print(table(records))
+    print(f"\nprojection: step time = model FLOPs / (chips x peak x {args.assumed_mfu:.0%} assumed MFU); "
+          "decode = HBM-bandwidth roofline. Memory per chip from compiled.memory_analysis().")
+    if args.out:
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
