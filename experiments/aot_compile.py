@@ -45,9 +45,9 @@ FLOPs and projections (all per optimizer step):
                 takes at least arguments / HBM bandwidth, i.e. tokens/s <= B x bandwidth /
                 arguments (per-chip, all chips in parallel).
 
-`--remat full|dots` is a what-if, not the project's model: it wraps every decoder layer
+`--remat full` compiles with the model's `ModelConfig.remat=True`; `--remat dots` is a what-if that wraps every decoder layer
 (`m3jax.model.transformer._block`) in `jax.checkpoint` while compiling, to show what layer
-rematerialization would buy (the project's model does not remat yet).
+rematerialization policies would buy.
 """
 
 from __future__ import annotations
@@ -257,6 +257,8 @@ def lower_train(model_cfg, train_cfg, mesh, B: int, T: int):
 
 def compile_train(model_cfg, train_cfg, mesh, B: int, T: int, remat: str | None = None) -> dict[str, Any]:
     rec: dict[str, Any] = {"global_batch": B, "seq_len": T, "tokens_per_step": B * T}
+    if remat == "full":  # the model's own switch (ModelConfig.remat: jax.checkpoint on the layer scan)
+        model_cfg, remat = dataclasses.replace(model_cfg, remat=True), None
     t0 = time.perf_counter()
     try:
         with remat_layers(remat):

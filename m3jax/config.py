@@ -67,6 +67,7 @@ class ModelConfig:
     # --- numerics ---
     dtype: str = "float32"  # activations
     param_dtype: str = "float32"
+    remat: bool = False  # recompute each layer in the backward pass (jax.checkpoint on the layer scan)
 
     def __post_init__(self) -> None:
         for f in ("vocab_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden",

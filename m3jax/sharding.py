@@ -127,9 +127,17 @@ def make_mesh(mesh_config: MeshConfig | Sequence[int] = MeshConfig(), devices: S
             raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} spans {n} slices: the data axis "
                              f"({shape[0]}) must be a multiple of the number of slices")
         ici = (shape[0] // n, shape[1], shape[2])
-        arr = mesh_utils.create_hybrid_device_mesh(ici, (n, 1, 1), devices)
+        arr = mesh_utils.create_hybrid_device_mesh(ici, (n, 1, 1), devices,
+                                                   allow_split_physical_axes=True)
         return Mesh(arr, MESH_AXES, axis_types=types)
-    return jax.make_mesh(shape, MESH_AXES, axis_types=types, devices=devices)
+    try:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=types, devices=devices)
+    except NotImplementedError:
+        # e.g. tensor=8 on a 4x4x4 TPU torus: a logical axis must split a physical one
+        from jax.experimental import mesh_utils
+
+        arr = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        return Mesh(arr, MESH_AXES, axis_types=types)
 
 
 # ------------------------------------------------------------------------------ distributed

@@ -232,3 +232,14 @@ def test_attention_mass_sums_to_one_and_sees_memory():
     np.testing.assert_allclose(total, 1.0, atol=1e-5)
     assert float(m["memory"][: CFG.memory_layers].min()) > 0  # memory layers read memory
     assert float(np.abs(m["memory"][CFG.memory_layers:]).max()) == 0  # the others cannot
+
+
+def test_remat_gives_the_same_gradients():
+    p, toks = _params(), _tokens(2, 2 * CFG.chunk_size)
+    mem = _memory(2, 2, CFG.memory_block_len, lookback=1)
+    def loss(q, cfg):
+        return jnp.mean(M.forward(q, toks, cfg, memory=mem) ** 2)
+    g0 = jax.jit(jax.grad(loss), static_argnums=1)(p, CFG)
+    g1 = jax.jit(jax.grad(loss), static_argnums=1)(p, dataclasses.replace(CFG, remat=True))
+    for a, b in zip(jax.tree_util.tree_leaves(g0), jax.tree_util.tree_leaves(g1)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)

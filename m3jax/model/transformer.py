@@ -205,6 +205,8 @@ def _run_stacks(params: Params, c: ModelConfig, x_BTD: Array, positions_BT: Arra
             xs["prefix"] = prefix[name]
         if use_mem:
             xs["mem_k"], xs["mem_v"] = memory.k_LBCSKH, memory.v_LBCSKH
+        if c.remat:  # keep only each layer's input for the backward pass: activation memory / L
+            body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
         x_BTD, extra = jax.lax.scan(body, x_BTD, xs)
         if tap is not None:
             taps[name] = extra

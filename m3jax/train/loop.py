@@ -63,7 +63,7 @@ PEAK_FLOPS: tuple[tuple[str, float], ...] = (
 )
 
 # ModelConfig fields that may differ between a checkpoint and the model restoring it.
-_FREE_FIELDS = ("name", "dtype", "param_dtype", "max_len")
+_FREE_FIELDS = ("name", "dtype", "param_dtype", "max_len", "remat")
 
 
 # ---------------------------------------------------------------------------- FLOPs / MFU

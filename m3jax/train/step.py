@@ -340,7 +340,7 @@ class TrainStep:
         """Check the batch, keep the keys of the stage, and place host arrays on the mesh."""
         check_batch(batch, self.model_cfg, self.train_cfg)
         batch = {k: batch[k] for k in self.keys}
-        host = any(not isinstance(v, jax.Array) for v in batch.values())
+        host = any(not isinstance(v, (jax.Array, jax.ShapeDtypeStruct)) for v in batch.values())
         B = batch["tokens"].shape[0] * (jax.process_count() if host else 1)  # the global batch
         if B % self.batch_divisor:
             raise ValueError(f"global batch {B} is not divisible by data x fsdp = {self.batch_divisor} of the mesh "
