@@ -61,7 +61,7 @@ import os
 import re
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -259,24 +259,31 @@ def compile_train(model_cfg, train_cfg, mesh, B: int, T: int, remat: str | None 
     rec: dict[str, Any] = {"global_batch": B, "seq_len": T, "tokens_per_step": B * T}
     if remat == "full":  # the model's own switch (ModelConfig.remat: jax.checkpoint on the layer scan)
         model_cfg, remat = dataclasses.replace(model_cfg, remat=True), None
-    t0 = time.perf_counter()
-    try:
+    def lower():
         with remat_layers(remat):
             lowered, how = lower_train(model_cfg, train_cfg, mesh, B, T)
         rec["lowered_with"] = how.split(" (")[0]
+        return lowered
+
+    return _compile_into(rec, lower)
+
+
+def _compile_into(rec: dict[str, Any], lower: Callable[[], Any]) -> dict[str, Any]:
+    """Lower and compile; fill `rec` with fits / memory / cost, or fits=False and the bytes the
+    compiler asked for when the program does not fit (other errors propagate)."""
+    t0 = time.perf_counter()
+    try:
+        lowered = lower()
         rec["lower_s"] = time.perf_counter() - t0
-        t1 = time.perf_counter()
         compiled = lowered.compile()
-        rec["compile_s"] = time.perf_counter() - t1
     except Exception as e:  # noqa: BLE001
         info = oom_info(e)
         if info is None:
             raise
         rec.update(fits=False, oom=info, compile_s=time.perf_counter() - t0)
         return rec
-    rec["fits"] = True
-    rec["memory"] = memory_dict(compiled.memory_analysis())
-    rec["cost"] = cost_dict(compiled)
+    rec.update(fits=True, compile_s=time.perf_counter() - t0, memory=memory_dict(compiled.memory_analysis()),
+               cost=cost_dict(compiled))
     return rec
 
 
@@ -421,20 +428,11 @@ def compile_decode(model_cfg, mesh, B: int, cache_len: int) -> dict[str, Any]:
             sds((), jnp.int32, rep), sds((), jnp.int32, rep), sds((B,), jnp.bool_, bsh),
             sds((B,), jnp.int32, bsh), sds((1,), jnp.int32, rep))
     rec: dict[str, Any] = {"batch": B, "cache_len": cache_len, "memory_tokens": c.memory_block_len}
-    t0 = time.perf_counter()
-    try:
+    def lower():
         with jax.set_mesh(mesh):
-            lowered = _decode_chunk.lower(*args)
-        compiled = lowered.compile()
-    except Exception as e:  # noqa: BLE001
-        info = oom_info(e)
-        if info is None:
-            raise
-        rec.update(fits=False, oom=info, compile_s=time.perf_counter() - t0)
-        return rec
-    rec.update(fits=True, compile_s=time.perf_counter() - t0, memory=memory_dict(compiled.memory_analysis()),
-               cost=cost_dict(compiled))
-    return rec
+            return _decode_chunk.lower(*args)
+
+    return _compile_into(rec, lower)
 
 
 # ------------------------------------------------------------------------------ one pod config

@@ -66,6 +66,16 @@ def synthetic(n: int, Lm: int, K: int, T: int, H: int, seed: int, structured: bo
     return x.astype(np.float32)
 
 
+def cold_warm_gather(bank, ids) -> tuple[float, float]:
+    """Seconds of a first (cold: just evicted / reopened) and a second (warm) read of `ids`."""
+    t = time.perf_counter()
+    bank.gather_codes(ids)
+    cold = time.perf_counter() - t
+    t = time.perf_counter()
+    bank.gather_codes(ids)
+    return cold, time.perf_counter() - t
+
+
 def evict(path: str, drop_caches: bool) -> str:
     """Drop the bank's files from the page cache; returns how. posix_fadvise(DONTNEED) on each
     file (after fsync) touches only our files; --drop-caches uses the global
@@ -157,12 +167,9 @@ def bench_codec_bank(cfg: ModelConfig, name: str, root: str, args: argparse.Name
             b = MemoryBank.open(path, cfg, "bench", check="none",
                                 context=ts.Context({"cache_pool": {"total_bytes_limit": 256 << 20}}))
             ids = rng.choice(args.n, k, replace=False)
-            t = time.perf_counter()
-            b.gather_codes(ids)
-            cold.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            b.gather_codes(ids)
-            warm.append(time.perf_counter() - t)
+            c_s, w_s = cold_warm_gather(b, ids)
+            cold.append(c_s)
+            warm.append(w_s)
             jax.block_until_ready(b.gather(ids, jnp.bfloat16).kv_NLZKTH)  # jit warm
             t = time.perf_counter()
             jax.block_until_ready(b.gather(ids, jnp.bfloat16).kv_NLZKTH)

@@ -97,7 +97,7 @@ def decode_scaling(args) -> dict[str, Any]:
 def bank_scaling(args, sizes: list[int]) -> dict[str, Any]:
     import tensorstore as ts
 
-    from bench_bank import evict, random_codes
+    from bench_bank import cold_warm_gather, evict, random_codes
     from m3jax.config import preset
     from m3jax.memory.bank import MemoryBank
     from m3jax.memory.codec import PQCodec, make_codec
@@ -139,12 +139,9 @@ def bank_scaling(args, sizes: list[int]) -> dict[str, Any]:
                     b = MemoryBank.open(path, cfg, "scaling", check="none",
                                         context=ts.Context({"cache_pool": {"total_bytes_limit": 256 << 20}}))
                     ids = rng.choice(n, k, replace=False)
-                    t = time.perf_counter()
-                    b.gather_codes(ids)
-                    cold.append(time.perf_counter() - t)
-                    t = time.perf_counter()
-                    b.gather_codes(ids)
-                    warm.append(time.perf_counter() - t)
+                    c_s, w_s = cold_warm_gather(b, ids)
+                    cold.append(c_s)
+                    warm.append(w_s)
                 row[f"gather{k}_cold_ms"] = float(np.median(cold) * 1e3)
                 row[f"gather{k}_warm_ms"] = float(np.median(warm) * 1e3)
             out["rows"].append(row)
