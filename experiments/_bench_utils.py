@@ -300,37 +300,44 @@ def decode_config_for(cfg, prompt_len: int, new_tokens: int, rag: bool = True):
                         prompt_bucket=cfg.chunk_size)
 
 
-def _summarize(runs: list[Any], first: float) -> dict[str, Any]:
-    tps = [s.tokens_per_s for s in runs]
-    med = runs[int(np.argsort(tps)[len(tps) // 2])]
+def _summarize(runs: list[tuple[float, list[Any]]], first: float) -> dict[str, Any]:
+    """runs: (wall seconds, per-batch GenerationStats) of each timed call -> the median call's
+    figures, summed over its batches; tokens/s = generated tokens / wall time of the call."""
+    tps = [sum(s.new_tokens for s in stats) / wall for wall, stats in runs]
+    wall, med = runs[int(np.argsort(tps)[len(tps) // 2])]
+    total = lambda name: float(sum(getattr(s, name) for s in med))
     return {"tokens_per_s": statistics.median(tps), "runs_tokens_per_s": tps, "first_call_s": first,
-            "prefill_s": med.prefill_s, "decode_s": med.decode_s, "retrieval_s": med.retrieval_s,
-            "retrievals": med.retrievals, "memory_swaps": med.memory_swaps,
-            "prompt_tokens": med.prompt_tokens, "new_tokens": med.new_tokens, "total_s": med.total_s}
+            "batches": len(med), "prefill_s": total("prefill_s"), "decode_s": total("decode_s"),
+            "retrieval_s": total("retrieval_s"), "retrieval_work_s": total("retrieval_work_s"),
+            "retrieval_hidden_s": total("retrieval_hidden_s"),
+            "retrievals": int(total("retrievals")), "memory_swaps": int(total("memory_swaps")),
+            "prompt_tokens": int(total("prompt_tokens")), "new_tokens": int(total("new_tokens")),
+            "total_s": wall}
 
 
-def run_generate(gen, prompts, mode: str, repeats: int) -> dict[str, Any]:
-    """One warm-up (compile) call, then `repeats` timed `generate` calls of fixed length; the
-    median run's stats, tokens/s over the whole call (retrieval, prefill and decoding)."""
-    t0 = time.perf_counter()
-    gen.generate(prompts, mode=mode, ignore_eos=True)
-    first = time.perf_counter() - t0
-    return _summarize([gen.generate(prompts, mode=mode, ignore_eos=True).stats for _ in range(max(1, repeats))],
-                      first)
+def run_generate_interleaved(cases: dict[str, tuple], prompt_batches: Sequence[Sequence[Any]],
+                             repeats: int) -> dict[str, dict[str, Any]]:
+    """Generation throughput of several cases whose ratios matter, over the same prompt batches.
 
-
-def run_generate_interleaved(cases: dict[str, tuple[Any, str]], prompts, repeats: int) -> dict[str, dict[str, Any]]:
-    """`run_generate` for several (generator, mode) cases whose ratios matter: one warm-up call
-    each, then `repeats` rounds, each running every case once in a rotating order."""
+    cases: name -> (generator, mode) or (generator, mode, pipeline). Each case first runs one
+    untimed warm-up call (the same call: it compiles every prompt and cache bucket, the decoding
+    chunk and the memory swap), then `repeats` rounds each run every case once, in a rotating order, as one fixed-length
+    `generate_many(prompt_batches, pipeline=...)` call timed from start to end (retrieval,
+    prefill and decoding). Figures are the median call's (`_summarize`).
+    """
     first, runs = {}, {name: [] for name in cases}
-    for name, (gen, mode) in cases.items():
+
+    def call(name: str) -> tuple[float, list[Any]]:
+        gen, mode, *rest = cases[name]
         t0 = time.perf_counter()
-        gen.generate(prompts, mode=mode, ignore_eos=True)
-        first[name] = time.perf_counter() - t0
+        res = gen.generate_many(prompt_batches, mode=mode, ignore_eos=True, pipeline=rest[0] if rest else None)
+        return time.perf_counter() - t0, [r.stats for r in res]
+
+    for name in cases:
+        first[name] = call(name)[0]
     names = list(cases)
     for i in range(max(1, repeats)):
         k = i % len(names)
         for name in names[k:] + names[:k]:
-            gen, mode = cases[name]
-            runs[name].append(gen.generate(prompts, mode=mode, ignore_eos=True).stats)
+            runs[name].append(call(name))
     return {name: _summarize(runs[name], first[name]) for name in names}

@@ -300,7 +300,7 @@ def search_train(model_cfg, train_cfg, mesh, B: int, T: int, *, search: bool = T
     batch, so each next batch is read off a line through the attempts so far (the bytes the
     compiler needed on a failure, the temporaries it used on a success) against the bytes it
     had available. Returns (largest fitting attempt or None, all attempts)."""
-    step_b = int(mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1))
+    step_b = int(mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)) * train_cfg.grad_accum
     tried: dict[int, dict[str, Any]] = {}
     avail: list[float] = []
 
@@ -437,8 +437,8 @@ def compile_decode(model_cfg, mesh, B: int, cache_len: int) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------ one pod config
 def run_pod(pod: PodConfig, *, search: bool = True, remat: str | None = None, train: bool = True,
-            decode: bool = True, memory_grad: bool = True, assumed_mfu: float = 0.40, on_progress=None,
-            log=print) -> dict[str, Any]:
+            decode: bool = True, memory_grad: bool = True, assumed_mfu: float = 0.40, grad_accum: int = 1,
+            on_progress=None, log=print) -> dict[str, Any]:
     """Compile the train (and decode) step of `pod`; returns a JSON-able record."""
     setup_tpu_env(pod.topology)
     import jax
@@ -469,8 +469,10 @@ def run_pod(pod: PodConfig, *, search: bool = True, remat: str | None = None, tr
             rec["mesh_note"] = note
             log(f"  note: {note}")
         tc = TrainConfig(stage=pod.stage, seq_len=pod.seq_len, batch_size=pod.global_batch, steps=1000,
-                         warmup_steps=10, memory_grad=memory_grad, mesh=MeshConfig(*pod.mesh))
-        log(f"  train mesh {dict(mesh.shape)}, stage {pod.stage}, memory_grad {memory_grad}, remat {remat or 'none'}")
+                         warmup_steps=10, memory_grad=memory_grad, grad_accum=grad_accum, mesh=MeshConfig(*pod.mesh))
+        rec["grad_accum"] = grad_accum
+        log(f"  train mesh {dict(mesh.shape)}, stage {pod.stage}, memory_grad {memory_grad}, remat {remat or 'none'}"
+            f", grad_accum {grad_accum}")
         def partial(attempts):  # keep what a long search found so far
             rec["train_attempts"] = attempts
             if on_progress is not None:
@@ -619,6 +621,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-memory-grad", action="store_true", help="continual stage without gradients through the write path")
     ap.add_argument("--remat", choices=["none", "full", "dots"], default="none",
                     help="what-if: compile with every decoder layer under jax.checkpoint")
+    ap.add_argument("--grad-accum", type=int, default=1,
+                    help="microbatches per step (TrainConfig.grad_accum): the global batch is summed over them")
     ap.add_argument("--no-search", action="store_true", help="compile only the requested batch")
     ap.add_argument("--no-train", action="store_true")
     ap.add_argument("--no-decode", action="store_true")
@@ -643,7 +647,7 @@ def main(argv: list[str] | None = None) -> int:
 
         rec = run_pod(pod, search=not args.no_search, remat=None if args.remat == "none" else args.remat,
                       train=not args.no_train, decode=not args.no_decode, memory_grad=not args.no_memory_grad,
-                      assumed_mfu=args.assumed_mfu, on_progress=save)
+                      assumed_mfu=args.assumed_mfu, grad_accum=args.grad_accum, on_progress=save)
         rec["wall_s"] = time.perf_counter() - t0
         records.append(rec)
         if args.out:  # after every config: a long run keeps what it has

@@ -208,7 +208,8 @@ def bench_decode_section(setup, args, info) -> tuple[list[dict], dict]:
     cfg = setup.cfg
     prompts = setup.prompts(args.decode_batch, args.prompt_len)
     gen = setup.generator(U.decode_config_for(cfg, args.prompt_len, args.new_tokens))
-    res = U.run_generate_interleaved({m: (gen, m) for m in ("none", "memory", "rag")}, prompts, args.decode_repeats)
+    res = U.run_generate_interleaved({m: (gen, m) for m in ("none", "memory", "rag")}, [prompts],
+                                      args.decode_repeats)
     for mode, r in res.items():
         U.log(f"  decode {mode}: {r['tokens_per_s']:.1f} tok/s")
     rows = []

@@ -3,11 +3,17 @@
 Batch 32, 128 prompt tokens, 128 generated tokens, 5 memories per 64-token chunk, 3 retrievals
 with distinct memories (2 prompt chunks + 1 swap after 64 generated tokens; the LRU cache is
 off so nothing is a cache hit), memories read from a TensorStore bank. The same model (random
-weights: throughput does not depend on them) runs the three modes in one process; tokens/s
-counts generated tokens over the whole call (retrieval, prefill and decoding).
+weights: throughput does not depend on them) runs the modes in one process, interleaved.
+
+A serving run has more than one batch: `--batches 2` batches of 32 go through
+`Generator.generate_many` with `--pipeline 2` of them in flight, so that one batch's per-chunk
+retrieval runs while the other decodes (every mode runs the same call). tokens/s counts all
+generated tokens over the wall time of the whole call (retrieval, prefill and decoding). The
+`memory_serial` row is the same memory run with one batch at a time (`pipeline=1`): there each
+swap waits for its retrieval.
 
     python experiments/bench_decode.py --preset demo --out bench_decode_demo.json
-    python experiments/bench_decode.py --preset smollm2-135m --out bench_decode_smollm2.json
+    python experiments/bench_decode.py --preset smollm2-135m --repeats 1 --out bench_decode_smollm2.json
 """
 
 from __future__ import annotations
@@ -23,49 +29,63 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="demo")
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--batches", type=int, default=2, help="batches of --batch prompts (distinct prompts)")
+    ap.add_argument("--pipeline", type=int, default=2, help="batches in flight in generate_many")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--references", type=int, default=2000, help="knowledge base size (Wikipedia leads)")
     ap.add_argument("--codec", default="bf16", choices=["bf16", "int8", "pq", "f32"])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-serial", action="store_true", help="skip the memory_serial (pipeline=1) case")
     ap.add_argument("--dtype", default=None, help="activation dtype override (e.g. bfloat16 on GPU)")
     ap.add_argument("--work", default=None, help="cache dir for the bank / index (default: a temp dir)")
     ap.add_argument("--out", default="bench_decode.json")
     args = ap.parse_args(argv)
+    if args.batches < 1 or args.pipeline < 1 or args.batch < 1:
+        ap.error("--batch, --batches and --pipeline must be >= 1")
 
-    from _bench_utils import decode_config_for, decode_setup, device_name, log, run_generate, write_json
+    from _bench_utils import (decode_config_for, decode_setup, device_info, device_name, log,
+                              run_generate_interleaved, table, write_json)
 
     setup = decode_setup(args.preset, references=args.references, codec=args.codec,
                          tokenizer_extra=args.batch * 4, dtype=args.dtype, work=args.work)
     cfg, kb = setup.cfg, setup.kb
-    prompts = setup.prompts(args.batch, args.prompt_len)
+    prompts = setup.prompts(args.batch * args.batches, args.prompt_len)
+    batches = [prompts[i * args.batch:(i + 1) * args.batch] for i in range(args.batches)]
     gen = setup.generator(decode_config_for(cfg, args.prompt_len, args.new_tokens))
     retriever = gen.retriever  # no cache hits: every read hits the bank
-    setup_s = setup.setup_s
-    log(f"setup {setup_s:.1f}s")
+    log(f"setup {setup.setup_s:.1f}s")
 
-    results = {mode: run_generate(gen, prompts, mode, args.repeats) for mode in ("none", "memory", "rag")}
+    cases = {m: (gen, m, args.pipeline) for m in ("none", "memory", "rag")}
+    if not args.no_serial:
+        cases["memory_serial"] = (gen, "memory", 1)
+    results = run_generate_interleaved(cases, batches, args.repeats)
     tps = {m: r["tokens_per_s"] for m, r in results.items()}
     out = {
-        "device": device_name(),
+        "device": device_name(), "device_info": device_info(),
         "preset": cfg.name, "dtype": cfg.dtype, "codec": args.codec, "batch": args.batch,
+        "batches": args.batches, "pipeline": args.pipeline,
         "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
         "memories_per_chunk": cfg.memories_per_chunk, "references": len(kb.bank),
         "bytes_per_memory": kb.bank.bytes_per_memory,
         "tokens_per_s": tps, "ratio_memory_none": tps["memory"] / tps["none"],
         "ratio_memory_rag": tps["memory"] / tps["rag"], "modes": results,
-        "retriever": retriever.stats.as_dict(), "setup_s": setup_s,
+        "retriever": retriever.stats.as_dict(), "setup_s": setup.setup_s,
         "paper": {"memory": 733, "none": 1131, "ratio_memory_none": 733 / 1131,
                   "note": "Memory3-2.4B on an A800, batch 32 (Table 21)"},
     }
-    print(f"\ndecode throughput: {out['preset']} on {out['device']}, batch {args.batch}, "
-          f"{args.prompt_len} prompt + {args.new_tokens} new tokens, codec {args.codec}")
-    print(f"{'mode':<8} {'tokens/s':>10} {'prefill s':>10} {'decode s':>9} {'retrieval s':>12} {'retrievals':>10}")
-    for m, r in results.items():
-        print(f"{m:<8} {r['tokens_per_s']:>10.1f} {r['prefill_s']:>10.2f} {r['decode_s']:>9.2f} "
-              f"{r['retrieval_s']:>12.3f} {r['retrievals']:>10}")
+    if "memory_serial" in tps:
+        out["ratio_memory_serial_none"] = tps["memory_serial"] / tps["none"]
+    print(f"\ndecode throughput: {out['preset']} on {out['device']}, {args.batches} batch(es) of {args.batch}, "
+          f"pipeline {args.pipeline}, {args.prompt_len} prompt + {args.new_tokens} new tokens, codec {args.codec}")
+    rows = [dict(mode=m, **r) for m, r in results.items()]
+    print(table(rows, [("mode", "mode", ""), ("tokens_per_s", "tokens/s", ".1f"), ("prefill_s", "prefill s", ".2f"),
+                       ("decode_s", "decode s", ".2f"), ("retrieval_s", "retrieval waited s", ".3f"),
+                       ("retrieval_hidden_s", "retrieval hidden s", ".3f"), ("retrievals", "retrievals", "d"),
+                       ("memory_swaps", "swaps", "d"), ("total_s", "wall s", ".2f")]))
     print(f"memory/none = {out['ratio_memory_none']:.3f} (target >= 0.90; paper 0.648)   "
-          f"memory/rag = {out['ratio_memory_rag']:.2f} (target >= 2.0)")
+          f"memory/rag = {out['ratio_memory_rag']:.2f} (target >= 2.0)"
+          + (f"   memory_serial/none = {out['ratio_memory_serial_none']:.3f}" if "memory_serial" in tps else ""))
     write_json(args.out, out)
     return 0
 

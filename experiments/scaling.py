@@ -66,7 +66,7 @@ def decode_scaling(args) -> dict[str, Any]:
     dc = U.decode_config_for(cfg, P, new, rag=False)
     cases = {m: (setup.generator(dc, memories_per_chunk=m or cfg.memories_per_chunk), "none" if m == 0 else "memory")
              for m in (int(x) for x in args.memories.split(","))}  # 0: mode none
-    res = U.run_generate_interleaved(cases, prompts, args.decode_repeats)
+    res = U.run_generate_interleaved(cases, [prompts], args.decode_repeats)
     mem_rows = []
     for m, r in res.items():
         r["memories_per_chunk"] = m
@@ -85,7 +85,7 @@ def decode_scaling(args) -> dict[str, Any]:
                 U.log(f"  prompt {P} {mode}: skipped ({need} tokens > max_len {cfg.max_len})")
                 continue
             cases[mode] = (gen, mode)
-        for mode, r in U.run_generate_interleaved(cases, prompts, args.decode_repeats).items():
+        for mode, r in U.run_generate_interleaved(cases, [prompts], args.decode_repeats).items():
             r.update(mode=mode, prompt_len=P)
             ctx_rows.append(r)
             U.log(f"  prompt {P:>4} {mode:<6}: {r['tokens_per_s']:8.1f} tok/s")

@@ -3,6 +3,7 @@
     m3jax demo [--out DIR] [--quick]         the whole pipeline on the shipped Wikipedia leads
     m3jax build-memory --model DIR --out KB  corpus + model -> memory bank + index
     m3jax generate --model DIR [--kb KB] --prompt TEXT [--mode memory|rag|none]
+    m3jax generate --model DIR --kb KB --prompts-file prompts.txt --out answers.jsonl
     m3jax eval --model DIR --kb KB           perplexity / QA in the three modes
     m3jax convert --from hf|gguf PATH --out DIR
     m3jax presets                            list model presets with their sizes
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -89,10 +91,10 @@ def _generate(args: argparse.Namespace) -> int:
                       top_p=args.top_p, seed=args.seed, max_cache_len=min(config.max_len, args.max_cache_len),
                       prompt_bucket=config.chunk_size)
     gen = Generator(params, config, tok, retriever, dc)
-    done: list[int] = []
+    if args.prompts_file:
+        return _generate_file(gen, args)
 
     def stream(new):
-        done.extend(new[0])
         sys.stdout.write(tok.decode(new[0]))
         sys.stdout.flush()
 
@@ -101,6 +103,74 @@ def _generate(args: argparse.Namespace) -> int:
     s = res.stats
     print(f"\n[{args.mode}: {s.new_tokens} tokens in {s.total_s:.2f} s, {s.tokens_per_s:.1f} tokens/s, "
           f"{s.memory_swaps} memory swaps, retrieval {1000 * s.retrieval_s:.0f} ms]", file=sys.stderr)
+    return 0
+
+
+def _read_prompts(path: str) -> list[str]:
+    """Prompts from a text file (one per non-empty line) or JSONL (a "prompt" or "text" field)."""
+    if not os.path.exists(path):
+        raise SystemExit(f"--prompts-file {path}: no such file")
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+            if path.endswith(".jsonl"):
+                try:
+                    rec = json.loads(line)
+                    prompts.append(str(rec["prompt"] if "prompt" in rec else rec["text"]))
+                except (ValueError, KeyError, TypeError) as e:
+                    raise SystemExit(f"{path}:{n}: expected a JSON object with a 'prompt' or 'text' field ({e})")
+            else:
+                prompts.append(line)
+    if not prompts:
+        raise SystemExit(f"--prompts-file {path} has no prompts")
+    return prompts
+
+
+def _generate_file(gen, args: argparse.Namespace) -> int:
+    """Batched generation of a prompts file with `generate_many` (two batches in flight), one JSON
+    line per prompt to --out (or stdout), in prompt order, written as batches finish."""
+    import time
+
+    from tqdm.auto import tqdm
+
+    prompts = _read_prompts(args.prompts_file)
+    bs = max(1, args.batch_size)
+    batches = [prompts[i:i + bs] for i in range(0, len(prompts), bs)]
+    out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
+    t0 = time.perf_counter()
+    totals = {"new": 0, "waited": 0.0, "hidden": 0.0}
+    ready: dict[int, object] = {}
+    written = [0]
+    try:
+        with tqdm(total=len(prompts), desc=f"generate ({args.mode})", unit="prompt", file=sys.stderr) as bar:
+            def on_result(i, res):  # batches can finish out of order: write in prompt order
+                ready[i] = res
+                while written[0] in ready:
+                    j = written[0]
+                    r = ready.pop(j)
+                    for b, prompt in enumerate(batches[j]):
+                        rec = {"prompt": prompt, "text": r.texts[b], "tokens": r.tokens[b],
+                               "retrieved": [[int(x) for x in ids if x >= 0] for ids in r.retrieved[b]]}
+                        out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                    out.flush()
+                    totals["new"] += r.stats.new_tokens
+                    totals["waited"] += r.stats.retrieval_s
+                    totals["hidden"] += r.stats.retrieval_hidden_s
+                    bar.update(len(batches[j]))
+                    written[0] += 1
+
+            gen.generate_many(batches, mode=args.mode, on_result=on_result)
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    wall = time.perf_counter() - t0
+    print(f"[{args.mode}: {len(prompts)} prompts, {totals['new']} tokens in {wall:.2f} s, "
+          f"{totals['new'] / max(wall, 1e-9):.1f} tokens/s; retrieval waited {totals['waited']:.2f} s, "
+          f"hidden {totals['hidden']:.2f} s]"
+          + (f" -> {args.out}" if args.out else ""), file=sys.stderr)
     return 0
 
 
@@ -135,7 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text (streams)")
     g.add_argument("--model", required=True)
     g.add_argument("--kb", help="knowledge base dir (for memory and rag modes)")
-    g.add_argument("--prompt", required=True)
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one prompt, streamed to stdout")
+    src.add_argument("--prompts-file", help="many prompts: a text file (one per line) or JSONL ('prompt' field); "
+                                            "generated in batches, one JSON line per prompt")
+    g.add_argument("--batch-size", type=int, default=32, help="prompts per batch with --prompts-file")
+    g.add_argument("--out", help="JSONL output with --prompts-file (default: stdout)")
     g.add_argument("--mode", default="memory", choices=["memory", "rag", "none"])
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--max-cache-len", type=int, default=1024)

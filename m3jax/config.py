@@ -271,8 +271,12 @@ class DecodeConfig:
     seed: int = 0
     max_cache_len: int = 512  # context tokens the KV cache holds (prompt + generated)
     prompt_bucket: int = 64  # prompt lengths are padded up to a multiple of this
+    # Batches in flight in `Generator.generate_many`: while one decodes a chunk on the device, the
+    # retrievals of the others run on the host (1 = one batch after another).
+    pipeline: int = 2
 
     def __post_init__(self) -> None:
+        _check(self.pipeline >= 1, f"DecodeConfig.pipeline must be >= 1, got {self.pipeline}")
         _check(self.max_new_tokens >= 0, f"DecodeConfig.max_new_tokens must be >= 0, got {self.max_new_tokens}")
         _check(self.temperature >= 0, f"DecodeConfig.temperature must be >= 0, got {self.temperature}")
         _check(self.top_k >= 0, f"DecodeConfig.top_k must be >= 0, got {self.top_k}")
@@ -299,6 +303,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     memory_grad: bool = True  # gradients through the memory write path (continual stage)
     memory_lookback: int = 4  # chunk c sees the memories of chunks c-lookback..c in training
+    # Microbatches per step: the batch is split in `grad_accum` parts whose gradients are summed
+    # in a scan before one update (same update as the whole batch, a fraction of the activations).
+    grad_accum: int = 1
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 50
@@ -313,3 +320,5 @@ class TrainConfig:
         _check(0 <= self.warmup_steps <= self.steps, "TrainConfig.warmup_steps must be in [0, steps]")
         _check(0 <= self.decay_fraction <= 1, "TrainConfig.decay_fraction must be in [0, 1]")
         _check(self.memory_lookback >= 0, "TrainConfig.memory_lookback must be >= 0")
+        _check(self.grad_accum >= 1 and self.batch_size % self.grad_accum == 0,
+               f"TrainConfig.grad_accum ({self.grad_accum}) must be >= 1 and divide batch_size ({self.batch_size})")

@@ -13,10 +13,15 @@ Shape of one `generate` call (all three modes share the model and this code path
 3. `rag` retrieves once with the first 64 prompt tokens and prepends the references' tokens to
    the prompt; `none` reads nothing.
 
-Retrieval runs on a background thread: the prompt retrieval of the next batch in
-`generate_many` overlaps the decoding of the current one, and the bank reads of one retrieval
-are issued together. The memory used by generated chunk k+1 depends on the text of chunk k, so
-that one swap per chunk is on the critical path by construction; `GenerationStats` measures it.
+Retrieval runs on a background thread. Within one batch the memories of generated chunk k+1 are
+retrieved with the text of chunk k, so they cannot be fetched before chunk k ends: `generate`
+(one batch) waits for each swap. `generate_many` keeps `DecodeConfig.pipeline` batches in flight
+and gives them the device one chunk at a time: while batch A decodes a chunk, batch B's next
+memories (and the next batch's prompt memories) are embedded, searched, read from the bank and
+decoded, so waiting on memory is hidden whenever a retrieval is shorter than a chunk of decoding.
+The query encoder is enqueued on the device before the other batch's chunk, so on an accelerator
+it does not queue behind it. `GenerationStats` separates the retrieval time decoding waited for
+from the retrieval time that was hidden.
 """
 
 from __future__ import annotations
@@ -43,7 +48,12 @@ MODES: tuple[str, ...] = ("memory", "rag", "none")
 
 
 class MemorySource(Protocol):
-    """What decoding needs from a retriever (`m3jax.memory.retrieve.Retriever` implements it)."""
+    """What decoding needs from a retriever (`m3jax.memory.retrieve.Retriever` implements it).
+
+    Optionally `prepare(queries) -> handle` starts the query embedding early (on the calling
+    thread, which enqueues device work in order); the generator then calls
+    `retrieve(queries, prepared=handle)` on its background thread.
+    """
 
     k: int
 
@@ -126,7 +136,11 @@ def _arrange(mem: MemoryKV, batch: int, chunks: int, dtype) -> ChunkMemory:
 # ------------------------------------------------------------------------------ results
 @dataclass
 class GenerationStats:
-    """Counters and timings of one `generate` call (seconds unless noted)."""
+    """Counters and timings of one batch's generation (seconds unless noted).
+
+    In a pipelined `generate_many` the batches in flight share the wall clock: `total_s` of one
+    batch overlaps the others', so throughput is measured over the whole call.
+    """
 
     mode: str = "none"
     batch: int = 0
@@ -135,7 +149,8 @@ class GenerationStats:
     retrievals: int = 0  # retrieval calls (a prefill retrieval counts once per chunk column)
     memory_swaps: int = 0  # memory buffer replacements during generation
     swap_steps: list[int] = field(default_factory=list)  # generated-token index of each swap
-    retrieval_s: float = 0.0  # time spent waiting for retrieval on the critical path
+    retrieval_s: float = 0.0  # time decoding waited for retrieval (on the critical path)
+    retrieval_work_s: float = 0.0  # time the retrievals took, waited for or hidden behind decoding
     prefill_s: float = 0.0
     decode_s: float = 0.0
     total_s: float = 0.0
@@ -143,6 +158,11 @@ class GenerationStats:
     @property
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.total_s if self.total_s > 0 else 0.0
+
+    @property
+    def retrieval_hidden_s(self) -> float:
+        """Retrieval time that overlapped decoding instead of delaying it."""
+        return max(0.0, self.retrieval_work_s - self.retrieval_s)
 
 
 @dataclass
@@ -153,12 +173,69 @@ class GenerationResult:
     retrieved: list[list[np.ndarray]]  # per sequence, per chunk used: reference ids [k]
 
 
+class _Retrieval:
+    """A retrieval running on the generator's background thread: `wait()` -> its result, and the
+    seconds the caller waited for it are kept apart from the seconds it worked."""
+
+    def __init__(self, pool: concurrent.futures.Executor, fn: Callable, *args):
+        self.work_s = 0.0
+
+        def timed():
+            t0 = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                self.work_s = time.perf_counter() - t0
+
+        self._future = pool.submit(timed)
+
+    def wait(self) -> tuple[object, float]:
+        """(result, seconds waited)."""
+        t0 = time.perf_counter()
+        out = self._future.result()
+        return out, time.perf_counter() - t0
+
+
+@dataclass(eq=False)
+class _Run:
+    """One batch between its jitted chunks: device state (cache, logits, memory buffer, flags)
+    and host state (tokens so far, the retrieval in flight for its next chunk)."""
+
+    prompts: list[list[int]]
+    mode: str
+    max_new: int
+    stops: list[int]
+    stream: Callable[[list[list[int]]], None] | None
+    stats: GenerationStats
+    retrieved: list[list[np.ndarray]]
+    cache: KVCache
+    logits: Array
+    memory: ChunkMemory | None
+    key: Array
+    done: Array
+    budget: Array
+    t_start: float
+    generated: list[list[int]] = field(default_factory=list)
+    finished: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    step: int = 0
+    pending: _Retrieval | None = None  # memories of the next chunk, being retrieved
+    out: tuple | None = None  # the dispatched chunk's (tokens, steps run)
+    t_dispatch: float = 0.0
+
+    @property
+    def complete(self) -> bool:
+        return self.out is None and (self.step >= self.max_new or bool(self.finished.all()))
+
+
 # ------------------------------------------------------------------------------ the generator
 class Generator:
     """Batched generation in `memory`, `rag` or `none` mode from one model.
 
     >>> gen = Generator(params, config, tokenizer, retriever)
     >>> gen.generate(["The capital of France is"], mode="memory").texts
+
+    `generate` runs one batch; `generate_many` runs a list of batches with `decode_config.pipeline`
+    of them in flight, so that each batch's per-chunk retrieval runs while another decodes.
     """
 
     def __init__(self, params: Params, config: ModelConfig, tokenizer=None,
@@ -177,6 +254,9 @@ class Generator:
         self.retriever = retriever
         self.decode_config = decode_config
         self.prefix = jax.jit(prefix_kv, static_argnums=1)(params, config)  # constant: once
+        # One worker: retrievals run in the order they were asked for, and the index and the bank
+        # are never used by two threads at once (only the query encoder is enqueued, thread-safely,
+        # from the calling thread by `prepare`).
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="m3jax-retrieve")
 
     # ---------------------------------------------------------------- helpers
@@ -200,9 +280,13 @@ class Generator:
             raise ValueError("no prompts given")
         return out
 
-    def _chunk_memory(self, queries: list[list[int]], batch: int, chunks: int) -> tuple[ChunkMemory, np.ndarray]:
+    def _chunk_memory(self, queries: list[list[int]], batch: int, chunks: int,
+                      prepared=None) -> tuple[ChunkMemory, np.ndarray]:
         """Retrieve for batch * chunks token queries (empty query -> masked block)."""
-        ids, mem = self.retriever.retrieve(queries)
+        if prepared is not None:
+            ids, mem = self.retriever.retrieve(queries, prepared=prepared)
+        else:
+            ids, mem = self.retriever.retrieve(queries)
         mem.check(self.config)
         empty = np.array([len(q) == 0 for q in queries])
         if empty.any():  # chunks past the end of a prompt read nothing
@@ -212,46 +296,62 @@ class Generator:
             ids = np.where(empty[:, None], -1, ids)
         return _arrange(mem, batch, chunks, jnp.dtype(self.config.dtype)), np.asarray(ids)
 
+    def _retrieval(self, queries: list[list[int]], batch: int, chunks: int) -> _Retrieval:
+        """Start retrieving memories for `queries` on the background thread. The query encoder is
+        enqueued on the device first, from this thread, before the caller enqueues more decoding."""
+        prepare = getattr(self.retriever, "prepare", None)
+        prepared = prepare(queries) if prepare is not None else None
+        return _Retrieval(self._pool, self._chunk_memory, queries, batch, chunks, prepared)
+
     def _prompt_queries(self, prompts: list[list[int]], chunks: int) -> list[list[int]]:
         cs = self.config.chunk_size
         return [p[c * cs:(c + 1) * cs] for p in prompts for c in range(chunks)]
 
-    # ---------------------------------------------------------------- main entry
-    def generate(self, prompts, *, mode: Mode = "memory", max_new_tokens: int | None = None,
-                 stop_tokens: Iterable[int] | None = None, ignore_eos: bool = False,
-                 seed: int | None = None,
-                 stream: Callable[[list[list[int]]], None] | None = None,
-                 _prefetched=None) -> GenerationResult:
-        """Generate for a batch of prompts (texts or token ids; BOS is added if missing).
+    def _prompt_chunks(self, prompts: list[list[int]]) -> int:
+        lengths = np.array([len(p) for p in prompts])
+        return int(-(-lengths.max() // self.decode_config.prompt_bucket) * self.decode_config.prompt_bucket
+                   ) // self.config.chunk_size
 
-        stream(new_tokens_per_sequence) is called after every generated chunk. EOS stops a
-        sequence unless `ignore_eos` (benchmarks generate fixed lengths); `stop_tokens` add more.
-        """
-        t_start = time.perf_counter()
-        c, dc = self.config, self.decode_config
+    def _check_mode(self, mode: str) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode in ("memory", "rag") and self.retriever is None:
             raise ValueError(f"mode {mode!r} needs a retriever (memory bank + index)")
-        if mode == "memory" and not c.memory_enabled:
-            raise ValueError(f"config {c.name!r} has memory off: use mode 'rag' or 'none'")
-        max_new = dc.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
-        stops = sorted(({c.eos_id} if not ignore_eos else set()) | set(stop_tokens or ()))
-        stops = stops or [-1]  # nothing stops: -1 is never sampled
-        prompts = self._encode_prompts(prompts)
-        stats = GenerationStats(mode=mode, batch=len(prompts))
+        if mode == "memory" and not self.config.memory_enabled:
+            raise ValueError(f"config {self.config.name!r} has memory off: use mode 'rag' or 'none'")
+
+    def _prompt_retrieval(self, prompts: list[list[int]], mode: str) -> _Retrieval | None:
+        """The retrieval a batch needs before its prefill: each prompt chunk's memories (`memory`)
+        or the first chunk's references (`rag`)."""
+        if mode == "rag":
+            first = [p[: self.config.chunk_size] for p in prompts]
+            return _Retrieval(self._pool, self.retriever.retrieve, first)
+        if mode == "memory":
+            chunks = self._prompt_chunks(prompts)
+            return self._retrieval(self._prompt_queries(prompts, chunks), len(prompts), chunks)
+        return None
+
+    # ---------------------------------------------------------------- one batch, step by step
+    def _start(self, prompts: list[list[int]], mode: str, max_new: int, stops: list[int], seed: int | None,
+               stream, retrieval: _Retrieval | None) -> _Run:
+        """Retrieval for the prompt (given, or started here), then the prefill."""
+        t_start = time.perf_counter()
+        c, dc = self.config, self.decode_config
         B = len(prompts)
+        stats = GenerationStats(mode=mode, batch=B)
         retrieved: list[list[np.ndarray]] = [[] for _ in range(B)]
+        if retrieval is None:
+            retrieval = self._prompt_retrieval(prompts, mode)
 
         if mode == "rag":  # one retrieval with the first chunk, references prepended
+            (ids, _), waited = retrieval.wait()
             t0 = time.perf_counter()
-            first = [p[: c.chunk_size] for p in prompts]
-            ids, _ = self.retriever.retrieve(first) if _prefetched is None else _prefetched
             refs = self.retriever.reference_tokens(np.asarray(ids))
             prompts = [[c.bos_id] + [t for r in rs for t in r] + p[1:] for p, rs in zip(prompts, refs)]
             for b in range(B):
                 retrieved[b].append(np.asarray(ids[b]))
-            stats.retrieval_s += time.perf_counter() - t0
+            stats.retrieval_s += waited + time.perf_counter() - t0
+            stats.retrieval_work_s += retrieval.work_s + time.perf_counter() - t0
             stats.retrievals += 1
 
         lengths = np.array([len(p) for p in prompts], np.int32)
@@ -273,17 +373,14 @@ class Generator:
 
         memory = None
         if mode == "memory":
-            t0 = time.perf_counter()
+            (memory, ids), waited = retrieval.wait()
             chunks = P // c.chunk_size
-            if _prefetched is not None:
-                memory, ids = _prefetched
-            else:
-                memory, ids = self._chunk_memory(self._prompt_queries(prompts, chunks), B, chunks)
             ids = ids.reshape(B, chunks, -1)
             last_chunk = (lengths - 1) // c.chunk_size
             for b in range(B):
                 retrieved[b].extend(ids[b, : last_chunk[b] + 1])
-            stats.retrieval_s += time.perf_counter() - t0
+            stats.retrieval_s += waited
+            stats.retrieval_work_s += retrieval.work_s
             stats.retrievals += int(last_chunk.max()) + 1
 
         t0 = time.perf_counter()
@@ -296,76 +393,140 @@ class Generator:
                                  jnp.take_along_axis(memory.mask_BCS, take[:, None, None], axis=1))
         jax.block_until_ready(logits)
         stats.prefill_s = time.perf_counter() - t0
+        seed = dc.seed if seed is None else seed
+        return _Run(prompts=prompts, mode=mode, max_new=max_new, stops=stops, stream=stream, stats=stats,
+                    retrieved=retrieved, cache=cache, logits=logits, memory=memory,
+                    key=jax.random.PRNGKey(seed), done=jnp.zeros((B,), bool),
+                    budget=jnp.full((B,), max_new, jnp.int32), t_start=t_start,
+                    generated=[[] for _ in range(B)], finished=np.zeros(B, bool))
 
-        key = jax.random.PRNGKey(dc.seed if seed is None else seed)
+    def _dispatch(self, run: _Run) -> None:
+        """Swap in the memories retrieved for the next chunk (waiting for them if they are not
+        there yet), then enqueue the jitted chunk; returns without waiting for the device."""
+        c, dc = self.config, self.decode_config
+        if run.pending is not None:
+            (run.memory, ids), waited = run.pending.wait()
+            for b in range(len(run.prompts)):
+                if not run.finished[b]:
+                    run.retrieved[b].append(ids[b])
+            run.stats.retrieval_s += waited
+            run.stats.retrieval_work_s += run.pending.work_s
+            run.pending = None
+        n = min(c.chunk_size, run.max_new - run.step)
         sampling = (float(dc.temperature), int(dc.top_k), float(dc.top_p))
-        done = jnp.zeros((B,), bool)
-        budget = jnp.full((B,), max_new, jnp.int32)
-        stop_arr = jnp.asarray(stops, jnp.int32)
-        generated: list[list[int]] = [[] for _ in range(B)]
-        finished = np.zeros(B, bool)
-        step = 0
-        t_dec = 0.0
-        while step < max_new and not finished.all():
-            n = min(c.chunk_size, max_new - step)
-            t0 = time.perf_counter()
-            out, ran, cache, logits, done, budget = _decode_chunk(
-                self.params, c, sampling, self.prefix, cache, memory, logits, key, jnp.int32(step),
-                jnp.int32(n), done, budget, stop_arr)
-            out_np, ran = np.asarray(out), int(ran)
-            t_dec += time.perf_counter() - t0
-            new = []
-            for b in range(B):
-                row = []
-                for t in out_np[b, :ran]:
-                    if finished[b]:
-                        break
-                    row.append(int(t))
-                    if int(t) in stops or len(generated[b]) + len(row) >= max_new:
-                        finished[b] = True
-                generated[b].extend(row)
-                new.append(row)
-            step += ran
-            if stream is not None:
-                stream(new)
-            if mode == "memory" and step < max_new and not finished.all() and ran == c.chunk_size:
-                # swap: the next chunk reads memories retrieved with the chunk just generated
-                t0 = time.perf_counter()
-                queries = [generated[b][-c.chunk_size:] if not finished[b] else [] for b in range(B)]
-                memory, ids = self._pool.submit(self._chunk_memory, queries, B, 1).result()
-                for b in range(B):
-                    if not finished[b]:
-                        retrieved[b].append(ids[b])
-                stats.retrieval_s += time.perf_counter() - t0
-                stats.retrievals += 1
-                stats.memory_swaps += 1
-                stats.swap_steps.append(step)
-        stats.decode_s = t_dec
-        stats.new_tokens = int(sum(len(g) for g in generated))
-        stats.total_s = time.perf_counter() - t_start
-        texts = [self.tokenizer.decode(g) for g in generated] if self.tokenizer is not None else None
-        return GenerationResult(generated, texts, stats, retrieved)
+        run.t_dispatch = time.perf_counter()
+        out, ran, run.cache, run.logits, run.done, run.budget = _decode_chunk(
+            self.params, c, sampling, self.prefix, run.cache, run.memory, run.logits, run.key,
+            jnp.int32(run.step), jnp.int32(n), run.done, run.budget, jnp.asarray(run.stops, jnp.int32))
+        run.out = (out, ran)
+
+    def _collect(self, run: _Run) -> None:
+        """Wait for the dispatched chunk, record its tokens, stream them, and start the retrieval
+        of the next chunk's memories with the chunk just generated."""
+        c = self.config
+        out, ran = run.out
+        out_np, ran = np.asarray(out), int(ran)
+        run.out = None
+        run.stats.decode_s += time.perf_counter() - run.t_dispatch
+        new = []
+        for b in range(len(run.prompts)):
+            row = []
+            for t in out_np[b, :ran]:
+                if run.finished[b]:
+                    break
+                row.append(int(t))
+                if int(t) in run.stops or len(run.generated[b]) + len(row) >= run.max_new:
+                    run.finished[b] = True
+            run.generated[b].extend(row)
+            new.append(row)
+        run.step += ran
+        if run.stream is not None:
+            run.stream(new)
+        if run.mode == "memory" and not run.complete and ran == c.chunk_size:
+            # swap: the next chunk reads memories retrieved with the chunk just generated
+            queries = [g[-c.chunk_size:] if not f else [] for g, f in zip(run.generated, run.finished)]
+            run.pending = self._retrieval(queries, len(run.prompts), 1)
+            run.stats.retrievals += 1
+            run.stats.memory_swaps += 1
+            run.stats.swap_steps.append(run.step)
+
+    def _finish(self, run: _Run) -> GenerationResult:
+        s = run.stats
+        s.new_tokens = int(sum(len(g) for g in run.generated))
+        s.total_s = time.perf_counter() - run.t_start
+        texts = [self.tokenizer.decode(g) for g in run.generated] if self.tokenizer is not None else None
+        return GenerationResult(run.generated, texts, s, run.retrieved)
+
+    def _options(self, mode: str, max_new_tokens: int | None, stop_tokens, ignore_eos: bool) -> tuple[int, list[int]]:
+        self._check_mode(mode)
+        c = self.config
+        max_new = self.decode_config.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+        stops = sorted(({c.eos_id} if not ignore_eos else set()) | set(stop_tokens or ()))
+        return max_new, stops or [-1]  # nothing stops: -1 is never sampled
+
+    # ---------------------------------------------------------------- main entries
+    def generate(self, prompts, *, mode: Mode = "memory", max_new_tokens: int | None = None,
+                 stop_tokens: Iterable[int] | None = None, ignore_eos: bool = False,
+                 seed: int | None = None,
+                 stream: Callable[[list[list[int]]], None] | None = None) -> GenerationResult:
+        """Generate for a batch of prompts (texts or token ids; BOS is added if missing).
+
+        stream(new_tokens_per_sequence) is called after every generated chunk. EOS stops a
+        sequence unless `ignore_eos` (benchmarks generate fixed lengths); `stop_tokens` add more.
+        One batch alone: each memory swap waits for its retrieval (use `generate_many` to hide it).
+        """
+        max_new, stops = self._options(mode, max_new_tokens, stop_tokens, ignore_eos)
+        run = self._start(self._encode_prompts(prompts), mode, max_new, stops, seed, stream, None)
+        while not run.complete:
+            self._dispatch(run)
+            self._collect(run)
+        return self._finish(run)
 
     def generate_many(self, prompt_batches: Sequence[Sequence], *, mode: Mode = "memory",
-                      **kwargs) -> list[GenerationResult]:
-        """Generate several batches; the prompt retrieval of batch i+1 runs on the background
-        thread while batch i decodes."""
-        c, dc = self.config, self.decode_config
+                      max_new_tokens: int | None = None, stop_tokens: Iterable[int] | None = None,
+                      ignore_eos: bool = False, seed: int | None = None, pipeline: int | None = None,
+                      on_result: Callable[[int, GenerationResult], None] | None = None
+                      ) -> list[GenerationResult]:
+        """Generate several batches (results in order), `pipeline` of them in flight (default
+        `decode_config.pipeline`).
 
-        def prefetch(batch):
-            prompts = self._encode_prompts(batch)
-            if mode == "rag":
-                return self.retriever.retrieve([p[: c.chunk_size] for p in prompts])
-            lengths = np.array([len(p) for p in prompts])
-            P = int(-(-lengths.max() // dc.prompt_bucket) * dc.prompt_bucket)
-            chunks = P // c.chunk_size
-            return self._chunk_memory(self._prompt_queries(prompts, chunks), len(prompts), chunks)
+        Batches take turns one chunk at a time: while batch A decodes a chunk on the device,
+        the host retrieves the memories batch B needs next (with the chunk B just generated) and
+        the prompt memories of the batch after them, so that no batch waits on memory as long as
+        a retrieval takes less than a chunk of decoding. Each batch's tokens are those
+        `generate` would give it alone (same seed). on_result(i, result) is called as soon as
+        batch i is done (batches may finish out of order).
+        """
+        depth = self.decode_config.pipeline if pipeline is None else int(pipeline)
+        if depth < 1:
+            raise ValueError(f"pipeline must be >= 1, got {depth}")
+        max_new, stops = self._options(mode, max_new_tokens, stop_tokens, ignore_eos)
+        batches = [self._encode_prompts(b) for b in prompt_batches]
+        results: list[GenerationResult | None] = [None] * len(batches)
+        prompt_retrievals: dict[int, _Retrieval | None] = {}
 
-        results = []
-        fut = self._pool.submit(prefetch, prompt_batches[0]) if mode != "none" and prompt_batches else None
-        for i, batch in enumerate(prompt_batches):
-            pre = fut.result() if fut is not None else None
-            fut = (self._pool.submit(prefetch, prompt_batches[i + 1])
-                   if mode != "none" and i + 1 < len(prompt_batches) else None)
-            results.append(self.generate(batch, mode=mode, _prefetched=pre, **kwargs))
+        def ask(i: int) -> None:  # start a batch's prompt retrieval ahead of its turn
+            if i < len(batches) and i not in prompt_retrievals:
+                prompt_retrievals[i] = self._prompt_retrieval(batches[i], mode)
+
+        active: list[tuple[int, _Run]] = []
+        nxt = 0
+        while nxt < len(batches) or active:
+            for j in range(nxt, nxt + depth - len(active)):  # free slots: their prompts retrieve together
+                ask(j)
+            while len(active) < depth and nxt < len(batches):
+                active.append((nxt, self._start(batches[nxt], mode, max_new, stops, seed, None,
+                                                prompt_retrievals.pop(nxt))))
+                nxt += 1
+            for i, run in list(active):
+                if not run.complete:
+                    self._dispatch(run)
+                    if run.step + self.config.chunk_size >= run.max_new:
+                        ask(nxt)  # its last chunk: the next batch's prompt retrieves meanwhile
+                    self._collect(run)
+                if run.complete:
+                    results[i] = self._finish(run)
+                    active.remove((i, run))
+                    if on_result is not None:
+                        on_result(i, results[i])
         return results

@@ -175,3 +175,81 @@ def test_bad_inputs_raise():
     wrong = TableRetriever(M.init(other, jax.random.PRNGKey(1)), other)
     with pytest.raises(ValueError, match="does not fit the model"):
         Generator(p, CFG, None, wrong, DC).generate([[1, 5, 6]], mode="memory")
+
+
+# ------------------------------------------------------------------------------ pipelined batches
+def _batches():
+    rng = np.random.default_rng(5)
+    mk = lambda n: [CFG.bos_id] + [int(t) for t in rng.integers(3, 256, n)]
+    return [[mk(20), mk(35)], [mk(5)], [mk(40), mk(9), mk(17)]]
+
+
+@pytest.mark.parametrize("mode", ["memory", "rag", "none"])
+def test_generate_many_equals_generate_per_batch(mode):
+    p, ret, _ = _setup()
+    dc = dataclasses.replace(DC, temperature=1.0, top_k=20, max_cache_len=CFG.max_len)
+    gen = Generator(p, CFG, None, ret, dc)
+    batches = _batches()
+    alone = [gen.generate(b, mode=mode, seed=7, max_new_tokens=40) for b in batches]
+    for depth in (1, 2, 3):
+        many = gen.generate_many(batches, mode=mode, seed=7, max_new_tokens=40, pipeline=depth)
+        assert [r.tokens for r in many] == [r.tokens for r in alone]
+        for r, a in zip(many, alone):
+            assert r.stats.swap_steps == a.stats.swap_steps and r.stats.retrievals == a.stats.retrievals
+            assert [list(x) for seq in r.retrieved for x in seq] == [list(x) for seq in a.retrieved for x in seq]
+    if mode == "memory":
+        assert alone[0].stats.swap_steps == [16, 32]  # the test exercises swaps
+    with pytest.raises(ValueError, match="pipeline"):
+        gen.generate_many(batches, mode=mode, pipeline=0)
+
+
+class GatedRetriever(TableRetriever):
+    """Each swap retrieval returns only once the generator has enqueued another decoding chunk
+    (or after `timeout` s): it proves that a swap's retrieval ran while other work decoded."""
+
+    def __init__(self, *a, timeout, **kw):
+        super().__init__(*a, **kw)
+        self.timeout, self.overlapped, self.dispatched = timeout, [], 0
+        self.cv = __import__("threading").Condition()
+
+    def on_dispatch(self):
+        with self.cv:
+            self.dispatched += 1
+            self.cv.notify_all()
+
+    def prepare(self, queries):  # called when the generator submits the retrieval
+        with self.cv:
+            return self.dispatched
+
+    def retrieve(self, queries, prepared=None):
+        assert prepared is not None  # the generator hands over what prepare() returned
+        if all(len(q) == CFG.chunk_size for q in queries):  # a swap (prompts are shorter)
+            with self.cv:
+                self.overlapped.append(self.cv.wait_for(lambda: self.dispatched > prepared, self.timeout))
+        return super().retrieve(queries)
+
+
+def test_pipeline_overlaps_swap_retrieval_with_another_batchs_decoding(monkeypatch):
+    import m3jax.decode as D
+
+    p = _params()
+    ret = GatedRetriever(p, CFG, timeout=30.0)
+    real = D._decode_chunk
+
+    def counting(*a, **kw):
+        out = real(*a, **kw)
+        ret.on_dispatch()
+        return out
+
+    monkeypatch.setattr(D, "_decode_chunk", counting)
+    gen = Generator(p, CFG, None, ret, DC)
+    # prompts shorter than a chunk, so only swap queries are full chunks
+    batches = [[[CFG.bos_id] + list(range(10 + i, 10 + i + 9))] for i in range(2)]
+    many = gen.generate_many(batches, mode="memory", max_new_tokens=48, ignore_eos=True, pipeline=2)
+    assert [r.stats.memory_swaps for r in many] == [2, 2]
+    assert ret.overlapped == [True] * 4  # every swap retrieval ran while another chunk decoded
+    # one batch alone cannot overlap: its swap waits (and times out here)
+    ret.timeout, ret.overlapped = 0.3, []
+    one = gen.generate(batches[0], mode="memory", max_new_tokens=48, ignore_eos=True)
+    assert one.stats.memory_swaps == 2 and ret.overlapped == [False, False]
+    assert one.stats.retrieval_s >= 0.5  # waited for both swaps (>= 2 x 0.3 s minus slack)

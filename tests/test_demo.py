@@ -33,6 +33,7 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, capsys):
         assert json.load(f)["ppl"] == m["ppl"]
     report = open(os.path.join(out, "report.md")).read()
     assert "| memory |" in report and "Does memory help" in report
+    _check_generate_cli(out, tmp_path, capsys)
     # a second run skips every finished stage; a stage that did not finish is redone
     with open(os.path.join(out, "stages.json")) as f:
         st = json.load(f)
@@ -47,6 +48,32 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, capsys):
     assert "[samples] sample answers" in log and "[samples] done" in log
     with pytest.raises(ValueError, match="other settings"):
         run(out, dataclasses.replace(DemoConfig.quick(), warmup_steps=99))
+
+
+def _check_generate_cli(out, tmp_path, capsys):
+    """`m3jax generate` on the demo's model and knowledge base: one streamed prompt, and a prompts
+    file generated in pipelined batches that gives the same answers as one prompt at a time."""
+    from m3jax import cli
+
+    common = ["generate", "--model", os.path.join(out, "model"), "--kb", os.path.join(out, "kb"),
+              "--max-new-tokens", "8", "--mode", "memory"]
+    capsys.readouterr()
+    assert cli.main(common + ["--prompt", "The river"]) == 0
+    got = capsys.readouterr()
+    assert got.out.startswith("The river") and "[memory: " in got.err
+    streamed = got.out[len("The river"):].rstrip("\n")
+    pf = tmp_path / "prompts.jsonl"
+    pf.write_text("\n".join(json.dumps({"prompt": p}) for p in ["Paris is", "The river", "A city", "An old"]) + "\n")
+    res = tmp_path / "answers.jsonl"
+    assert cli.main(common + ["--prompts-file", str(pf), "--batch-size", "2", "--out", str(res)]) == 0
+    recs = [json.loads(line) for line in res.read_text().splitlines()]
+    assert [r["prompt"] for r in recs] == ["Paris is", "The river", "A city", "An old"]
+    assert recs[1]["text"] == streamed and all(0 < len(r["tokens"]) <= 8 for r in recs)
+    assert all(len(r["retrieved"]) >= 1 for r in recs)  # the memories each used chunk read
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "x"}\n')
+    with pytest.raises(SystemExit, match="'prompt' or 'text'"):
+        cli.main(common + ["--prompts-file", str(bad)])
 
 
 @pytest.mark.slow

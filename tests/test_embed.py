@@ -164,6 +164,10 @@ def test_batching_invariances(embedder):
     assert embedder([]).shape == (0, 384)
     with pytest.raises(TypeError):
         embedder("a single string")
+    # dispatch (enqueue now, collect later) gives the same vectors, also for an empty list
+    pending = embedder.dispatch(texts)
+    np.testing.assert_array_equal(pending(), v)
+    assert embedder.dispatch([])().shape == (0, 384)
 
 
 # ----------------------------------------------------------------------------- function embedder

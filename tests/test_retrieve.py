@@ -86,6 +86,23 @@ def test_memories_and_lru_cache(setup):
     assert not np.asarray(masked.mask_NT)[0].any() and np.asarray(masked.mask_NT)[1].all()
 
 
+def test_prepared_queries_give_the_same_result(setup):
+    refs, ret, _ = setup
+    qs = [refs[3][:10], refs[11][:12], refs[40][:8]]
+    calls = []
+    ret.embedder = FunctionEmbedder(lambda t: calls.append(list(t)) or _bow(t), DIM)
+    handle = ret.prepare(qs)  # FunctionEmbedder has no dispatch: embeds when the handle is called
+    assert calls == []
+    ids, mem = ret.retrieve(qs, prepared=handle)
+    assert len(calls) == 1
+    ids2, mem2 = ret.retrieve(qs)
+    np.testing.assert_array_equal(ids, ids2)
+    assert list(ids[:, 0]) == [3, 11, 40]
+    np.testing.assert_array_equal(np.asarray(mem.kv_NLZKTH), np.asarray(mem2.kv_NLZKTH))
+    with pytest.raises(ValueError, match="prepared query vectors"):
+        ret.search(qs[:2], prepared=handle)
+
+
 def test_errors(setup):
     refs, ret, _ = setup
     with pytest.raises(ValueError, match="dim"):

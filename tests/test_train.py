@@ -205,6 +205,31 @@ def test_memory_grad_flows_only_through_the_write_path():
     _close(g_on, g_off, atol=1e-9, rtol=1e-6)
 
 
+def test_gradient_accumulation_equals_one_pass():
+    """grad_accum = 2 (on 2 x 2 x 2 devices, memory written in the step) and 4 (one device,
+    memory_grad off) give the update of one pass over the batch; the microbatches hold different
+    numbers of real targets (row 3 is padded), so a plain mean of microbatch losses would differ."""
+    batch = add_references({k: v[:B] for k, v in ROWS.items()})
+    mesh = S.make_mesh(MeshConfig(2, 2, 2))
+    for tc, m in ((CONT, mesh), (dataclasses.replace(CONT, memory_grad=False), None)):
+        s1, m1 = ST.make_train_step(CFG, tc, m)(_fresh(tc, m), batch)
+        for A in ((2,) if m is not None else (4,)):
+            acc = dataclasses.replace(tc, grad_accum=A)
+            sa, ma = ST.make_train_step(CFG, acc, m)(_fresh(acc, m), batch)
+            np.testing.assert_allclose(float(ma["loss"]), float(m1["loss"]), rtol=2e-6)
+            assert float(ma["tokens"]) == float(m1["tokens"]) == batch["loss_mask"][:, 1:].sum()
+            np.testing.assert_allclose(float(ma["grad_norm"]), float(m1["grad_norm"]), rtol=2e-5)
+            _close(_mu(sa), _mu(s1), atol=1e-7, rtol=1e-4)
+            _close(_np(sa.params), _np(s1.params), atol=5e-5)
+    # the per-microbatch mean would weight row 3's few targets like the full rows: not equal
+    n = batch["loss_mask"][:, 1:].reshape(B // 2, 2, T - 1).sum(axis=(0, 2))
+    assert n[0] != n[1]
+    with pytest.raises(ConfigError, match="grad_accum"):
+        dataclasses.replace(CONT, grad_accum=3)
+    with pytest.raises(ValueError, match="microbatch"):
+        ST.make_train_step(CFG, dataclasses.replace(WARM, grad_accum=4), mesh).prepare(batch)
+
+
 def test_batch_errors():
     step = ST.make_train_step(CFG, CONT, _one_device_mesh())
     batch = Batches().__next__()

@@ -314,28 +314,22 @@ class SentenceEmbedder:
         """Token ids with [CLS]/[SEP], truncated to max_len."""
         return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=True)]
 
-    def __call__(self, texts: Sequence[str]) -> np.ndarray:
-        """texts (n) -> unit-norm float32 vectors [n, dim], in input order."""
+    def _batches(self, texts: Sequence[str]) -> tuple[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+        """(n, [(row indices, token ids [B, T], mask [B, T])]): texts sorted by length, padded to
+        bucketed shapes."""
         if isinstance(texts, str):
             raise TypeError("SentenceEmbedder expects a sequence of strings, got a single str")
         texts = list(texts)
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise TypeError(f"texts[{i}] is {type(t).__name__}, expected str")
-        n = len(texts)
-        out = np.zeros((n, self.dim), np.float32)
-        if n == 0:
-            return out
+        if not texts:
+            return 0, []
         ids = self.tokenize(texts)
         lengths = np.array([len(x) for x in ids])
         order = np.argsort(-lengths, kind="stable")
-        starts = range(0, n, self.batch_size)
-        bar = None
-        if self.show_progress and n > self.batch_size:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=n, desc="embed", unit="text")
-        for s in starts:
+        batches = []
+        for s in range(0, len(texts), self.batch_size):
             idx = order[s:s + self.batch_size]
             T = _bucket(int(lengths[idx].max()), self.max_len, 16)
             B = _bucket(len(idx), self.batch_size, 1)
@@ -344,13 +338,45 @@ class SentenceEmbedder:
             for row, j in enumerate(idx):
                 tok[row, :lengths[j]] = ids[j]
                 mask[row, :lengths[j]] = 1
-            vecs = _embed_batch(self.params, self.cfg, jnp.asarray(tok), jnp.asarray(mask))
-            out[idx] = np.asarray(vecs)[:len(idx)]
+            batches.append((idx, tok, mask))
+        return len(texts), batches
+
+    def _run(self, tok: np.ndarray, mask: np.ndarray) -> jax.Array:
+        return _embed_batch(self.params, self.cfg, jnp.asarray(tok), jnp.asarray(mask))
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        """texts (n) -> unit-norm float32 vectors [n, dim], in input order."""
+        n, batches = self._batches(texts)
+        out = np.zeros((n, self.dim), np.float32)
+        bar = None
+        if self.show_progress and n > self.batch_size:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=n, desc="embed", unit="text")
+        for idx, tok, mask in batches:
+            out[idx] = np.asarray(self._run(tok, mask))[:len(idx)]
             if bar is not None:
                 bar.update(len(idx))
         if bar is not None:
             bar.close()
         return out
+
+    def dispatch(self, texts: Sequence[str]) -> Callable[[], np.ndarray]:
+        """Tokenize and enqueue the encoder on the device now; the returned function waits for
+        the vectors ([n, dim], as `__call__`). The decoder enqueues a chunk's query here before
+        it enqueues its next decoding step, so that on an accelerator the small encoder runs
+        ahead of that step instead of queueing behind it. For short lists (queries): all
+        batches are enqueued at once."""
+        n, batches = self._batches(texts)
+        pending = [(idx, self._run(tok, mask)) for idx, tok, mask in batches]
+
+        def collect() -> np.ndarray:
+            out = np.zeros((n, self.dim), np.float32)
+            for idx, vecs in pending:
+                out[idx] = np.asarray(vecs)[:len(idx)]
+            return out
+
+        return collect
 
 
 class FunctionEmbedder:

@@ -14,7 +14,7 @@ import collections
 import threading
 import time
 from dataclasses import dataclass, fields
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -101,12 +101,25 @@ class Retriever:
             toks = {i: meta.tokens[j, : meta.lengths[j]].tolist() for j, i in enumerate(flat)}
         return [[toks[int(i)] for i in row if i >= 0] for row in ids]
 
+    def prepare(self, queries: Sequence[Any]) -> Callable[[], np.ndarray]:
+        """Start embedding `queries` now (detokenize, enqueue the encoder on the device); pass the
+        result as `prepared=` to `search` / `retrieve` of the same queries, which may run on
+        another thread. Embedders without `dispatch` embed when the result is called."""
+        t0 = time.perf_counter()
+        texts = self._texts(queries)
+        dispatch = getattr(self.embedder, "dispatch", None)
+        pending = dispatch(texts) if dispatch is not None else (lambda: self.embedder(texts))
+        self.stats.embed_s += time.perf_counter() - t0
+        return pending
+
     def search(self, queries: Sequence[Any], *, filter_tokens: Sequence[Sequence[int]] | None = None,
-               threshold: float | None = None, k: int | None = None) -> np.ndarray:
+               threshold: float | None = None, k: int | None = None,
+               prepared: Callable[[], np.ndarray] | None = None) -> np.ndarray:
         """Top-k reference ids [n, k] (-1 where fewer than k survive the leakage filter).
 
         filter_tokens[i]: the text reference i must not leak (default: the query's own tokens,
         for text queries their tokenization). threshold None -> the retriever's; > 1 disables.
+        prepared: `prepare(queries)`, when the embedding was started earlier.
         """
         k = self.k if k is None else k
         threshold = self.threshold if threshold is None else threshold
@@ -114,7 +127,9 @@ class Retriever:
         if n == 0:
             return np.zeros((0, k), np.int64)
         t0 = time.perf_counter()
-        vecs = self.embedder(self._texts(queries))
+        vecs = prepared() if prepared is not None else self.embedder(self._texts(queries))
+        if len(vecs) != n:
+            raise ValueError(f"{len(vecs)} prepared query vectors for {n} queries")
         t1 = time.perf_counter()
         cand = min(max(self.candidates, k), len(self.index))
         cand_ids, _ = self.index.search(vecs, cand)
@@ -186,8 +201,8 @@ class Retriever:
         return mem
 
     # ---------------------------------------------------------------- decoding protocol
-    def retrieve(self, queries: Sequence[Any], *, filter_tokens=None, threshold: float | None = None
-                 ) -> tuple[np.ndarray, MemoryKV]:
+    def retrieve(self, queries: Sequence[Any], *, filter_tokens=None, threshold: float | None = None,
+                 prepared: Callable[[], np.ndarray] | None = None) -> tuple[np.ndarray, MemoryKV]:
         """Queries (token chunks or texts) -> (ids [n, k], MemoryKV of n * k memories)."""
-        ids = self.search(queries, filter_tokens=filter_tokens, threshold=threshold)
+        ids = self.search(queries, filter_tokens=filter_tokens, threshold=threshold, prepared=prepared)
         return ids, self.memories(ids)

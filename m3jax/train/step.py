@@ -290,25 +290,55 @@ def step_keys(train_cfg: TrainConfig) -> tuple[str, ...]:
     return BATCH_KEYS + (REF_KEYS if train_cfg.stage == "continual" else ())
 
 
-def _train_step(state: TrainState, batch: Mapping[str, Array], *, model_cfg: ModelConfig,
-                train_cfg: TrainConfig, tx: optax.GradientTransformation, schedule: optax.Schedule):
+def _batch_grads(params: Params, batch: Mapping[str, Array], model_cfg: ModelConfig,
+                 train_cfg: TrainConfig) -> tuple[Array, Array, Params]:
+    """(sum of target losses, number of targets, gradient of that sum) of one (micro)batch."""
     tc = train_cfg
     memory = None
     if tc.stage == "continual" and not tc.memory_grad:
         # Encoded outside the differentiated function: no residuals kept, no backward pass.
         memory = jax.lax.stop_gradient(
-            encode_references(state.params, model_cfg, batch["ref_tokens"], batch["ref_mask"], tc.memory_lookback))
+            encode_references(params, model_cfg, batch["ref_tokens"], batch["ref_mask"], tc.memory_lookback))
     inputs = {k: batch[k] for k in BATCH_KEYS}
     if tc.stage == "continual" and memory is None:
         inputs.update({k: batch[k] for k in REF_KEYS})
-    grad_fn = jax.value_and_grad(functools.partial(loss_fn, model_cfg=model_cfg, memory=memory,
-                                                   memory_grad=tc.memory_grad, lookback=tc.memory_lookback),
-                                 has_aux=True)
-    (loss, aux), grads = grad_fn(state.params, inputs)
+
+    def summed(p):
+        loss, aux = loss_fn(p, inputs, model_cfg, memory=memory, memory_grad=tc.memory_grad,
+                            lookback=tc.memory_lookback)
+        return loss * aux["tokens"], aux["tokens"]
+
+    (total, n), grads = jax.value_and_grad(summed, has_aux=True)(params)
+    return total, n, grads
+
+
+def _train_step(state: TrainState, batch: Mapping[str, Array], *, model_cfg: ModelConfig,
+                train_cfg: TrainConfig, tx: optax.GradientTransformation, schedule: optax.Schedule):
+    """One update on the mean target loss of the whole batch. With `grad_accum` = A > 1 the batch
+    is cut into A microbatches (rows a, a + A, a + 2A, ...: every device keeps its own rows) whose
+    summed losses and gradients are added up in a `lax.scan`, then divided by the total number of
+    targets: the same update as one pass over the batch, with the activations of one microbatch."""
+    A = train_cfg.grad_accum
+    if A == 1:
+        total, n, grads = _batch_grads(state.params, batch, model_cfg, train_cfg)
+    else:
+        micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape((x.shape[0] // A, A) + x.shape[1:]), 0, 1), batch)
+
+        def body(carry, mb):
+            t, m, g = carry
+            t_i, n_i, g_i = _batch_grads(state.params, mb, model_cfg, train_cfg)
+            return (t + t_i, m + n_i, jax.tree.map(jnp.add, g, g_i)), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), state.params)
+        (total, n, grads), _ = jax.lax.scan(body, (jnp.float32(0), jnp.float32(0), zeros), micro)
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+    denom = jnp.maximum(n, 1.0)
+    loss = total / denom
+    grads = jax.tree.map(lambda g: (g / denom).astype(g.dtype), grads)
     grad_norm = optax.tree.norm(jax.tree.map(lambda g: g.astype(jnp.float32), grads))
     lr = schedule(state.step)
     new_state = apply_gradients(state, grads, tx)
-    metrics = {"loss": loss, "tokens": aux["tokens"], "grad_norm": grad_norm, "lr": jnp.asarray(lr, jnp.float32)}
+    metrics = {"loss": loss, "tokens": n, "grad_norm": grad_norm, "lr": jnp.asarray(lr, jnp.float32)}
     return new_state, metrics
 
 
@@ -342,9 +372,12 @@ class TrainStep:
         batch = {k: batch[k] for k in self.keys}
         host = any(not isinstance(v, (jax.Array, jax.ShapeDtypeStruct)) for v in batch.values())
         B = batch["tokens"].shape[0] * (jax.process_count() if host else 1)  # the global batch
-        if B % self.batch_divisor:
-            raise ValueError(f"global batch {B} is not divisible by data x fsdp = {self.batch_divisor} of the mesh "
-                             f"{dict(self.mesh.shape)}")
+        A = self.train_cfg.grad_accum
+        if B % A:
+            raise ValueError(f"global batch {B} is not divisible by TrainConfig.grad_accum = {A}")
+        if (B // A) % self.batch_divisor:
+            raise ValueError(f"microbatch {B // A} (global batch {B} / grad_accum {A}) is not divisible by "
+                             f"data x fsdp = {self.batch_divisor} of the mesh {dict(self.mesh.shape)}")
         if self.mesh is not None and host:
             batch = S.shard_batch(batch, self.mesh)
         return batch
