@@ -92,3 +92,8 @@ def test_aot_oom_is_reported_not_raised():
                      mesh=MeshConfig(1, 4, 1))
     r = A.compile_train(cfg, tc, mesh, 1 << 16, 256)
     assert r["fits"] is False and r["oom"]["required_bytes"] > r["oom"]["available_bytes"] > 0, r
+    # the same global batch in 64 microbatches (TrainConfig.grad_accum): one microbatch's activations
+    import dataclasses
+
+    r = A.compile_train(cfg, dataclasses.replace(tc, grad_accum=64), mesh, 1 << 16, 256)
+    assert r["fits"] and r["memory"]["temp"] < 16 * 2**30, r
