@@ -502,6 +502,11 @@ class Generator:
             raise ValueError(f"pipeline must be >= 1, got {depth}")
         max_new, stops = self._options(mode, max_new_tokens, stop_tokens, ignore_eos)
         batches = [self._encode_prompts(b) for b in prompt_batches]
+        for i, b in enumerate(batches):  # fail before any work (RAG lengths are known only later)
+            longest = max(len(p) for p in b)
+            if mode != "rag" and longest + max_new > self.decode_config.max_cache_len:
+                raise ValueError(f"batch {i}: prompt of {longest} tokens + {max_new} new tokens exceeds the KV "
+                                 f"cache (max_cache_len={self.decode_config.max_cache_len})")
         results: list[GenerationResult | None] = [None] * len(batches)
         prompt_retrievals: dict[int, _Retrieval | None] = {}
 

@@ -201,6 +201,11 @@ def test_generate_many_equals_generate_per_batch(mode):
         assert alone[0].stats.swap_steps == [16, 32]  # the test exercises swaps
     with pytest.raises(ValueError, match="pipeline"):
         gen.generate_many(batches, mode=mode, pipeline=0)
+    if mode != "rag":  # a batch that cannot fit fails before any batch is generated
+        calls = len(ret.calls)
+        with pytest.raises(ValueError, match="batch 1: prompt of 250 tokens"):
+            gen.generate_many([batches[0], [[CFG.bos_id] + [5] * 249]], mode=mode, max_new_tokens=40)
+        assert len(ret.calls) == calls
 
 
 class GatedRetriever(TableRetriever):
