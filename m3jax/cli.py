@@ -228,7 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # `eval` and `convert` hand their arguments to their own parsers; argparse's REMAINDER does
+    # not take a leading option such as `--help`, so unknown arguments go to them as well.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "rest"):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.rest = extra + list(args.rest)
     return int(args.fn(args) or 0)
 
 
