@@ -175,25 +175,27 @@ class GenerationResult:
 
 class _Retrieval:
     """A retrieval running on the generator's background thread: `wait()` -> its result, and the
-    seconds the caller waited for it are kept apart from the seconds it worked."""
+    seconds the caller waited for it are kept apart from the seconds it worked. `prep_s`: time
+    the calling thread already spent on it (starting the query encoder), counted as both."""
 
-    def __init__(self, pool: concurrent.futures.Executor, fn: Callable, *args):
-        self.work_s = 0.0
+    def __init__(self, pool: concurrent.futures.Executor, fn: Callable, *args, prep_s: float = 0.0):
+        self.prep_s = prep_s
+        self.work_s = prep_s
 
         def timed():
             t0 = time.perf_counter()
             try:
                 return fn(*args)
             finally:
-                self.work_s = time.perf_counter() - t0
+                self.work_s = self.prep_s + time.perf_counter() - t0
 
         self._future = pool.submit(timed)
 
     def wait(self) -> tuple[object, float]:
-        """(result, seconds waited)."""
+        """(result, seconds waited, including the caller's `prep_s`)."""
         t0 = time.perf_counter()
         out = self._future.result()
-        return out, time.perf_counter() - t0
+        return out, self.prep_s + time.perf_counter() - t0
 
 
 @dataclass(eq=False)
@@ -299,9 +301,11 @@ class Generator:
     def _retrieval(self, queries: list[list[int]], batch: int, chunks: int) -> _Retrieval:
         """Start retrieving memories for `queries` on the background thread. The query encoder is
         enqueued on the device first, from this thread, before the caller enqueues more decoding."""
+        t0 = time.perf_counter()
         prepare = getattr(self.retriever, "prepare", None)
         prepared = prepare(queries) if prepare is not None else None
-        return _Retrieval(self._pool, self._chunk_memory, queries, batch, chunks, prepared)
+        return _Retrieval(self._pool, self._chunk_memory, queries, batch, chunks, prepared,
+                          prep_s=time.perf_counter() - t0)
 
     def _prompt_queries(self, prompts: list[list[int]], chunks: int) -> list[list[int]]:
         cs = self.config.chunk_size
