@@ -583,24 +583,13 @@ def build_pods(args: argparse.Namespace) -> list[PodConfig]:
         ch: dict[str, Any] = {}
         if args.topology and args.config:
             ch["topology"] = args.topology
-        if args.preset:
-            ch["preset"] = args.preset
-        if args.global_batch:
-            ch["global_batch"] = args.global_batch
-        if args.seq_len:
-            ch["seq_len"] = args.seq_len
-        if args.stage:
-            ch["stage"] = args.stage
-        if args.mesh:
-            ch["mesh"] = parse_mesh(args.mesh, p.mesh)
-        if args.decode_mesh:
-            ch["decode_mesh"] = parse_mesh(args.decode_mesh, p.decode_mesh)
-        if args.decode_batch_per_shard:
-            ch["decode_batch_per_shard"] = args.decode_batch_per_shard
-        if args.decode_cache_len:
-            ch["decode_cache_len"] = args.decode_cache_len
-        if args.num_slices:
-            ch["num_slices"] = args.num_slices
+        for name in ("preset", "global_batch", "seq_len", "stage", "decode_batch_per_shard", "decode_cache_len",
+                     "num_slices"):  # flags that replace the config's field of the same name
+            if getattr(args, name):
+                ch[name] = getattr(args, name)
+        for name in ("mesh", "decode_mesh"):
+            if getattr(args, name):
+                ch[name] = parse_mesh(getattr(args, name), getattr(p, name))
         out.append(p.replace(**ch) if ch else p)
     return out
 
