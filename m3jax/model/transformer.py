@@ -234,12 +234,12 @@ def prefix_kv(params: Params, config: ModelConfig) -> dict[str, tuple[Array, Arr
     r = config.prefix_len
     tokens = jnp.asarray(config.reference_prefix, jnp.int32)[None]
     pos = jnp.arange(r, dtype=jnp.int32)[None]
-    cache = init_kv_layers(config, 1, r, jnp.dtype(config.dtype))
     x = _embed(params, config, tokens)
-    _, cache, _ = _run_stacks(params, config, x, pos, _causal_mask(pos[0], r)[None], cache=cache, slots_BT=pos)
-    return {name: (jnp.stack([jnp.swapaxes(k[0], 0, 1) for k, _ in layers]),
-                   jnp.stack([jnp.swapaxes(v[0], 0, 1) for _, v in layers]))
-            for name, layers in cache.items()}
+    # The scanned (training) path with a tap on each layer's keys and values: `forward` calls
+    # this inside the train step, where unrolled layers would multiply the compile.
+    _, _, taps = _run_stacks(params, config, x, pos, _causal_mask(pos[0], r)[None],
+                             tap=lambda q, k, k_rot, v: (k_rot[0], v[0]))
+    return taps
 
 
 def init_kv_layers(config: ModelConfig, batch: int, length: int, dtype=jnp.float32):
