@@ -47,7 +47,7 @@ from m3jax import sharding as S
 from m3jax.config import ModelConfig, TrainConfig
 from m3jax.memory.encode import encode
 from m3jax.model import ChunkMemory, MemoryKV, check_params, forward, init
-from m3jax.model.transformer import Params
+from m3jax.model.transformer import Params, param_axes
 
 Array = jax.Array
 
@@ -291,8 +291,9 @@ def step_keys(train_cfg: TrainConfig) -> tuple[str, ...]:
 
 
 def _batch_grads(params: Params, batch: Mapping[str, Array], model_cfg: ModelConfig,
-                 train_cfg: TrainConfig) -> tuple[Array, Array, Params]:
-    """(sum of target losses, number of targets, gradient of that sum) of one (micro)batch."""
+                 train_cfg: TrainConfig, denom: Array) -> tuple[Array, Array, Params]:
+    """(loss, number of targets, gradient of the loss) of one (micro)batch, its mean target loss
+    weighted by its share of the `denom` targets of the whole batch (weight 1 for one pass)."""
     tc = train_cfg
     memory = None
     if tc.stage == "continual" and not tc.memory_grad:
@@ -303,38 +304,37 @@ def _batch_grads(params: Params, batch: Mapping[str, Array], model_cfg: ModelCon
     if tc.stage == "continual" and memory is None:
         inputs.update({k: batch[k] for k in REF_KEYS})
 
-    def summed(p):
+    def weighted(p):
         loss, aux = loss_fn(p, inputs, model_cfg, memory=memory, memory_grad=tc.memory_grad,
                             lookback=tc.memory_lookback)
-        return loss * aux["tokens"], aux["tokens"]
+        return loss * (aux["tokens"] / denom), aux["tokens"]
 
-    (total, n), grads = jax.value_and_grad(summed, has_aux=True)(params)
-    return total, n, grads
+    (loss, n), grads = jax.value_and_grad(weighted, has_aux=True)(params)
+    return loss, n, grads
 
 
 def _train_step(state: TrainState, batch: Mapping[str, Array], *, model_cfg: ModelConfig,
                 train_cfg: TrainConfig, tx: optax.GradientTransformation, schedule: optax.Schedule):
     """One update on the mean target loss of the whole batch. With `grad_accum` = A > 1 the batch
-    is cut into A microbatches (rows a, a + A, a + 2A, ...: every device keeps its own rows) whose
-    summed losses and gradients are added up in a `lax.scan`, then divided by the total number of
-    targets: the same update as one pass over the batch, with the activations of one microbatch."""
+    is cut into A microbatches (rows a, a + A, a + 2A, ...: every device keeps its own rows); each
+    microbatch's loss is weighted by its share of the batch's targets and the gradients are added
+    up in float32 in a `lax.scan` (the accumulator sharded like the params): the same update as
+    one pass over the batch, with the activations of one microbatch."""
     A = train_cfg.grad_accum
+    denom = jnp.maximum(jnp.sum(batch["loss_mask"][:, 1:].astype(jnp.float32)), 1.0)
     if A == 1:
-        total, n, grads = _batch_grads(state.params, batch, model_cfg, train_cfg)
+        loss, n, grads = _batch_grads(state.params, batch, model_cfg, train_cfg, denom)
     else:
         micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape((x.shape[0] // A, A) + x.shape[1:]), 0, 1), batch)
 
         def body(carry, mb):
-            t, m, g = carry
-            t_i, n_i, g_i = _batch_grads(state.params, mb, model_cfg, train_cfg)
-            return (t + t_i, m + n_i, jax.tree.map(jnp.add, g, g_i)), None
+            l, m, g = carry
+            l_i, n_i, g_i = _batch_grads(state.params, mb, model_cfg, train_cfg, denom)
+            return (l + l_i, m + n_i, jax.tree.map(lambda a, b: a + b.astype(a.dtype), g, g_i)), None
 
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), state.params)
-        (total, n, grads), _ = jax.lax.scan(body, (jnp.float32(0), jnp.float32(0), zeros), micro)
-        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
-    denom = jnp.maximum(n, 1.0)
-    loss = total / denom
-    grads = jax.tree.map(lambda g: (g / denom).astype(g.dtype), grads)
+        zeros = jax.tree.map(lambda p, ax: S.constrain(jnp.zeros(p.shape, jnp.float32), ax),
+                             state.params, param_axes(model_cfg))
+        (loss, n, grads), _ = jax.lax.scan(body, (jnp.float32(0), jnp.float32(0), zeros), micro)
     grad_norm = optax.tree.norm(jax.tree.map(lambda g: g.astype(jnp.float32), grads))
     lr = schedule(state.step)
     new_state = apply_gradients(state, grads, tx)
