@@ -30,6 +30,7 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[test,tpu]'
 	JAX_PLATFORMS=cpu $(PY) -m pytest -q -m slow
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q tests/test_aot.py
 
 bench: $(STAMP)
 	$(PY) experiments/bench.py --preset demo --out bench.json

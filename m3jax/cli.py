@@ -4,7 +4,7 @@
     m3jax build-memory --model DIR --out KB  corpus + model -> memory bank + index
     m3jax generate --model DIR [--kb KB] --prompt TEXT [--mode memory|rag|none]
     m3jax generate --model DIR --kb KB --prompts-file prompts.txt --out answers.jsonl
-    m3jax eval --model DIR --kb KB           perplexity / QA in the three modes
+    m3jax eval --checkpoint DIR --bank KB    perplexity / QA in the three modes
     m3jax convert --from hf|gguf PATH --out DIR
     m3jax presets                            list model presets with their sizes
 """
@@ -37,15 +37,6 @@ def _presets(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_model(path: str):
-    from m3jax.convert import load_checkpoint_dir
-
-    config, params, tok = load_checkpoint_dir(path)
-    if tok is None:
-        raise SystemExit(f"{path}: the checkpoint has no tokenizer/ directory")
-    return config, params, tok
-
-
 def _documents(args: argparse.Namespace) -> list[tuple[int, str]]:
     if args.corpus:
         docs = []
@@ -66,7 +57,7 @@ def _documents(args: argparse.Namespace) -> list[tuple[int, str]]:
 def _build_memory(args: argparse.Namespace) -> int:
     from m3jax.memory.build import build_knowledge_base
 
-    config, params, tok = _load_model(args.model)
+    config, params, tok = load_model(args.model)
     kb = build_knowledge_base(args.out, params, config, tok, _documents(args), codec=args.codec,
                               batch_size=args.batch_size)
     s = kb.info["bank"]
@@ -81,7 +72,7 @@ def _generate(args: argparse.Namespace) -> int:
     from m3jax.decode import Generator
     from m3jax.memory.build import open_knowledge_base
 
-    config, params, tok = _load_model(args.model)
+    config, params, tok = load_model(args.model)
     retriever = None
     if args.kb:
         retriever = open_knowledge_base(args.kb, config, params).retriever(tokenizer=tok)
