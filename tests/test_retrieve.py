@@ -103,6 +103,36 @@ def test_prepared_queries_give_the_same_result(setup):
         ret.search(qs[:2], prepared=handle)
 
 
+class ShortRows:
+    """An index whose rows come back with -1 at the end (as ScaNN pads a short leaf)."""
+
+    def __init__(self, index):
+        self.index, self.dim = index, index.dim
+
+    def __len__(self):
+        return len(self.index)
+
+    def search(self, vecs, k):
+        ids, d = self.index.search(vecs, k)
+        ids, d = ids.copy(), d.copy()
+        ids[:, k // 2:] = -1
+        return ids, d
+
+
+def test_short_index_rows_and_empty_queries(setup):
+    refs, ret, _ = setup
+    ret.index = ShortRows(ret.index)
+    calls = []
+    ret.embedder = FunctionEmbedder(lambda t: calls.append(list(t)) or _bow(t), DIM)
+    q = refs[7][:16]  # leaks reference 7 (16/20 > 2/3)
+    ids = ret.search([q, [], refs[3][:10]])
+    assert 7 not in ids[0] and ids[2, 0] == 3 and (ids[1] == -1).all()
+    assert len(calls) == 1 and len(calls[0]) == 2  # the empty query was not embedded
+    assert ret.search([[], []]).tolist() == [[-1, -1], [-1, -1]] and len(calls) == 1
+    ids, mem = ret.retrieve([[], refs[3][:10]], prepared=ret.prepare([[], refs[3][:10]]))
+    assert ids[0].tolist() == [-1, -1] and not np.asarray(mem.mask_NT)[:2].any()
+
+
 def test_errors(setup):
     refs, ret, _ = setup
     with pytest.raises(ValueError, match="dim"):

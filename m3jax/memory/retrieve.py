@@ -104,11 +104,15 @@ class Retriever:
     def prepare(self, queries: Sequence[Any]) -> Callable[[], np.ndarray]:
         """Start embedding `queries` now (detokenize, enqueue the encoder on the device); pass the
         result as `prepared=` to `search` / `retrieve` of the same queries, which may run on
-        another thread. Embedders without `dispatch` embed when the result is called."""
+        another thread. Embedders without `dispatch` embed when the result is called. Empty
+        queries are not embedded (`search` gives them no references)."""
         t0 = time.perf_counter()
-        texts = self._texts(queries)
+        texts = self._texts([q for q in queries if len(q)])
         dispatch = getattr(self.embedder, "dispatch", None)
-        pending = dispatch(texts) if dispatch is not None else (lambda: self.embedder(texts))
+        if not texts:
+            pending = lambda: np.zeros((0, self.embedder.dim), np.float32)  # noqa: E731
+        else:
+            pending = dispatch(texts) if dispatch is not None else (lambda: self.embedder(texts))
         self.stats.embed_s += time.perf_counter() - t0
         return pending
 
@@ -119,17 +123,31 @@ class Retriever:
 
         filter_tokens[i]: the text reference i must not leak (default: the query's own tokens,
         for text queries their tokenization). threshold None -> the retriever's; > 1 disables.
-        prepared: `prepare(queries)`, when the embedding was started earlier.
+        prepared: `prepare(queries)`, when the embedding was started earlier. An empty query (a
+        chunk past the end of a prompt, a finished sequence) gets no references and costs nothing.
         """
         k = self.k if k is None else k
         threshold = self.threshold if threshold is None else threshold
         n = len(queries)
-        if n == 0:
-            return np.zeros((0, k), np.int64)
+        out = np.full((n, k), -1, np.int64)
+        rows = [i for i, q in enumerate(queries) if len(q)]
+        if filter_tokens is not None and len(filter_tokens) != n:
+            raise ValueError(f"{len(filter_tokens)} filter texts for {n} queries")
         t0 = time.perf_counter()
-        vecs = prepared() if prepared is not None else self.embedder(self._texts(queries))
-        if len(vecs) != n:
-            raise ValueError(f"{len(vecs)} prepared query vectors for {n} queries")
+        if prepared is not None:
+            vecs = prepared()
+        else:
+            vecs = self.embedder(self._texts([queries[i] for i in rows])) if rows else np.zeros((0, 1), np.float32)
+        if len(vecs) != len(rows):
+            raise ValueError(f"{len(vecs)} prepared query vectors for {len(rows)} non-empty queries")
+        self.stats.calls += 1
+        self.stats.queries += n
+        if not rows:
+            return out
+        queries = [queries[i] for i in rows]
+        if filter_tokens is not None:
+            filter_tokens = [filter_tokens[i] for i in rows]
+        n = len(rows)
         t1 = time.perf_counter()
         cand = min(max(self.candidates, k), len(self.index))
         cand_ids, _ = self.index.search(vecs, cand)
@@ -138,24 +156,20 @@ class Retriever:
         if threshold <= 1.0:
             if filter_tokens is None:
                 filter_tokens = [q if not isinstance(q, str) else self.tokenizer.encode(q) for q in queries]
-            if len(filter_tokens) != n:
-                raise ValueError(f"{len(filter_tokens)} filter texts for {n} queries")
-            refs = self.reference_tokens(cand_ids)
+            refs = self.reference_tokens(cand_ids)  # skips -1 (an index row with fewer hits)
             pairs_q = [filter_tokens[i] for i in range(n) for _ in refs[i]]
             pairs_r = [r for row in refs for r in row]
             leak = leak_mask(pairs_q, pairs_r, threshold) if pairs_r else np.zeros(0, bool)
-            keep = ~leak.reshape(cand_ids.shape)
+            keep[cand_ids >= 0] = ~leak  # row-major over the valid candidates, as the pairs
             self.stats.filtered += int(leak.sum())
+        keep &= cand_ids >= 0
         t3 = time.perf_counter()
-        out = np.full((n, k), -1, np.int64)
-        for i in range(n):
+        for i, row in enumerate(rows):
             kept = cand_ids[i][keep[i]][:k]
-            out[i, : len(kept)] = kept
+            out[row, : len(kept)] = kept
         self.stats.embed_s += t1 - t0
         self.stats.search_s += t2 - t1
         self.stats.filter_s += t3 - t2
-        self.stats.calls += 1
-        self.stats.queries += n
         return out
 
     def memories(self, ids: np.ndarray) -> MemoryKV:
@@ -171,13 +185,14 @@ class Retriever:
         with self._lock:
             want = [int(i) for i in dict.fromkeys(flat.tolist()) if i >= 0]
             misses = [i for i in want if i not in self._cache]
-            self.stats.cache_hits += int(sum(1 for i in flat if i >= 0 and int(i) not in misses))
+            missed = set(misses)
+            self.stats.cache_hits += int(sum(1 for i in flat.tolist() if i >= 0 and i not in missed))
             self.stats.cache_misses += len(misses)
             rows: dict[int, tuple[np.ndarray, np.ndarray]] = {}
             if misses:
                 codes, mask = self.bank.gather_codes(np.asarray(misses, np.int64))
                 for j, i in enumerate(misses):
-                    rows[i] = (codes[j], mask[j])
+                    rows[i] = (codes[j].copy(), mask[j].copy())  # a cached row must not pin the batch
                     if self.cache_size > 0:
                         self._cache[i] = rows[i]
             for i in want:
