@@ -55,6 +55,7 @@ def _documents(args: argparse.Namespace) -> list[tuple[int, str]]:
 
 
 def _build_memory(args: argparse.Namespace) -> int:
+    from m3jax.eval import load_model
     from m3jax.memory.build import build_knowledge_base
 
     config, params, tok = load_model(args.model)
@@ -70,6 +71,7 @@ def _build_memory(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from m3jax.config import DecodeConfig
     from m3jax.decode import Generator
+    from m3jax.eval import load_model
     from m3jax.memory.build import open_knowledge_base
 
     config, params, tok = load_model(args.model)
@@ -85,9 +87,15 @@ def _generate(args: argparse.Namespace) -> int:
     if args.prompts_file:
         return _generate_file(gen, args)
 
-    def stream(new):
-        sys.stdout.write(tok.decode(new[0]))
+    done: list[int] = []
+    shown = [""]
+
+    def stream(new):  # decode everything so far: a character may span two chunks
+        done.extend(new[0])
+        text = tok.decode(done)
+        sys.stdout.write(text[len(shown[0]):])
         sys.stdout.flush()
+        shown[0] = text
 
     sys.stdout.write(args.prompt)
     res = gen.generate([args.prompt], mode=args.mode, stream=stream)

@@ -61,6 +61,9 @@ class MemorySource(Protocol):
         """Token chunks -> (reference ids [n, k] with -1 for none, MemoryKV of n * k memories,
         masked where there is no reference)."""
 
+    def search(self, queries: Sequence[Sequence[int]]) -> np.ndarray:
+        """Token chunks -> reference ids [n, k] (-1 for none), without reading memories (RAG)."""
+
     def reference_tokens(self, ids: np.ndarray) -> list[list[list[int]]]:
         """Reference ids [n, k] -> their token ids (for RAG)."""
 
@@ -220,6 +223,7 @@ class _Run:
     generated: list[list[int]] = field(default_factory=list)
     finished: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     step: int = 0
+    stop_arr: Array | None = None  # `stops` on the device
     pending: _Retrieval | None = None  # memories of the next chunk, being retrieved
     out: tuple | None = None  # the dispatched chunk's (tokens, steps run)
     t_dispatch: float = 0.0
@@ -290,12 +294,8 @@ class Generator:
         else:
             ids, mem = self.retriever.retrieve(queries)
         mem.check(self.config)
-        empty = np.array([len(q) == 0 for q in queries])
-        if empty.any():  # chunks past the end of a prompt read nothing
-            mask = np.asarray(mem.mask_NT).reshape(len(queries), -1, mem.mask_NT.shape[1]).copy()
-            mask[empty] = False
-            mem = MemoryKV(mem.kv_NLZKTH, jnp.asarray(mask.reshape(mem.mask_NT.shape)))
-            ids = np.where(empty[:, None], -1, ids)
+        # An empty query (a chunk past the end of a prompt, a finished sequence) is only read by
+        # padding; `Retriever` gives it no references.
         return _arrange(mem, batch, chunks, jnp.dtype(self.config.dtype)), np.asarray(ids)
 
     def _retrieval(self, queries: list[list[int]], batch: int, chunks: int) -> _Retrieval:
@@ -311,10 +311,10 @@ class Generator:
         cs = self.config.chunk_size
         return [p[c * cs:(c + 1) * cs] for p in prompts for c in range(chunks)]
 
-    def _prompt_chunks(self, prompts: list[list[int]]) -> int:
-        lengths = np.array([len(p) for p in prompts])
-        return int(-(-lengths.max() // self.decode_config.prompt_bucket) * self.decode_config.prompt_bucket
-                   ) // self.config.chunk_size
+    def _padded_len(self, prompts: list[list[int]]) -> int:
+        """The prompt bucket of a batch (a multiple of `prompt_bucket`, hence of chunk_size)."""
+        bucket = self.decode_config.prompt_bucket
+        return -(-max(len(p) for p in prompts) // bucket) * bucket
 
     def _check_mode(self, mode: str) -> None:
         if mode not in MODES:
@@ -329,9 +329,9 @@ class Generator:
         or the first chunk's references (`rag`)."""
         if mode == "rag":
             first = [p[: self.config.chunk_size] for p in prompts]
-            return _Retrieval(self._pool, self.retriever.retrieve, first)
+            return _Retrieval(self._pool, self.retriever.search, first)
         if mode == "memory":
-            chunks = self._prompt_chunks(prompts)
+            chunks = self._padded_len(prompts) // self.config.chunk_size
             return self._retrieval(self._prompt_queries(prompts, chunks), len(prompts), chunks)
         return None
 
@@ -348,7 +348,7 @@ class Generator:
             retrieval = self._prompt_retrieval(prompts, mode)
 
         if mode == "rag":  # one retrieval with the first chunk, references prepended
-            (ids, _), waited = retrieval.wait()
+            ids, waited = retrieval.wait()
             t0 = time.perf_counter()
             refs = self.retriever.reference_tokens(np.asarray(ids))
             prompts = [[c.bos_id] + [t for r in rs for t in r] + p[1:] for p, rs in zip(prompts, refs)]
@@ -359,8 +359,7 @@ class Generator:
             stats.retrievals += 1
 
         lengths = np.array([len(p) for p in prompts], np.int32)
-        bucket = dc.prompt_bucket
-        P = int(-(-lengths.max() // bucket) * bucket)
+        P = self._padded_len(prompts)
         if lengths.max() + max_new > dc.max_cache_len:
             raise ValueError(f"prompt of {lengths.max()} tokens + {max_new} new tokens exceeds the KV cache "
                              f"(max_cache_len={dc.max_cache_len})")
@@ -401,6 +400,7 @@ class Generator:
         return _Run(prompts=prompts, mode=mode, max_new=max_new, stops=stops, stream=stream, stats=stats,
                     retrieved=retrieved, cache=cache, logits=logits, memory=memory,
                     key=jax.random.PRNGKey(seed), done=jnp.zeros((B,), bool),
+                    stop_arr=jnp.asarray(stops, jnp.int32),
                     budget=jnp.full((B,), max_new, jnp.int32), t_start=t_start,
                     generated=[[] for _ in range(B)], finished=np.zeros(B, bool))
 
@@ -421,7 +421,7 @@ class Generator:
         run.t_dispatch = time.perf_counter()
         out, ran, run.cache, run.logits, run.done, run.budget = _decode_chunk(
             self.params, c, sampling, self.prefix, run.cache, run.memory, run.logits, run.key,
-            jnp.int32(run.step), jnp.int32(n), run.done, run.budget, jnp.asarray(run.stops, jnp.int32))
+            jnp.int32(run.step), jnp.int32(n), run.done, run.budget, run.stop_arr)
         run.out = (out, ran)
 
     def _collect(self, run: _Run) -> None:
@@ -429,7 +429,8 @@ class Generator:
         of the next chunk's memories with the chunk just generated."""
         c = self.config
         out, ran = run.out
-        out_np, ran = np.asarray(out), int(ran)
+        out_np, ran = jax.device_get((out, ran))  # one transfer for both
+        ran = int(ran)
         run.out = None
         run.stats.decode_s += time.perf_counter() - run.t_dispatch
         new = []

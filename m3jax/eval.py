@@ -422,12 +422,17 @@ class _EvalSource:
         self.filters: list[list[int]] = []
         self.budgets: list[int] | None = None
 
+    def search(self, queries):
+        if not self.filters:
+            return self.retriever.search(queries)
+        per = max(1, len(queries) // len(self.filters))  # prefill: B * chunks, swaps: B queries
+        filt = [self.filters[min(i // per, len(self.filters) - 1)] for i in range(len(queries))]
+        return self.retriever.search(queries, filter_tokens=filt, threshold=self.threshold)
+
     def retrieve(self, queries):
         if not (hasattr(self.retriever, "search") and hasattr(self.retriever, "memories")) or not self.filters:
             return self.retriever.retrieve(queries)
-        per = max(1, len(queries) // len(self.filters))  # prefill: B * chunks, swaps: B queries
-        filt = [self.filters[min(i // per, len(self.filters) - 1)] for i in range(len(queries))]
-        ids = self.retriever.search(queries, filter_tokens=filt, threshold=self.threshold)
+        ids = self.search(queries)
         return ids, self.retriever.memories(ids)
 
     def reference_tokens(self, ids):
@@ -764,7 +769,7 @@ def load_model(directory: str) -> tuple[ModelConfig, Params, Any]:
 
     config, params, tok = load_checkpoint_dir(directory)
     if tok is None:
-        raise SystemExit(f"{directory}: the checkpoint has no tokenizer/ directory; evaluation needs one")
+        raise SystemExit(f"{directory}: the checkpoint has no tokenizer/ directory (m3jax needs one)")
     return config, params, tok
 
 

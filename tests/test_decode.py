@@ -46,6 +46,9 @@ class TableRetriever:
         ids = np.array([self.ids_for(q) for q in queries], np.int64)
         return ids, self.mem.take(jnp.asarray(ids.reshape(-1)))
 
+    def search(self, queries):
+        return self.retrieve(queries)[0]
+
     def reference_tokens(self, ids):
         return [[self.refs[i] for i in row if i >= 0] for row in np.asarray(ids)]
 
