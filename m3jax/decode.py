@@ -131,7 +131,8 @@ def _decode_chunk(params: Params, config: ModelConfig, sampling: tuple[float, in
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _arrange(mem: MemoryKV, batch: int, chunks: int, dtype) -> ChunkMemory:
+def arrange_memory(mem: MemoryKV, batch: int, chunks: int, dtype) -> ChunkMemory:
+    """n = batch * chunks * k memories -> the `ChunkMemory` the model reads, in `dtype` (jitted)."""
     cm = ChunkMemory.from_memories(mem, batch, chunks)
     return cm.replace(k_LBCSKH=cm.k_LBCSKH.astype(dtype), v_LBCSKH=cm.v_LBCSKH.astype(dtype))
 
@@ -296,7 +297,7 @@ class Generator:
         mem.check(self.config)
         # An empty query (a chunk past the end of a prompt, a finished sequence) is only read by
         # padding; `Retriever` gives it no references.
-        return _arrange(mem, batch, chunks, jnp.dtype(self.config.dtype)), np.asarray(ids)
+        return arrange_memory(mem, batch, chunks, jnp.dtype(self.config.dtype)), np.asarray(ids)
 
     def _retrieval(self, queries: list[list[int]], batch: int, chunks: int) -> _Retrieval:
         """Start retrieving memories for `queries` on the background thread. The query encoder is

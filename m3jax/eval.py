@@ -58,11 +58,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from m3jax.config import DecodeConfig, ModelConfig
+from m3jax.decode import MODES, arrange_memory
 from m3jax.memory.overlap import EVAL_THRESHOLD
 from m3jax.model.memory import ChunkMemory
 from m3jax.model.transformer import Params, check_params, forward, prefix_kv
 
-MODES: tuple[str, ...] = ("memory", "rag", "none")
 QA_TEMPLATE = "Description: {description}\nTitle:"
 FANOUTQA_TEMPLATE = "Question: {question}\nAnswer:"
 
@@ -194,10 +194,7 @@ def _chunk_memory(batch: list[ScoreInput], B: int, C: int, config: ModelConfig, 
             ids[b, chunks] = row
     mem = retriever.memories(ids.reshape(B * C, m))
     mem.check(config)
-    cm = ChunkMemory.from_memories(mem, B, C)
-    dt = jnp.dtype(config.dtype)
-    cm = cm.replace(k_LBCSKH=cm.k_LBCSKH.astype(dt), v_LBCSKH=cm.v_LBCSKH.astype(dt))
-    return cm, ids
+    return arrange_memory(mem, B, C, jnp.dtype(config.dtype)), ids
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool):
@@ -262,7 +259,7 @@ def _as_sequence(x: str | Sequence[int], config: ModelConfig, tokenizer: Any) ->
     if isinstance(x, str):
         if tokenizer is None:
             raise ValueError("texts need a tokenizer; pass token id lists or a tokenizer")
-        return tokenizer.encode(x, bos=True)
+        return [config.bos_id] + tokenizer.encode(x)  # the model's BOS, as `Generator` does
     ids = [int(t) for t in x]
     return ids if ids and ids[0] == config.bos_id else [config.bos_id] + ids
 
@@ -529,7 +526,7 @@ def score_qa(params: Params, config: ModelConfig, items: Sequence[QAItem], *, mo
         raise ValueError("no QA items to score")
     prompts, inputs = [], []
     for it in items:
-        p = tokenizer.encode(it.prompt, bos=True)
+        p = _as_sequence(it.prompt, config, tokenizer)
         a = tokenizer.encode(it.answer)
         if not a:
             raise ValueError(f"QA item {it.qid!r} has an empty answer")
@@ -645,7 +642,7 @@ def score_mc(params: Params, config: ModelConfig, items: Sequence[MCItem], *, mo
         raise ValueError("no multiple-choice items to score")
     inputs, owner, lengths = [], [], []
     for i, it in enumerate(items):
-        ctx = tokenizer.encode(it.context, bos=True)
+        ctx = _as_sequence(it.context, config, tokenizer)
         for ch in it.choices:
             cont = _continuation(it.context, ch)
             toks = tokenizer.encode(cont)
@@ -724,7 +721,7 @@ def evaluate(params: Params, config: ModelConfig, *, tokenizer: Any, retriever: 
     common = dict(retriever=retriever, batch_size=batch_size, threshold=threshold, progress=progress)
     generator = None  # one generator for every mode and QA set (compiled once per shape)
     if max_new_tokens > 0 and (qa or fq):
-        longest = max(len(tokenizer.encode(it.prompt, bos=True)) for it in qa + fq)
+        longest = max(len(_as_sequence(it.prompt, config, tokenizer)) for it in qa + fq)
         generator = make_generator(params, config, tokenizer, retriever, longest, max_new_tokens,
                                    rag="rag" in modes, decode_kwargs=generator_kwargs)
     for mode in modes:
