@@ -69,36 +69,6 @@ def median_ms(fn: Callable[[], Any], repeats: int) -> float:
     return float(np.median(ts_) * 1e3)
 
 
-@dataclasses.dataclass
-class Timing:
-    """Seconds: median and every timed run; first_s is the first (untimed) call, which holds the
-    compile time when `fn` was not compiled before."""
-
-    median_s: float
-    runs_s: list[float]
-    first_s: float | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"median_s": self.median_s, "runs_s": self.runs_s, "first_call_s": self.first_s}
-
-
-def timeit(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1) -> Timing:
-    """Median of `repeats` timed calls of `fn()` (each blocked until ready) after `warmup`
-    untimed calls; the first untimed call's time is kept as `first_s`."""
-    first = None
-    for i in range(warmup):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        if i == 0:
-            first = time.perf_counter() - t
-    runs = []
-    for _ in range(max(1, repeats)):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        runs.append(time.perf_counter() - t)
-    return Timing(float(statistics.median(runs)), runs, first)
-
-
 class Runner:
     """A named zero-argument callable timed by `interleaved`: `run(timed)` calls it, blocks until
     its result is ready and, when timed, records the seconds in `times`."""

@@ -38,17 +38,18 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-serial", action="store_true", help="skip the memory_serial (pipeline=1) case")
     ap.add_argument("--dtype", default=None, help="activation dtype override (e.g. bfloat16 on GPU)")
-    ap.add_argument("--work", default=None, help="cache dir for the bank / index (default: a temp dir)")
+    ap.add_argument("--work", default=None, help="cache dir for the bank / index (default: "
+                                                 "$TMPDIR/m3jax_bench_cache, keyed by every input)")
     ap.add_argument("--out", default="bench_decode.json")
     args = ap.parse_args(argv)
     if args.batches < 1 or args.pipeline < 1 or args.batch < 1:
         ap.error("--batch, --batches and --pipeline must be >= 1")
 
-    from _bench_utils import (decode_config_for, decode_setup, device_info, device_name, log,
+    from _bench_utils import (decode_config_for, decode_setup, default_work_dir, device_info, device_name, log,
                               run_generate_interleaved, table, write_json)
 
     setup = decode_setup(args.preset, references=args.references, codec=args.codec,
-                         tokenizer_extra=args.batch * 4, dtype=args.dtype, work=args.work)
+                         tokenizer_extra=args.batch * 4, dtype=args.dtype, work=args.work or default_work_dir())
     cfg, kb = setup.cfg, setup.kb
     prompts = setup.prompts(args.batch * args.batches, args.prompt_len)
     batches = [prompts[i * args.batch:(i + 1) * args.batch] for i in range(args.batches)]
