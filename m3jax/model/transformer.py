@@ -146,11 +146,11 @@ def _block(p: Params, x_BTD: Array, c: ModelConfig, cos_BTH: Array, sin_BTH: Arr
     else:
         keys, values, new_kv = jnp.swapaxes(k_rot, 1, 2), jnp.swapaxes(v, 1, 2), None
     if tap == "mass":  # attention mass on (prefix, memory, context), head-averaged: 3 x [B, T]
-        o, masses = attention(q_rot, keys.astype(dt), values.astype(dt), mask_BTS, prefix=prefix,
+        o, masses = attention(q_rot, keys, values, mask_BTS, prefix=prefix,
                               memory=memory, return_probs=True)
         extra = jnp.stack([m.mean(axis=1) for m in masses])
     else:
-        o = attention(q_rot, keys.astype(dt), values.astype(dt), mask_BTS, prefix=prefix, memory=memory)
+        o = attention(q_rot, keys, values, mask_BTS, prefix=prefix, memory=memory)
     x_BTD = x_BTD + jnp.einsum("BTNH,NHD->BTD", o, p["wo"].astype(dt))
     h = rms_norm(x_BTD, p["mlp_norm"], c.norm_eps)
     x_BTD = x_BTD + mlp(h, p["w_gate"].astype(dt), p["w_up"].astype(dt), p["w_down"].astype(dt))
