@@ -25,8 +25,6 @@ import numpy as np
 from m3jax import assets
 from m3jax.config import DecodeConfig, TrainConfig, preset
 
-HELDOUT_FRACTION = 0.05
-
 
 @dataclass(frozen=True)
 class DemoConfig:
@@ -119,7 +117,7 @@ def run(out: str = "demo_out", cfg: DemoConfig = DemoConfig()) -> dict[str, Any]
 
     from m3jax import convert
     from m3jax.decode import Generator
-    from m3jax.eval import evaluate, qa_text
+    from m3jax.eval import evaluate, heldout_split, qa_text
     from m3jax.memory.build import build_knowledge_base, default_embedder, embed_cached
     from m3jax.memory.index import VectorIndex
     from m3jax.memory.references import split_references
@@ -135,8 +133,9 @@ def run(out: str = "demo_out", cfg: DemoConfig = DemoConfig()) -> dict[str, Any]
 
     # ------------------------------------------------------------ data + tokenizer
     articles = _select_articles(cfg.n_docs)
-    heldout = [a for a in articles if D.is_heldout(D.heldout_key(a.title, a.text), HELDOUT_FRACTION)]
-    train_arts = [a for a in articles if a not in set(heldout)]
+    heldout = heldout_split(articles)  # the data pipeline's own hash rule and fraction
+    held = set(heldout)
+    train_arts = [a for a in articles if a not in held]
     corpus = os.path.join(out, "data", "corpus.jsonl")
 
     def stage_data():
@@ -152,7 +151,7 @@ def run(out: str = "demo_out", cfg: DemoConfig = DemoConfig()) -> dict[str, Any]
         return {"articles": len(articles), "heldout_articles": len(heldout), "train_articles": len(train_arts)}
 
     _run_stage(stages, "data", f"write the corpus ({cfg.n_docs} Wikipedia leads + QA items)", stage_data)
-    dcfg = D.DataConfig(data_dir=os.path.join(out, "data", "tfds"), corpus=corpus, heldout_fraction=HELDOUT_FRACTION,
+    dcfg = D.DataConfig(data_dir=os.path.join(out, "data", "tfds"), corpus=corpus,
                         seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed)
 
     def stage_prepare():
@@ -286,12 +285,12 @@ def run(out: str = "demo_out", cfg: DemoConfig = DemoConfig()) -> dict[str, Any]
                 ids = ids + tok.encode(" " + a.text)
             prompts.append(ids[: cfg.bench_prompt])
         tps = {}
-        retriever.cache_size = 0
+        cache_size, retriever.cache_size = retriever.cache_size, 0
         for mode in ("none", "memory", "rag"):
             gen.generate(prompts, mode=mode, max_new_tokens=cfg.bench_new, ignore_eos=True)  # compile
             r = gen.generate(prompts, mode=mode, max_new_tokens=cfg.bench_new, ignore_eos=True)
             tps[mode] = r.stats.tokens_per_s
-        retriever.cache_size = 4096
+        retriever.cache_size = cache_size
         with open(samples_path, "w", encoding="utf-8") as f:
             json.dump({"samples": samples, "decode_tokens_per_s": tps}, f, indent=1)
         return {}

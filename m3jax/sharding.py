@@ -34,7 +34,7 @@ model runs unchanged on one device. Recommended call sites in the model:
     memory     whole ChunkMemory at the top of forward/extend: k, v with `MEMORY_AXES`, mask with
                `MEMORY_MASK_AXES` (same layout as `memory_sharding`); per layer in the scan
                constrain(mem_k, ("batch", "chunks", "memories", "kv_heads", "head_dim"))
-    KV cache   per layer constrain(ck, ("batch", "kv_length", "kv_heads", "head_dim")) (whole
+    KV cache   per layer constrain(ck, ("batch", "kv_heads", "kv_length", "head_dim")) (whole
                cache: `cache_sharding`, `CACHE_AXES`)
 """
 

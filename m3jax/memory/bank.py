@@ -132,8 +132,10 @@ class ReferenceMeta:
         return cls(tokens, info[:, 0].astype(np.int32), info[:, 1], info[:, 2], info[:, 3])
 
     @classmethod
-    def coerce(cls, meta: "ReferenceMeta | dict[str, Any]", n: int, reference_len: int) -> "ReferenceMeta":
-        """Validate (and convert a dict with the field names) for n memories of R tokens."""
+    def coerce(cls, meta: "ReferenceMeta | dict[str, Any]", n: int, reference_len: int,
+               pad_id: int = 0) -> "ReferenceMeta":
+        """Validate (and convert a dict with the field names) for n memories of R tokens; shorter
+        token rows are padded with `pad_id`."""
         if isinstance(meta, dict):
             missing = [f.name for f in dataclasses.fields(cls) if f.name not in meta]
             if missing:
@@ -144,7 +146,7 @@ class ReferenceMeta:
         if tokens.ndim != 2 or tokens.shape[0] != n or tokens.shape[1] > reference_len:
             raise BankError(f"metadata tokens of shape {tokens.shape}: expected [{n}, <= {reference_len}]")
         if tokens.shape[1] < reference_len:
-            tokens = np.pad(tokens, ((0, 0), (0, reference_len - tokens.shape[1])))
+            tokens = np.pad(tokens, ((0, 0), (0, reference_len - tokens.shape[1])), constant_values=pad_id)
         out = [tokens.astype(np.int32)]
         for f, dt in (("lengths", np.int32), ("doc_id", np.int64), ("char_start", np.int64),
                       ("char_end", np.int64)):
@@ -308,7 +310,7 @@ def _ts_error(where: str, e: Exception) -> BankError:
 
 
 def _zarr_dtype(dt: np.dtype) -> str:
-    return {"bool": "bool", "bfloat16": "bfloat16"}.get(np.dtype(dt).name, np.dtype(dt).name)
+    return np.dtype(dt).name  # zarr v3 names the numpy / ml_dtypes types as numpy does
 
 
 def _array_spec(kv: dict[str, Any], shape: Sequence[int], dtype: np.dtype, rows: int,
@@ -658,7 +660,7 @@ class MemoryBank:
         mask = np.asarray(mask_NT, bool)
         if mask.shape != (n, self._config.tokens_per_memory):
             raise BankError(f"mask of shape {mask.shape}, expected ({n}, {self._config.tokens_per_memory})")
-        meta = ReferenceMeta.coerce(metadata, n, self._config.reference_len)
+        meta = ReferenceMeta.coerce(metadata, n, self._config.reference_len, self._config.pad_id)
         start, end = self._count, self._count + n
         if n == 0:
             return np.zeros(0, np.int64)

@@ -250,9 +250,10 @@ def create_state(model_cfg: ModelConfig, train_cfg: TrainConfig, params: Params 
     """A fresh `TrainState`: from `params` (placed on `mesh`) or from `init(model_cfg, key)`
     (default key: `train_cfg.seed`), computed directly into its shards when a mesh is given."""
     if params is not None:
-        check_params(params, model_cfg)
         if mesh is not None:
-            params = jax.device_put(params, S.param_shardings(model_cfg, mesh))
+            params = S.shard_params(params, model_cfg, mesh)  # checks them too
+        else:
+            check_params(params, model_cfg)
         return _state_initializer(model_cfg, train_cfg, mesh, True)(params)
     key = jax.random.key(train_cfg.seed) if key is None else key
     return _state_initializer(model_cfg, train_cfg, mesh, False)(key)
