@@ -221,6 +221,16 @@ def test_gradient_accumulation_equals_one_pass():
             np.testing.assert_allclose(float(ma["grad_norm"]), float(m1["grad_norm"]), rtol=2e-5)
             _close(_mu(sa), _mu(s1), atol=1e-7, rtol=1e-4)
             _close(_np(sa.params), _np(s1.params), atol=5e-5)
+    # bf16 params (fp32 master): accumulation in float32 matches one pass to bf16 precision
+    cfg16 = dataclasses.replace(CFG, param_dtype="bfloat16")
+    s1, m1 = ST.make_train_step(cfg16, WARM)(ST.create_state(cfg16, WARM, key=jax.random.key(7)), batch)
+    acc = dataclasses.replace(WARM, grad_accum=2)
+    sa, ma = ST.make_train_step(cfg16, acc)(ST.create_state(cfg16, acc, key=jax.random.key(7)), batch)
+    np.testing.assert_allclose(float(ma["loss"]), float(m1["loss"]), rtol=1e-5)
+    np.testing.assert_allclose(float(ma["grad_norm"]), float(m1["grad_norm"]), rtol=1e-2)
+    assert jax.tree.leaves(sa.params)[0].dtype == jnp.bfloat16
+    _close(_np(jax.tree.map(lambda x: x.astype(jnp.float32), sa.params)),
+           _np(jax.tree.map(lambda x: x.astype(jnp.float32), s1.params)), atol=2e-2, rtol=2e-2)
     # the per-microbatch mean would weight row 3's few targets like the full rows: not equal
     n = batch["loss_mask"][:, 1:].reshape(B // 2, 2, T - 1).sum(axis=(0, 2))
     assert n[0] != n[1]
