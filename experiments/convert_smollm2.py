@@ -226,14 +226,10 @@ def run(out: str, st: Settings = Settings(), *, save_model: bool = False, progre
     from m3jax import sharding as S
     from m3jax.config import MeshConfig, TrainConfig
     from m3jax.eval import evaluate, perplexity
-    from m3jax.memory.build import build_knowledge_base, default_embedder, embed_cached
-    from m3jax.memory.index import VectorIndex
-    from m3jax.memory.overlap import TRAIN_THRESHOLD
-    from m3jax.memory.references import split_references
-    from m3jax.memory.retrieve import Retriever
+    from m3jax.memory.build import build_knowledge_base, default_embedder
     from m3jax.train import data as D
     from m3jax.train.loop import train
-    from m3jax.train.pairs import load_or_pair, reference_lookup
+    from m3jax.train.pairs import pair_corpus, reference_lookup
 
     t_start = time.perf_counter()
     os.makedirs(out, exist_ok=True)
@@ -289,28 +285,21 @@ def run(out: str, st: Settings = Settings(), *, save_model: bool = False, progre
 
     # ------------------------------------------------------------ 3. references + pairs
     docs = [(a.doc_id, a.text) for a in articles]
-    refs = split_references(docs, tok, max_tokens=cfg.reference_len)
-    ref_tokens = [list(r.tokens) for r in refs]
-    texts = {a.doc_id: a.text for a in articles}
     embedder = default_embedder()
     emb_path = os.path.join(out, "pairs", "embeddings.npy")
-    pairs_path = os.path.join(out, "pairs", "pairs.npy")
 
     def stage_pairs():
-        vecs = embed_cached([texts[r.doc_id][r.char_start:r.char_end] for r in refs], embedder, emb_path,
-                            show_progress=progress)
-        index = VectorIndex.build(vecs, np.arange(len(refs), dtype=np.int64))
-        ret = Retriever(index, embedder, reference_tokens=ref_tokens, tokenizer=tok, k=1,
-                        threshold=TRAIN_THRESHOLD)
-        ids = load_or_pair(pairs_path, rows["tokens"], rows["loss_mask"], ret, chunk_size=cfg.chunk_size,
-                           threshold=TRAIN_THRESHOLD, show_progress=progress)
+        p = pair_corpus(docs, rows, tok, reference_len=cfg.reference_len, chunk_size=cfg.chunk_size,
+                        pairs_path=os.path.join(out, "pairs", "pairs.npy"), embeddings_path=emb_path,
+                        embedder=embedder, show_progress=progress)
+        ids = p.ids
         real = np.array([rows["loss_mask"][r, c * cfg.chunk_size:(c + 1) * cfg.chunk_size].any()
                          for r in range(ids.shape[0]) for c in range(ids.shape[1])]).reshape(ids.shape)
-        return ids, index, {"references": len(refs), "chunks": int(real.sum()),
-                            "chunks_with_reference": round(float((ids >= 0)[real].mean()), 4),
-                            "filtered_by_overlap": int(ret.stats.filtered)}
+        return p, {"references": len(p.references), "chunks": int(real.sum()),
+                   "chunks_with_reference": round(float((ids >= 0)[real].mean()), 4),
+                   "filtered_by_overlap": p.filtered}
 
-    pair_ids, index, info = timer.run(
+    paired, info = timer.run(
         "pairs", "references, MiniLM embeddings, index, one reference per training chunk (filter 0.9)", stage_pairs)
     res["data"].update(info)
     log(f"  {info['references']} references; {info['chunks_with_reference']:.1%} of {info['chunks']} training "
@@ -322,7 +311,7 @@ def run(out: str, st: Settings = Settings(), *, save_model: bool = False, progre
         if not os.path.exists(os.path.join(kb_dir, "embeddings.npy")):  # same texts, same vectors
             shutil.copy(emb_path, os.path.join(kb_dir, "embeddings.npy"))
         if not os.path.exists(os.path.join(kb_dir, "index", "index.json")):
-            index.save(os.path.join(kb_dir, "index"))
+            paired.index.save(os.path.join(kb_dir, "index"))
         kb = build_knowledge_base(kb_dir, p, cfg, tok, docs, embedder=embedder, codec=st.codec, batch_size=16,
                                   show_progress=progress, log=log)
         return kb.retriever(embedder, tokenizer=tok)
@@ -361,14 +350,14 @@ def run(out: str, st: Settings = Settings(), *, save_model: bool = False, progre
 
     def stage_train():
         rows2 = dict(rows)
-        rows2["ref_ids"] = pair_ids
+        rows2["ref_ids"] = paired.ids
 
         def batches():
             ds = D.rows_dataset(rows2, batch_size=st.batch, seed=st.seed + 1)
             return ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)).__iter__()
 
         return train(cfg, tc, batches, train_dir, init_params=params, mesh=mesh, progress=progress,
-                     reference_fn=reference_lookup(ref_tokens, cfg.reference_len, tok.pad_id))
+                     reference_fn=reference_lookup(paired.reference_tokens, cfg.reference_len, tok.pad_id))
 
     trained = timer.run("continual", f"continual training with memory: {st.steps} steps of {st.batch} x "
                         f"{st.seq_len} tokens, lr {st.lr}, memory_grad={st.memory_grad}", stage_train)

@@ -3,15 +3,16 @@
 # variables, run the steps you need; nothing here runs in the test suite).
 #
 # Every host of a TPU pod slice runs the SAME command (`gcloud ... ssh --worker=all`):
-# `python -m m3jax.launch` calls jax.distributed.initialize() (M3JAX_DISTRIBUTED=1: on a TPU VM
-# the hosts are found through the metadata server), reads its own 1/num_hosts share of every
-# global batch, and all hosts write the Orbax checkpoints together.
+# `m3jax train` calls jax.distributed.initialize() (M3JAX_DISTRIBUTED=1: on a TPU VM the hosts
+# are found through the metadata server); host 0 prepares the data, the tokenizer and (stage 2)
+# the reference pairs while the others wait; each host reads its own 1/num_hosts share of every
+# global batch, all hosts write the Orbax checkpoints together, and the final params land in
+# RUN/model.
 #
 # Storage: one GCS bucket, mounted with gcsfuse at the same path on every host, holds the
-# tokenizer, the prepared dataset (TFDS array_record + token cache), the pairs file, the memory
-# bank and the run directories. (The memory bank may also be read straight from gs:// by
-# TensorStore: --bank gs://BUCKET/kb/bank.) The mount is needed for --out because the training
-# loop writes through the local filesystem.
+# corpus, the prepared dataset (TFDS array_record + token cache + pairs) and the run directories
+# (tokenizer, checkpoints, model). The mount is needed for --out because the training loop writes
+# through the local filesystem.
 #
 # Before a pod run, check on any CPU machine that the step compiles and fits the chips:
 #   pip install -e '.[tpu]'        # libtpu 0.0.42.* for jax 0.10.2
@@ -58,23 +59,21 @@ step_install() {
           cd m3jax && python3 -m venv .venv && .venv/bin/pip install -q -e '.[tpu]'"
 }
 
-# Data, tokenizer, references, pairs and the knowledge base are prepared once, on one host (or
-# on any machine that mounts the bucket): see README ("Training on a TPU pod") for the Python
-# calls (m3jax.train.data.prepare / token_stream, m3jax.memory.build.build_knowledge_base,
-# m3jax.train.pairs.load_or_pair). The pod hosts then only read them.
+# Data, tokenizer and reference pairs are prepared by the training command itself (host 0, once;
+# cached in the bucket: a rerun or the next stage reuses them).
 
-LAUNCH="cd m3jax && M3JAX_DISTRIBUTED=1 .venv/bin/python -m m3jax.launch --preset $PRESET \
-  --tokenizer $MOUNT/tokenizer --data-dir $MOUNT/tfds --corpus $MOUNT/corpus.jsonl \
-  --global-batch $GLOBAL_BATCH --seq-len $SEQ_LEN --mesh $MESH --log-every 10 --checkpoint-every 500"
+TRAIN="cd m3jax && M3JAX_DISTRIBUTED=1 .venv/bin/m3jax train --data-dir $MOUNT/tfds \
+  --corpus $MOUNT/corpus.jsonl --batch-size $GLOBAL_BATCH --seq-len $SEQ_LEN --mesh $MESH \
+  --train-set log_every=10 --train-set checkpoint_every=500 --no-progress"
 
-step_warmup() {   # stage 1: LM pretraining without memory
-  on_all "$LAUNCH --stage warmup --steps $WARMUP_STEPS --lr 3e-4 --out $MOUNT/runs/stage1 \
+step_warmup() {   # stage 1: LM pretraining without memory (a BPE tokenizer is trained on the corpus)
+  on_all "$TRAIN --stage warmup --preset $PRESET --steps $WARMUP_STEPS --lr 3e-4 --out $MOUNT/runs/stage1 \
           > stage1.log 2>&1"
 }
 
-step_continual() {  # stage 2: with one reference per 64-token chunk, encoded in the step
-  on_all "$LAUNCH --stage continual --steps $CONTINUAL_STEPS --lr 1e-4 --init-params $MOUNT/runs/stage1 \
-          --bank gs://$BUCKET/kb/bank --pairs $MOUNT/pairs.npy --out $MOUNT/runs/stage2 > stage2.log 2>&1"
+step_continual() {  # stage 2: with one reference per 64-token chunk of the corpus, encoded in the step
+  on_all "$TRAIN --stage continual --init $MOUNT/runs/stage1 --steps $CONTINUAL_STEPS --lr 1e-4 \
+          --out $MOUNT/runs/stage2 > stage2.log 2>&1"
 }
 
 step_logs() { gc ssh "$TPU_NAME" --worker=0 --command "tail -n 20 stage1.log stage2.log"; }

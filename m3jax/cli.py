@@ -1,7 +1,12 @@
 """The `m3jax` command: one subcommand per job.
 
     m3jax demo [--out DIR] [--quick]         the whole pipeline on the shipped Wikipedia leads
+    m3jax train --stage warmup --preset demo --out RUN1         stage 1, from scratch
+    m3jax train --stage continual --init RUN1 --out RUN2        stage 2, with memory (RUN2/model)
     m3jax build-memory --model DIR --out KB  corpus + model -> memory bank + index
+    m3jax kb add --kb KB --model DIR --corpus FILE.jsonl    add documents (no rebuild)
+    m3jax kb delete --kb KB --doc-id ID [--doc-id ID ...]  delete documents
+    m3jax kb info --kb KB                    counts, deleted, codec, bytes
     m3jax generate --model DIR [--kb KB] --prompt TEXT [--mode memory|rag|none]
     m3jax generate --model DIR --kb KB --prompts-file prompts.txt --out answers.jsonl
     m3jax eval --checkpoint DIR --bank KB    perplexity / QA in the three modes
@@ -66,6 +71,116 @@ def _build_memory(args: argparse.Namespace) -> int:
           f"{s['bytes_per_memory']:,} bytes per memory, {s['nbytes'] / 2**20:.1f} MiB in all, "
           f"index {kb.info['index_method']}")
     return 0
+
+
+def _kb_documents(path: str) -> list[tuple[int, str, str | None]]:
+    """(doc_id, text, title) from JSONL lines with `text` and optional `doc_id`, `title`. A line
+    without doc_id gets one from its text (a 60-bit hash), so a rerun gives the same ids."""
+    import hashlib
+
+    if not os.path.exists(path):
+        raise SystemExit(f"--corpus {path}: no such file")
+    docs, by_text = [], {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except ValueError as e:
+                raise SystemExit(f"{path}:{n}: not a JSON object ({e})")
+            if not isinstance(r, dict) or not isinstance(r.get("text"), str):
+                raise SystemExit(f"{path}:{n}: no 'text' string field")
+            if "doc_id" in r:
+                if isinstance(r["doc_id"], bool) or not isinstance(r["doc_id"], int):
+                    raise SystemExit(f"{path}:{n}: doc_id {r['doc_id']!r} is not an integer")
+                doc_id = r["doc_id"]
+            else:
+                doc_id = int(hashlib.sha256(r["text"].encode()).hexdigest()[:15], 16)
+                if doc_id in by_text:
+                    raise SystemExit(f"{path}:{n}: the same text as line {by_text[doc_id]}: give them doc ids")
+                by_text[doc_id] = n
+            docs.append((doc_id, r["text"], r.get("title")))
+    if not docs:
+        raise SystemExit(f"--corpus {path} has no documents")
+    return docs
+
+
+def _kb_add(args: argparse.Namespace) -> int:
+    from m3jax.eval import load_model
+    from m3jax.memory.bank import BankError
+    from m3jax.memory.build import KnowledgeBaseError, open_knowledge_base
+
+    docs = _kb_documents(args.corpus)
+    config, params, tok = load_model(args.model)
+    try:
+        kb = open_knowledge_base(args.kb, config, params)
+        new = kb.add(docs, params, config, tok, batch_size=args.batch_size)
+    except (KnowledgeBaseError, BankError, FileNotFoundError) as e:
+        raise SystemExit(f"m3jax kb add: error: {e}")
+    refs = sum(r.count for r in new)
+    print(f"added {len(new)} documents ({refs} references) to {args.kb}: now {kb.info['documents']} documents, "
+          f"{kb.info['live_references']} live references" + (f"; doc ids {', '.join(str(r.doc_id) for r in new[:10])}"
+                                                              f"{', ...' if len(new) > 10 else ''}" if new else ""))
+    return 0
+
+
+def _kb_delete(args: argparse.Namespace) -> int:
+    from m3jax.memory.build import KnowledgeBaseError, open_knowledge_base
+
+    try:
+        kb = open_knowledge_base(args.kb)
+        n = kb.delete(args.doc_id)
+    except (KnowledgeBaseError, FileNotFoundError) as e:
+        raise SystemExit(f"m3jax kb delete: error: {e}")
+    print(f"deleted {len(set(args.doc_id))} documents ({n} references) from {args.kb}: "
+          f"{kb.info['documents']} documents, {kb.info['live_references']} live references left")
+    return 0
+
+
+def _kb_info(args: argparse.Namespace) -> int:
+    from m3jax.memory.build import KnowledgeBaseError, open_knowledge_base
+
+    try:
+        kb = open_knowledge_base(args.kb)
+    except (KnowledgeBaseError, FileNotFoundError) as e:
+        raise SystemExit(f"m3jax kb info: error: {e}")
+    s = kb.summary()
+    if args.json:
+        print(json.dumps(s, indent=1))
+    else:
+        print(f"knowledge base {s['directory']} (model {s['model']}, embedder {s['embedder']})\n"
+              f"  documents   {s['documents']:,} live, {s['deleted_documents']:,} deleted\n"
+              f"  references  {s['references']:,} ({s['live_references']:,} live, "
+              f"{s['deleted_references']:,} deleted)\n"
+              f"  codec       {s['codec']}, {s['bytes_per_memory']:,} bytes per memory, bank "
+              f"{s['bank_bytes'] / 2**20:.2f} MiB, on disk {s['disk_bytes'] / 2**20:.2f} MiB\n"
+              f"  index       {s['index_method']}, {s['index_vectors']:,} vectors"
+              + ("\n  an add is unfinished: rerun it with the same documents" if s["pending_add"] else ""))
+    if args.documents:
+        for r in kb.documents(include_deleted=True):
+            print(f"{r.doc_id}\t{r.count}\t{'deleted' if r.deleted else 'live'}\t{r.title or ''}")
+    return 0
+
+
+def _add_kb_parser(sub) -> None:
+    k = sub.add_parser("kb", help="update a knowledge base: add / delete documents, info")
+    ks = k.add_subparsers(dest="kb_cmd", required=True)
+    a = ks.add_parser("add", help="add documents (memories written by the model that built the bank)")
+    a.add_argument("--kb", required=True, help="knowledge base dir (`m3jax build-memory` output)")
+    a.add_argument("--model", required=True, help="the m3jax checkpoint dir whose weights wrote the bank")
+    a.add_argument("--corpus", required=True, help="JSONL: 'text', optional 'doc_id' (int) and 'title'")
+    a.add_argument("--batch-size", type=int, default=64)
+    a.set_defaults(fn=_kb_add)
+    d = ks.add_parser("delete", help="delete documents: retrieval never returns their references again")
+    d.add_argument("--kb", required=True)
+    d.add_argument("--doc-id", type=int, action="append", required=True, help="repeatable")
+    d.set_defaults(fn=_kb_delete)
+    i = ks.add_parser("info", help="counts (live, deleted), codec, bytes")
+    i.add_argument("--kb", required=True)
+    i.add_argument("--json", action="store_true", help="print the summary as JSON")
+    i.add_argument("--documents", action="store_true", help="also list doc_id, references, state, title")
+    i.set_defaults(fn=_kb_info)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -185,6 +300,84 @@ def _convert(args: argparse.Namespace) -> int:
     return convert_main(args.rest)
 
 
+def _train(args: argparse.Namespace) -> int:
+    import logging
+
+    from m3jax.train import run as R
+
+    R.init_distributed(args.coordinator, args.num_processes, args.process_id)  # before any JAX computation
+    import jax
+
+    from m3jax.assets import AssetError
+    from m3jax.config import ConfigError
+
+    if jax.process_count() > 1:  # say which host a log line comes from
+        logging.basicConfig(format=f"[host {jax.process_index()}/{jax.process_count()}] %(asctime)s %(name)s: "
+                                   "%(message)s")
+    try:
+        spec = R.TrainRun(stage=args.stage, out=args.out, preset=args.preset, init=args.init,
+                          tokenizer=args.tokenizer, corpus=args.corpus, limit=args.limit, data_dir=args.data_dir,
+                          tfds_name=args.tfds_name, steps=args.steps, batch_size=args.batch_size,
+                          seq_len=args.seq_len, lr=args.lr, model_set=tuple(args.model_set),
+                          train_set=tuple(args.train_set), mesh=R.parse_mesh(args.mesh), devices=args.devices,
+                          seed=args.seed, progress=not args.no_progress, pairs=args.pairs, bank=args.bank,
+                          recipe=args.recipe, mix=tuple(args.mix))
+        summary = R.run(spec)
+    except (R.TrainError, ConfigError, AssetError) as e:
+        raise SystemExit(f"m3jax train: error: {e}")
+    if jax.process_index() == 0:
+        print(json.dumps(summary))
+    R.barrier("m3jax train: done")
+    return 0
+
+
+def _add_train_parser(sub) -> None:
+    t = sub.add_parser("train", help="train a model: --stage warmup (no memory) or continual (with memory)",
+                       description="Train one stage; the same command resumes after a kill and runs unchanged "
+                                   "on every host of a pod. Writes OUT/checkpoints, metrics.jsonl, loss.png "
+                                   "and OUT/model (for --model of generate / eval / build-memory).")
+    t.add_argument("--stage", required=True, choices=["warmup", "continual"])
+    t.add_argument("--out", required=True, help="run directory (shared by all hosts)")
+    m = t.add_argument_group("model (one of --preset / --init)")
+    m.add_argument("--preset", help="from scratch: a model preset (`m3jax presets`)")
+    m.add_argument("--init", "--model", dest="init",
+                   help="a model dir (m3jax convert --out) or a previous `m3jax train` --out")
+    m.add_argument("--tokenizer", help="with --preset: a tokenizer dir (default: a BPE trained on the corpus, "
+                                       "vocab = the preset's vocab_size)")
+    m.add_argument("--set", dest="model_set", action="append", default=[], metavar="KEY=VALUE",
+                   help="ModelConfig override (repeatable)")
+    d = t.add_argument_group("data")
+    d.add_argument("--corpus", help="JSONL, one document per line: text [, title, doc_id] (default: the shipped "
+                                    "Wikipedia leads)")
+    d.add_argument("--limit", type=int, default=0, help="use only the first N shipped leads")
+    d.add_argument("--data-dir", help="TFDS data dir: path, file:// or gs:// (default OUT/data)")
+    d.add_argument("--tfds-name", help="an already prepared array_record TFDS dataset in --data-dir")
+    d.add_argument("--pairs", help="continual, expert: reference ids [rows, chunks] (.npy) instead of pairing")
+    d.add_argument("--bank", help="continual, expert: the memory bank whose memories --pairs ids index")
+    d.add_argument("--recipe", default="paper", choices=["paper", "reading"],
+                   help="continual data: paper (a retrieved reference per chunk of the corpus) or reading "
+                        "(teach a pretrained model to read memory: invented facts, description -> title, "
+                        "text with neighbours; see m3jax.train.recipe)")
+    d.add_argument("--mix", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --recipe reading: ReadingMix override (facts, qa, text, memories, seed)")
+    o = t.add_argument_group("training")
+    o.add_argument("--steps", type=int, default=100)
+    o.add_argument("--batch-size", type=int, default=8, help="sequences per step over all hosts")
+    o.add_argument("--seq-len", type=int, default=256)
+    o.add_argument("--lr", type=float, default=None, help="peak LR (default 3e-3 warmup, 1e-3 continual)")
+    o.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="TrainConfig override (repeatable; any field, e.g. grad_accum=4, checkpoint_every=50)")
+    o.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor sizes (one may be -1)")
+    o.add_argument("--devices", type=int, default=None, help="train on the first N devices (one process only)")
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--no-progress", action="store_true", help="no progress bars")
+    h = t.add_argument_group("distributed (default: detected from the environment)")
+    h.add_argument("--coordinator", help="host:port of process 0's coordinator")
+    h.add_argument("--num-processes", type=int)
+    h.add_argument("--process-id", type=int)
+    t.set_defaults(fn=_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="m3jax", description="Memory3 in JAX")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -201,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--codec", default="int8", choices=["bf16", "f32", "int8", "pq"])
     b.add_argument("--batch-size", type=int, default=64)
     b.set_defaults(fn=_build_memory)
+    _add_kb_parser(sub)
     g = sub.add_parser("generate", help="generate text (streams)")
     g.add_argument("--model", required=True)
     g.add_argument("--kb", help="knowledge base dir (for memory and rag modes)")
@@ -218,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(fn=_generate)
+    _add_train_parser(sub)
     for name, fn, helptext in (("eval", _eval, "evaluate (see `m3jax eval --help`)"),
                                ("convert", _convert, "import HF / GGUF checkpoints (see `m3jax convert --help`)")):
         e = sub.add_parser(name, help=helptext, add_help=False)

@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-Score = Literal["softmax", "exp"]
+Score = Literal["softmax", "exp", "value_norm"]
 GroupReduce = Literal["sum", "max"]
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -62,7 +62,9 @@ class ModelConfig:
     # BOS followed by the tokens of "Reference:". None turns the prefix sink and the memory
     # window off: the model is then a plain Llama with context positions from 0.
     reference_prefix: tuple[int, ...] | None = (1, 2, 3)
-    score: Score = "softmax"  # token sparsification score
+    # token sparsification score: the paper's "softmax" (default) or "exp", or "value_norm" (an
+    # m3jax option: the longest value vectors; see m3jax.memory.encode)
+    score: Score = "softmax"
     group_reduce: GroupReduce = "sum"  # how query heads sharing a kv head are combined
     # --- numerics ---
     dtype: str = "float32"  # activations
@@ -306,6 +308,12 @@ class TrainConfig:
     # Microbatches per step: the batch is split in `grad_accum` parts whose gradients are summed
     # in a scan before one update (same update as the whole batch, a fraction of the activations).
     grad_accum: int = 1
+    # Low-rank adaptation: with lora_rank > 0 only LoRA factors of the `lora_targets` weights are
+    # trained (base weights frozen; see m3jax.model.lora); 0 trains every parameter. A target is a
+    # parameter name (every stack) or "mem_blocks/<name>" / "blocks/<name>".
+    lora_rank: int = 0
+    lora_alpha: float = 0.0  # the factors' scale is lora_alpha / lora_rank; 0 means 2 * lora_rank
+    lora_targets: tuple[str, ...] = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 50
@@ -320,5 +328,14 @@ class TrainConfig:
         _check(0 <= self.warmup_steps <= self.steps, "TrainConfig.warmup_steps must be in [0, steps]")
         _check(0 <= self.decay_fraction <= 1, "TrainConfig.decay_fraction must be in [0, 1]")
         _check(self.memory_lookback >= 0, "TrainConfig.memory_lookback must be >= 0")
+        _check(self.lora_rank >= 0, f"TrainConfig.lora_rank must be >= 0, got {self.lora_rank}")
+        _check(self.lora_alpha >= 0, f"TrainConfig.lora_alpha must be >= 0, got {self.lora_alpha}")
+        if not isinstance(self.lora_targets, tuple):  # lists from JSON / the CLI
+            object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         _check(self.grad_accum >= 1 and self.batch_size % self.grad_accum == 0,
                f"TrainConfig.grad_accum ({self.grad_accum}) must be >= 1 and divide batch_size ({self.batch_size})")
+
+    @property
+    def lora_scale_alpha(self) -> float:
+        """The LoRA alpha in use (lora_alpha, or 2 * lora_rank when it is 0)."""
+        return self.lora_alpha or 2.0 * self.lora_rank

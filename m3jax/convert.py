@@ -4,6 +4,7 @@
     save_hf(config, params, dir)                           the same layout back, bit-exact round trip
     load_gguf(file)   -> (ModelConfig, params, Tokenizer)  llama GGUF, any quantization (dequantized)
     save_checkpoint_dir / load_checkpoint_dir              the m3jax checkpoint directory
+    save_adapter / load_adapter / save_adapter_dir         a LoRA adapter over named base weights
     convert_main(argv)                                     `m3jax convert --from hf|gguf PATH --out DIR`
 
 Weight layouts. HF linear weights are (out, in); m3jax keeps (in, ...out) with the heads split out:
@@ -552,18 +553,161 @@ def save_checkpoint_dir(directory: str, config: ModelConfig, params: Params,
         tokenizer.save(os.path.join(directory, _TOKENIZER_DIR))
 
 
-def load_checkpoint_dir(directory: str) -> tuple[ModelConfig, Params, Tokenizer | None]:
-    """Read a directory written by `save_checkpoint_dir`: (config, params, tokenizer or None)."""
+def is_checkpoint_dir(directory: str) -> bool:
+    """Whether `directory` holds an m3jax checkpoint: config.json with params.safetensors, or with
+    an adapter over base weights (adapter.safetensors + base.json)."""
+    has = lambda f: os.path.isfile(os.path.join(directory, f))  # noqa: E731
+    return has(_CONFIG_FILE) and (has(_PARAMS_FILE) or (has(_ADAPTER_FILE) and has(_BASE_FILE)))
+
+
+def load_checkpoint_dir(directory: str, *, with_params: bool = True
+                        ) -> tuple[ModelConfig, Params | None, Tokenizer | None]:
+    """Read a directory written by `save_checkpoint_dir`: (config, params, tokenizer or None);
+    params None with `with_params=False` (the config and tokenizer only)."""
     cfg_path = os.path.join(directory, _CONFIG_FILE)
     if not os.path.exists(cfg_path):
         raise ConvertError(f"{directory}: no {_CONFIG_FILE} (not an m3jax checkpoint directory)")
     with open(cfg_path, encoding="utf-8") as f:
         config = ModelConfig.from_dict(json.load(f))
-    params = unflatten_params(read_safetensors([os.path.join(directory, _PARAMS_FILE)]))
-    check_params(params, config)
+    params = None
+    if with_params and not os.path.isfile(os.path.join(directory, _PARAMS_FILE)) and \
+            os.path.isfile(os.path.join(directory, _ADAPTER_FILE)):
+        params = _adapted_params(directory, config)
+    elif with_params:
+        params = unflatten_params(read_safetensors([os.path.join(directory, _PARAMS_FILE)]))
+        check_params(params, config)
     tok_dir = os.path.join(directory, _TOKENIZER_DIR)
     tokenizer = Tokenizer.load(tok_dir) if os.path.isdir(tok_dir) else None
     return config, params, tokenizer
+
+
+# ============================================================================ LoRA adapters
+_ADAPTER_FILE, _BASE_FILE = "adapter.safetensors", "base.json"
+ADAPTER_FORMAT = "m3jax-lora"
+
+
+def save_adapter(path: str, adapter: Params, train_cfg: Any, *, base_fingerprint: str | None = None,
+                 dtype: str | None = None) -> None:
+    """Write a LoRA adapter (`m3jax.model.lora`) to one safetensors file: tensors `stack/name/a|b`,
+    metadata rank, alpha, targets and the fingerprint of the base weights it was trained on.
+    `dtype` (e.g. "bfloat16") stores the factors narrower; they are merged in float32."""
+    from safetensors.numpy import save_file
+
+    flat = {}
+    for stack, names in adapter.items():
+        for name, ab in names.items():
+            for k in ("a", "b"):
+                x = jnp.asarray(ab[k])
+                flat[f"{stack}/{name}/{k}"] = np.asarray(x.astype(dtype) if dtype else x)
+    from m3jax.model.lora import rank_of
+
+    meta = {"format": ADAPTER_FORMAT, "rank": str(rank_of(adapter)), "alpha": repr(float(train_cfg.lora_scale_alpha)),
+            "targets": json.dumps(list(train_cfg.lora_targets)), "base_fingerprint": base_fingerprint or ""}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    save_file(flat, tmp, metadata=meta)
+    os.replace(tmp, path)
+
+
+def load_adapter(path: str) -> tuple[Params, dict[str, Any]]:
+    """(adapter pytree in float32, metadata: rank, alpha, targets, base_fingerprint) of a file
+    written by `save_adapter`."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise ConvertError(f"{path}: no such adapter file")
+    try:
+        with safe_open(path, framework="numpy") as f:
+            meta = dict(f.metadata() or {})
+            names = list(f.keys())
+            tensors = {k: np.asarray(f.get_tensor(k), np.float32) for k in names}
+    except Exception as e:  # safetensors raises several types on damaged files
+        raise ConvertError(f"{path}: not a readable safetensors file ({e})") from None
+    if meta.get("format") != ADAPTER_FORMAT:
+        raise ConvertError(f"{path}: not an m3jax LoRA adapter (format {meta.get('format')!r})")
+    adapter: Params = {}
+    for k, v in tensors.items():
+        parts = k.split("/")
+        if len(parts) != 3 or parts[2] not in ("a", "b"):
+            raise ConvertError(f"{path}: unexpected tensor {k!r} in a LoRA adapter")
+        adapter.setdefault(parts[0], {}).setdefault(parts[1], {})[parts[2]] = jnp.asarray(v)
+    try:
+        info = {"rank": int(meta["rank"]), "alpha": float(meta["alpha"]), "targets": json.loads(meta["targets"]),
+                "base_fingerprint": meta.get("base_fingerprint") or None}
+    except (KeyError, ValueError) as e:
+        raise ConvertError(f"{path}: bad adapter metadata ({e})") from None
+    return adapter, info
+
+
+def apply_adapter(params: Params, config: ModelConfig, adapter: Params, info: dict[str, Any], *,
+                  where: str = "adapter") -> Params:
+    """The base `params` merged with a loaded adapter, after checking that they are the weights
+    the adapter was trained on (their fingerprint) and that its factors fit the config."""
+    from m3jax.memory.bank import params_fingerprint
+    from m3jax.model import lora
+
+    want = info.get("base_fingerprint")
+    if want:
+        got = params_fingerprint(params)
+        if got != want:
+            raise ConvertError(f"{where}: trained on base weights {want}, but the base given is {got}: "
+                               "an adapter only applies to the weights it was trained on")
+    expect = lora.shapes(config, info["rank"], info["targets"])
+    got_shapes = jax.tree.map(lambda x: tuple(x.shape), adapter)
+    if got_shapes != expect:
+        raise ConvertError(f"{where}: adapter factors do not fit model {config.name!r}")
+    return lora.merge(params, adapter, info["alpha"])
+
+
+def save_adapter_dir(directory: str, config: ModelConfig, adapter_path: str, base: dict[str, Any],
+                     tokenizer: Tokenizer | None = None) -> None:
+    """A model directory that holds an adapter instead of params: config.json, adapter.safetensors
+    (copied from `adapter_path`), base.json (`base`: where the base weights are, see
+    `load_base_params`) and the tokenizer. `load_checkpoint_dir` merges it with its base."""
+    import shutil
+
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, _CONFIG_FILE), "w", encoding="utf-8") as f:
+        json.dump(config.to_dict(), f, indent=1)
+    if os.path.abspath(adapter_path) != os.path.abspath(os.path.join(directory, _ADAPTER_FILE)):
+        shutil.copyfile(adapter_path, os.path.join(directory, _ADAPTER_FILE))
+    with open(os.path.join(directory, _BASE_FILE), "w", encoding="utf-8") as f:
+        json.dump(base, f, indent=1)
+    if tokenizer is not None:
+        tokenizer.save(os.path.join(directory, _TOKENIZER_DIR))
+
+
+def load_base_params(base: dict[str, Any], config: ModelConfig, *, where: str) -> Params:
+    """Base weights named by a base.json record: {"gguf": path} (a GGUF file; "asset:NAME" is a
+    shipped asset, see `m3jax.assets.asset_path`) or {"model": dir} (an m3jax model directory;
+    relative paths are relative to the directory of base.json)."""
+    from m3jax.assets import asset_path
+
+    if "gguf" in base:
+        path = base["gguf"]
+        path = asset_path(path[len("asset:"):]) if path.startswith("asset:") else os.path.join(where, path)
+        tensors = read_gguf_tensors(__import__("gguf").GGUFReader(path), where=path)
+        params = params_from_hf_tensors(tensors, config, where=path)
+    elif "model" in base:
+        _, params, _ = load_checkpoint_dir(os.path.join(where, base["model"]))
+    else:
+        raise ConvertError(f"{where}/{_BASE_FILE}: names no base weights (expected a 'gguf' or 'model' field)")
+    check_params(params, config)
+    return params
+
+
+def _adapted_params(directory: str, config: ModelConfig) -> Params:
+    base_path = os.path.join(directory, _BASE_FILE)
+    if not os.path.isfile(base_path):
+        raise ConvertError(f"{directory}: an adapter without {_BASE_FILE} (which base weights it applies to)")
+    try:
+        with open(base_path, encoding="utf-8") as f:
+            base = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConvertError(f"{base_path}: unreadable ({e})") from None
+    adapter, info = load_adapter(os.path.join(directory, _ADAPTER_FILE))
+    params = load_base_params(base, config, where=directory)
+    return apply_adapter(params, config, adapter, info, where=os.path.join(directory, _ADAPTER_FILE))
 
 
 # ============================================================================ CLI

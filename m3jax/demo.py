@@ -118,13 +118,10 @@ def run(out: str = "demo_out", cfg: DemoConfig = DemoConfig()) -> dict[str, Any]
     from m3jax import convert
     from m3jax.decode import Generator
     from m3jax.eval import evaluate, heldout_split, qa_text
-    from m3jax.memory.build import build_knowledge_base, default_embedder, embed_cached
-    from m3jax.memory.index import VectorIndex
-    from m3jax.memory.references import split_references
-    from m3jax.memory.retrieve import Retriever
+    from m3jax.memory.build import build_knowledge_base, default_embedder
     from m3jax.train import data as D
     from m3jax.train.loop import load_params, train
-    from m3jax.train.pairs import load_or_pair, reference_lookup
+    from m3jax.train.pairs import pair_corpus, reference_lookup
 
     t_start = time.perf_counter()
     os.makedirs(out, exist_ok=True)
@@ -182,24 +179,20 @@ def run(out: str = "demo_out", cfg: DemoConfig = DemoConfig()) -> dict[str, Any]
     # ------------------------------------------------------------ references, embeddings, index, pairs
     kb_dir = os.path.join(out, "kb")
     docs = [(a.doc_id, a.text) for a in articles]
-    refs = split_references(docs, tok, max_tokens=model_cfg.reference_len)
-    ref_tokens = [list(r.tokens) for r in refs]
-    texts = {a.doc_id: a.text for a in articles}
     embedder = default_embedder()
-    pairs_path = os.path.join(out, "pairs.npy")
     stream = D.token_stream(dcfg, tok, "train")
     rows = D.pack_rows(stream, cfg.seq_len, tok.pad_id)
 
+    def pairs():  # the embeddings, the index (in kb/) and the pairs are cached: a second call only reads
+        return pair_corpus(docs, rows, tok, reference_len=model_cfg.reference_len, chunk_size=model_cfg.chunk_size,
+                           pairs_path=os.path.join(out, "pairs.npy"),
+                           embeddings_path=os.path.join(kb_dir, "embeddings.npy"), embedder=embedder,
+                           index_dir=os.path.join(kb_dir, "index"))
+
     def stage_pairs():
-        vecs = embed_cached([texts[r.doc_id][r.char_start:r.char_end] for r in refs], embedder,
-                            os.path.join(kb_dir, "embeddings.npy"))
-        index = VectorIndex.build(vecs, np.arange(len(refs), dtype=np.int64))
-        index.save(os.path.join(kb_dir, "index"))
-        ret = Retriever(index, embedder, reference_tokens=ref_tokens, tokenizer=tok, k=1, threshold=0.9)
-        ids = load_or_pair(pairs_path, rows["tokens"], rows["loss_mask"], ret, chunk_size=model_cfg.chunk_size)
-        have = ids >= 0
-        return {"references": len(refs), "rows": int(ids.shape[0]), "chunks_with_reference": float(have.mean()),
-                "filtered_by_overlap": int(ret.stats.filtered)}
+        p = pairs()
+        return {"references": len(p.references), "rows": int(p.ids.shape[0]),
+                "chunks_with_reference": float((p.ids >= 0).mean()), "filtered_by_overlap": p.filtered}
 
     _run_stage(stages, "pairs", "embed references, build the index, pair each training chunk with a reference",
                stage_pairs)
@@ -214,8 +207,9 @@ def run(out: str = "demo_out", cfg: DemoConfig = DemoConfig()) -> dict[str, Any]
     model_dir = os.path.join(out, "model")
 
     def stage_continual():
+        paired = pairs()
         rows2 = dict(rows)
-        rows2["ref_ids"] = np.load(pairs_path)
+        rows2["ref_ids"] = paired.ids
 
         def it():
             ds = D.rows_dataset(rows2, batch_size=cfg.batch_size, seed=cfg.seed + 1)
@@ -224,7 +218,7 @@ def run(out: str = "demo_out", cfg: DemoConfig = DemoConfig()) -> dict[str, Any]
             return ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)).__iter__()
 
         params = train(model_cfg, cont_cfg, it, stage2_dir, init_params=stage1_dir,
-                       reference_fn=reference_lookup(ref_tokens, model_cfg.reference_len, tok.pad_id))
+                       reference_fn=reference_lookup(paired.reference_tokens, model_cfg.reference_len, tok.pad_id))
         convert.save_checkpoint_dir(model_dir, model_cfg, jax.device_get(params), tok)
         return {"steps": cfg.continual_steps}
 

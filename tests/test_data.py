@@ -99,6 +99,17 @@ def test_splits_disjoint_and_deterministic(cfg, corpus, tmp_path):
     assert dict(kb)[108] == corpus[1][8]["text"]
 
 
+def test_corpus_without_heldout_documents(tmp_path):
+    """A small corpus (or heldout_fraction 0) has no held-out document: TFDS cannot write an empty
+    split, so only `train` is written and `read_documents` reads an empty held-out split."""
+    path = tmp_path / "three.jsonl"
+    path.write_text("".join(json.dumps({"title": f"T{i}", "text": f"text number {i}"}) + "\n" for i in range(3)))
+    cfg = D.DataConfig(data_dir=str(tmp_path / "tfds"), corpus=str(path), heldout_fraction=0.0, seq_len=8,
+                       batch_size=2)
+    assert [d for d, _ in D.read_documents(cfg)] == [0, 1, 2]
+    assert len(D.data_source(cfg, "train")) == 3
+
+
 def test_is_heldout_fraction():
     keys = [f"title {i}" for i in range(20000)]
     frac = np.mean([D.is_heldout(k, 0.05) for k in keys])

@@ -1,11 +1,12 @@
 """Multi-host training simulated on one CPU machine.
 
 Two processes, each with 2 fake CPU devices, joined by `jax.distributed.initialize` on a local
-coordinator, run `python -m m3jax.launch` (continual stage of the tiny preset: per-host data
-shards, references read from a file:// TensorStore memory bank, Orbax checkpoints) on one global
-(1, 2, 2) mesh. A single process with 4 devices runs the same global batches. Losses and final
-parameters must agree: the two-process global batch holds the same rows (in another order), so
-only the order of floating-point sums differs.
+coordinator, run `m3jax train` (continual stage of a tiny model from a model directory: per-host
+data shards, references read from a file:// TensorStore memory bank, Orbax checkpoints, the
+model directory gathered from both hosts) on one global (1, 2, 2) mesh. A single process with 4
+devices runs the same global batches through the former launcher's command line (`python -m
+m3jax.launch`, an alias). Losses and final parameters must agree: the two-process global batch
+holds the same rows (in another order), so only the order of floating-point sums differs.
 """
 
 from __future__ import annotations
@@ -37,12 +38,16 @@ def _corpus(path: str, n_docs: int = 60, seed: int = 0) -> list[str]:
 
 
 def _setup(tmp: str) -> dict:
-    """Corpus, tokenizer, prepared TFDS data, a memory bank of references and the pairs file."""
+    """Corpus, tokenizer, a model dir (random init), prepared TFDS data, a memory bank of
+    references and the pairs file."""
     import dataclasses
 
+    import jax
     import jax.numpy as jnp
 
     from m3jax.config import preset
+    from m3jax.convert import save_checkpoint_dir
+    from m3jax.model import init
     from m3jax.memory.bank import MemoryBank, ReferenceMeta
     from m3jax.model.memory import MemoryKV
     from m3jax.tokenizer import train_bpe
@@ -55,6 +60,8 @@ def _setup(tmp: str) -> dict:
     tok.save(tok_dir)
     cfg = dataclasses.replace(preset("tiny"), vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id,
                               pad_id=tok.pad_id, reference_prefix=tok.reference_prefix())
+    model_dir = os.path.join(tmp, "model0")
+    save_checkpoint_dir(model_dir, cfg, jax.device_get(init(cfg, jax.random.key(0))), tok)
     seq_len = 64
     data_dir = os.path.join(tmp, "tfds")
     dcfg = D.DataConfig(data_dir=data_dir, corpus=corpus, seq_len=seq_len, batch_size=8, shard_index=0, shard_count=1)
@@ -79,16 +86,35 @@ def _setup(tmp: str) -> dict:
     pairs = rng.integers(-1, n_refs, (n_rows, C)).astype(np.int32)
     pairs_path = os.path.join(tmp, "pairs.npy")
     np.save(pairs_path, pairs)
-    return {"cfg": cfg, "corpus": corpus, "tok_dir": tok_dir, "data_dir": data_dir, "bank": "file://" + bank_dir,
+    return {"cfg": cfg, "corpus": corpus, "model_dir": model_dir, "data_dir": data_dir, "bank": "file://" + bank_dir,
             "pairs": pairs_path, "seq_len": seq_len, "ref_tokens": ref_tokens, "lengths": lengths}
 
 
+def _train_cmd(s: dict, out: str, steps: int) -> list[str]:
+    return [sys.executable, "-m", "m3jax.cli", "train", "--init", s["model_dir"],
+            "--data-dir", "file://" + s["data_dir"], "--corpus", s["corpus"], "--stage", "continual",
+            "--bank", s["bank"], "--pairs", s["pairs"], "--steps", str(steps), "--batch-size", "8",
+            "--seq-len", str(s["seq_len"]), "--mesh", "1,2,2", "--lr", str(LR), "--train-set", "warmup_steps=1",
+            "--train-set", "log_every=1", "--train-set", f"checkpoint_every={steps}", "--out", out]
+
+
 def _launch_cmd(s: dict, out: str, steps: int) -> list[str]:
-    return [sys.executable, "-m", "m3jax.launch", "--preset", "tiny", "--tokenizer", s["tok_dir"],
+    """The same run with the former launcher's flags."""
+    return [sys.executable, "-m", "m3jax.launch", "--init-params", s["model_dir"],
             "--data-dir", "file://" + s["data_dir"], "--corpus", s["corpus"], "--stage", "continual",
             "--bank", s["bank"], "--pairs", s["pairs"], "--steps", str(steps), "--global-batch", "8",
             "--seq-len", str(s["seq_len"]), "--mesh", "1,2,2", "--lr", str(LR), "--warmup-steps", "1",
             "--log-every", "1", "--checkpoint-every", str(steps), "--out", out]
+
+
+def test_launch_flags_map_onto_train():
+    from m3jax.launch import translate
+
+    assert translate(["--global-batch", "8", "--init-params=R", "--warmup-steps", "1", "--log-every=2"]) == [
+        "train", "--stage", "warmup", "--batch-size", "8", "--init=R", "--train-set", "warmup_steps=1",
+        "--train-set", "log_every=2"]
+    assert translate(["--stage", "warmup", "--out", "X"]) == ["train", "--preset", "demo", "--stage", "warmup",
+                                                             "--out", "X"]
 
 
 def _env(devices: int) -> dict:
@@ -110,7 +136,7 @@ def test_bank_reference_fn_reads_memory_kvstore():
     import jax.numpy as jnp
 
     from m3jax.config import preset
-    from m3jax.launch import bank_reference_fn
+    from m3jax.train.pairs import bank_reference_fn
     from m3jax.memory.bank import MemoryBank, ReferenceMeta
     from m3jax.model.memory import MemoryKV
 
@@ -142,12 +168,12 @@ def test_bank_reference_fn_reads_memory_kvstore():
 
 
 def test_local_path_rules():
-    from m3jax.launch import local_path
+    from m3jax.train.run import TrainError, local_path
 
     assert local_path("file:///a/b", "--out") == "/a/b"
     assert local_path("rel/dir", "--out") == "rel/dir"
     assert local_path("gs://bucket/tfds", "--data-dir", allow_gcs=True) == "gs://bucket/tfds"
-    with pytest.raises(ValueError, match="gcsfuse"):
+    with pytest.raises(TrainError, match="gcsfuse"):
         local_path("gs://bucket/run", "--out")
 
 
@@ -165,8 +191,8 @@ def test_two_processes_match_one(tmp_path):
     multi_out, single_out = str(tmp_path / "run_2proc"), str(tmp_path / "run_1proc")
     procs = []
     for i in range(2):
-        cmd = _launch_cmd(s, multi_out, steps) + ["--coordinator", f"localhost:{port}", "--num-processes", "2",
-                                                  "--process-id", str(i)]
+        cmd = _train_cmd(s, multi_out, steps) + ["--coordinator", f"localhost:{port}", "--num-processes", "2",
+                                                 "--process-id", str(i)]
         procs.append(subprocess.Popen(cmd, env=_env(2), cwd=str(tmp_path), stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
     procs.append(subprocess.Popen(_launch_cmd(s, single_out, steps), env=_env(4), cwd=str(tmp_path),
@@ -206,4 +232,11 @@ def test_two_processes_match_one(tmp_path):
         name = jax.tree_util.keystr(path)
         np.testing.assert_allclose(a, b, rtol=0, atol=0.05 * lr, err_msg=name)
         assert np.mean(np.abs(a - b) > 1e-5) < 1e-3, f"{name}: {np.mean(np.abs(a - b) > 1e-5):.2%} of elements differ"
+    # The model directory holds the final params, gathered from both hosts.
+    from m3jax.convert import load_checkpoint_dir
+
+    cfg, p_dir, tok = load_checkpoint_dir(os.path.join(multi_out, "model"))
+    assert cfg == s["cfg"] and tok is not None
+    for a, b in zip(jax.tree.leaves(p_dir), jax.tree.leaves(p_multi)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     print(f"two-process run == one-process run, losses {multi}; {time.perf_counter() - t0:.1f} s")

@@ -913,7 +913,8 @@ def _encode_batch(encode_fn: EncodeFn, refs: Sequence[Any], config: ModelConfig,
 def build_bank(path: "str | dict[str, Any]", config: ModelConfig, fingerprint: str,
                references: Sequence[Any], encode_fn: EncodeFn, *, codec: "str | Codec" = "bf16",
                batch_size: int = 64, pq_sample: int = 1024, shard_size: int | None = None,
-               show_progress: bool = True, context: ts.Context | None = None) -> MemoryBank:
+               show_progress: bool = True, context: ts.Context | None = None,
+               first_id: int = 0) -> MemoryBank:
     """Encode `references` into a bank at `path`, resuming a partial build there.
 
     references: records (dicts or objects) with `tokens` (or `token_ids`: list[int], 1..R ids),
@@ -928,11 +929,17 @@ def build_bank(path: "str | dict[str, Any]", config: ModelConfig, fingerprint: s
     same path resumes at the committed count; a bank made with another config, fingerprint or
     codec is refused (BankConfigError / BankFingerprintError), and so are references whose
     record at the last committed id differs from the stored metadata.
+
+    first_id: append to an existing bank: `references[i]` becomes memory `first_id + i` (the bank
+    must hold at least `first_id` memories; memories past `first_id` are taken as a resumed part
+    of this append). 0 builds a new bank (or resumes one).
     """
     from tqdm.auto import tqdm
 
     if batch_size < 1:
         raise BankError(f"batch_size must be >= 1, got {batch_size}")
+    if first_id < 0:
+        raise BankError(f"first_id must be >= 0, got {first_id}")
     n_total = len(references)
     context = context or default_context()
     requested = make_codec(codec, config.head_dim)
@@ -943,8 +950,11 @@ def build_bank(path: "str | dict[str, Any]", config: ModelConfig, fingerprint: s
     if _read_key(kv, MANIFEST_KEY, base) is not None:
         bank = MemoryBank.open(path, config, fingerprint, mode="a", context=context)
         bank._check_codec_compatible(requested)
-        _check_resume(bank, references)
-    start = len(bank) if bank is not None else 0
+        _check_resume(bank, references, first_id)
+    elif first_id:
+        raise BankNotFoundError(f"no memory bank at {_describe(base)} to append memories "
+                                f"{first_id}.. to (no {MANIFEST_KEY})")
+    start = len(bank) - first_id if bank is not None else 0
     bar = tqdm(total=n_total, initial=start, disable=not show_progress, unit="mem",
                desc=f"memory bank ({requested.name})", dynamic_ncols=True)
     try:
@@ -1006,17 +1016,21 @@ def _flush(bank: MemoryBank, pending: list[tuple[np.ndarray, np.ndarray, Referen
     return [(codes[take:], mask[take:], meta.take(slice(take, n)))]
 
 
-def _check_resume(bank: MemoryBank, references: Sequence[Any]) -> None:
-    n = len(bank)
+def _check_resume(bank: MemoryBank, references: Sequence[Any], first_id: int = 0) -> None:
+    """The memories stored from `first_id` on are a prefix of `references` (checked on the last)."""
+    n = len(bank) - first_id
+    if n < 0:
+        raise BankError(f"bank {bank.url} holds {len(bank)} memories, fewer than first_id={first_id}: "
+                        f"it is not the bank these references are appended to")
     if n == 0:
         return
     if n > len(references):
-        raise BankError(f"bank {bank.url} already holds {n} memories, more than the {len(references)} "
-                        f"references given: these are not the references it was built from")
+        raise BankError(f"bank {bank.url} already holds {n} memories from id {first_id} on, more than the "
+                        f"{len(references)} references given: these are not the references it was built from")
     want = ReferenceMeta.from_records([references[n - 1]], bank.config.reference_len, bank.config.pad_id)
-    got = bank.metadata([n - 1])
+    got = bank.metadata([first_id + n - 1])
     same = all(np.array_equal(getattr(want, f.name), getattr(got, f.name))
                for f in dataclasses.fields(ReferenceMeta))
     if not same:
-        raise BankError(f"bank {bank.url}: the stored reference of memory {n - 1} differs from "
+        raise BankError(f"bank {bank.url}: the stored reference of memory {first_id + n - 1} differs from "
                         f"references[{n - 1}]; resuming needs the same references in the same order")

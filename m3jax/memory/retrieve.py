@@ -1,6 +1,7 @@
 """Retrieval: text chunks -> reference ids -> leakage filter -> memories from the bank.
 
     queries (token chunks or texts) --embed--> unit vectors --index.search--> candidates
+    (minus excluded ids: the deleted references of a knowledge base, searched past)
     candidates --overlap filter (drop overlap > threshold with the filter text)--> top-k ids
     top-k ids --LRU cache / bank.gather--> MemoryKV (masked where no reference is left)
 
@@ -32,6 +33,7 @@ class RetrievalStats:
     cache_hits: int = 0
     cache_misses: int = 0
     filtered: int = 0  # candidates dropped by the leakage filter
+    excluded: int = 0  # candidates skipped as excluded (deleted references)
     embed_s: float = 0.0
     search_s: float = 0.0
     filter_s: float = 0.0
@@ -55,11 +57,16 @@ class Retriever:
       threshold: leakage filter threshold (2/3 at evaluation, 0.9 for training pairs).
       candidates: how many neighbours to search before filtering (>= k).
       cache_size: memories kept in the LRU cache (0 disables it).
+      exclude: `exclude(ids) -> bool mask` of the same shape, True for ids never to return (the
+        deleted references of a knowledge base). It is called at every search, so what it excludes
+        may change between searches. Excluded ids do not count as candidates: the index is searched
+        deeper until `candidates` live neighbours are found (or the index is exhausted), so
+        deletions cost no recall while live references are left.
     """
 
     def __init__(self, index: VectorIndex, embedder: Embedder, *, reference_tokens=None, bank=None,
                  tokenizer=None, k: int = 5, threshold: float = EVAL_THRESHOLD, candidates: int | None = None,
-                 cache_size: int = 4096):
+                 cache_size: int = 4096, exclude: Callable[[np.ndarray], np.ndarray] | None = None):
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         if index.dim != embedder.dim:
@@ -73,6 +80,7 @@ class Retriever:
         self.threshold = threshold
         self.candidates = max(k, candidates if candidates is not None else 3 * k)
         self.cache_size = cache_size
+        self.exclude = exclude
         self._cache: collections.OrderedDict[int, tuple[np.ndarray, np.ndarray]] = collections.OrderedDict()
         self._lock = threading.Lock()
         self.stats = RetrievalStats()
@@ -149,8 +157,7 @@ class Retriever:
             filter_tokens = [filter_tokens[i] for i in rows]
         n = len(rows)
         t1 = time.perf_counter()
-        cand = min(max(self.candidates, k), len(self.index))
-        cand_ids, _ = self.index.search(vecs, cand)
+        cand_ids = self._candidates(vecs, max(self.candidates, k))
         t2 = time.perf_counter()
         keep = np.ones(cand_ids.shape, bool)
         if threshold <= 1.0:
@@ -170,6 +177,30 @@ class Retriever:
         self.stats.embed_s += t1 - t0
         self.stats.search_s += t2 - t1
         self.stats.filter_s += t3 - t2
+        return out
+
+    def _candidates(self, vecs: np.ndarray, want: int) -> np.ndarray:
+        """ids [n, want] of the nearest `want` references that `exclude` lets through (-1 where
+        fewer exist). Searches `want` neighbours, then twice as many while a row lacks live ones."""
+        n_index = len(self.index)
+        cand = min(want, n_index)
+        ids, _ = self.index.search(vecs, cand)
+        if self.exclude is None:
+            return ids
+        while True:
+            valid = ids >= 0
+            dead = np.zeros(ids.shape, bool)
+            dead[valid] = np.asarray(self.exclude(ids[valid]), bool)
+            live = valid & ~dead
+            if cand >= n_index or int(live.sum(1).min()) >= min(want, n_index):
+                break
+            cand = min(n_index, 2 * cand)
+            ids, _ = self.index.search(vecs, cand)
+        self.stats.excluded += int(dead.sum())
+        out = np.full((len(ids), min(want, n_index)), -1, np.int64)
+        for i in range(len(ids)):
+            row = ids[i][live[i]][: out.shape[1]]
+            out[i, : len(row)] = row
         return out
 
     def memories(self, ids: np.ndarray) -> MemoryKV:

@@ -284,7 +284,8 @@ def _full_sequence(params: Params, c: ModelConfig, tokens: Array, memory: ChunkM
         memory = constrain_memory(memory.windowed())
     if prefix is None and c.reference_prefix is not None:
         prefix = prefix_kv(params, c)
-    Tp = T if memory is None else memory.num_chunks * c.chunk_size
+    # Chunks of memory are `chunk_size` queries each; one chunk may be shorter (no padding).
+    Tp = T if memory is None or memory.num_chunks == 1 else memory.num_chunks * c.chunk_size
     tok = jnp.pad(tokens, ((0, 0), (0, Tp - T)), constant_values=c.pad_id) if Tp != T else tokens
     slots = jnp.arange(Tp, dtype=jnp.int32)
     pos = jnp.broadcast_to(c.context_offset + slots, (B, Tp))

@@ -241,10 +241,12 @@ class M3jaxText(tfds.core.GeneratorBasedBuilder):
         docs = sorted(self._documents(), key=lambda d: d["doc_id"])
         frac = self.builder_config.heldout_fraction
         held = [is_heldout(heldout_key(d["title"], d["text"]), frac) for d in docs]
-        return {
-            "train": self._generate_examples([d for d, h in zip(docs, held) if not h]),
-            "heldout": self._generate_examples([d for d, h in zip(docs, held) if h]),
-        }
+        splits = {"train": [d for d, h in zip(docs, held) if not h], "heldout": [d for d, h in zip(docs, held) if h]}
+        if not splits["train"]:
+            raise ValueError(f"{self.builder_config.corpus or 'the corpus'}: no training documents "
+                             f"({len(docs)} documents, all held out)")
+        # TFDS cannot write an empty split: a small corpus may have no held-out document.
+        return {k: self._generate_examples(v) for k, v in splits.items() if v}
 
     def _generate_examples(self, docs):
         for d in docs:
@@ -302,10 +304,28 @@ def _documents_of(src: Sequence[Mapping[str, Any]], text_key: str) -> list[tuple
     return out
 
 
+def read_records(config: DataConfig, splits: Sequence[str] = SPLITS) -> list[dict[str, Any]]:
+    """Every record of `splits` as a dict of str / int fields (doc_id, title, text, description,
+    topic for `m3jax_text` corpora), in record order."""
+    have = set(tfds.builder(prepare(config), data_dir=config.data_dir).info.splits)
+    out = []
+    for split in splits:
+        if split == "heldout" and split not in have:
+            continue
+        src = data_source(config, split)
+        for i in range(len(src)):
+            r = src[i]
+            out.append({k: (int(v) if k == "doc_id" else _as_str(v)) for k, v in r.items()})
+    return out
+
+
 def read_documents(config: DataConfig, splits: Sequence[str] = SPLITS) -> list[tuple[int, str]]:
     """`(doc_id, text)` of every record of `splits`, in record order: the knowledge base of
-    `m3jax.memory.references.split_references` (train and held-out documents by default)."""
-    return [d for split in splits for d in _documents_of(data_source(config, split), config.text_key)]
+    `m3jax.memory.references.split_references` (train and held-out documents by default). A
+    `heldout` split that was not written (no held-out document in a small corpus) is empty."""
+    have = set(tfds.builder(prepare(config), data_dir=config.data_dir).info.splits)
+    return [d for split in splits if split != "heldout" or split in have
+            for d in _documents_of(data_source(config, split), config.text_key)]
 
 
 # ====================================================================== tokenizer

@@ -43,7 +43,8 @@ import numpy as np
 
 from m3jax.config import ConfigError, ModelConfig, TrainConfig
 from m3jax.model.transformer import Params
-from m3jax.train.step import (TrainState, abstract_state_on, create_state, make_train_step, state_shardings)
+from m3jax.train.step import (TrainState, abstract_state_on, create_state, make_train_step, model_params,
+                              state_shardings)
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +210,8 @@ def restore_state(path: str | os.PathLike, model_cfg: ModelConfig, train_cfg: Tr
         return _restore(mngr, s, model_cfg, train_cfg, mesh, f"{directory}/{s}")
 
 
-def _restore(mngr, s: int, model_cfg: ModelConfig, train_cfg: TrainConfig, mesh, where: str):
+def _restore(mngr, s: int, model_cfg: ModelConfig, train_cfg: TrainConfig, mesh, where: str,
+             frozen: Params | None = None):
     ocp = _ocp()
     meta = mngr.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     _check_model(meta, model_cfg, where, free=("name", "max_len"))
@@ -217,7 +219,18 @@ def _restore(mngr, s: int, model_cfg: ModelConfig, train_cfg: TrainConfig, mesh,
         raise ConfigError(f"checkpoint {where} is of stage {meta.get('stage')!r}, not {train_cfg.stage!r}: "
                           "start a new stage in a new out_dir (with init_params=<the previous run>)")
     saved_tc = dict(meta.get("train_config", {}))
-    changed = [k for k, v in _train_dict(train_cfg).items() if k != "mesh" and k in saved_tc and saved_tc[k] != v]
+    if int(saved_tc.get("lora_rank", 0)) != train_cfg.lora_rank:
+        raise ConfigError(f"checkpoint {where} trained lora_rank={saved_tc.get('lora_rank', 0)}, this run "
+                          f"lora_rank={train_cfg.lora_rank}: use the same TrainConfig or a new out_dir")
+    if train_cfg.lora_rank:
+        if frozen is None:
+            raise ConfigError(f"checkpoint {where} holds a LoRA adapter: resuming needs its base weights "
+                              "(init_params)")
+        want, got = meta.get("base_fingerprint"), _fingerprint(frozen)
+        if want and got and want != got:
+            raise ConfigError(f"checkpoint {where} adapts base weights {want}, but init_params are {got}")
+    changed = [k for k, v in _train_dict(train_cfg).items()
+               if k != "mesh" and k in saved_tc and _jsonish(saved_tc[k]) != _jsonish(v)]
     if changed:
         log.warning("resuming %s with changed TrainConfig fields: %s", where,
                     ", ".join(f"{k} {saved_tc[k]!r} -> {getattr(train_cfg, k)!r}" for k in changed))
@@ -226,15 +239,21 @@ def _restore(mngr, s: int, model_cfg: ModelConfig, train_cfg: TrainConfig, mesh,
                                                 opt_state=ocp.args.StandardRestore(target.opt_state),
                                                 data=ocp.args.JsonRestore()))
     opt_state = jax.tree.unflatten(jax.tree.structure(target.opt_state), jax.tree.leaves(r.opt_state))
-    step = jax.device_put(jnp.asarray(meta["step"], jnp.int32), state_shardings(model_cfg, train_cfg, mesh).step)
-    return TrainState(step, r.params, opt_state), (r.data or {}).get("state"), meta
+    shardings = state_shardings(model_cfg, train_cfg, mesh)
+    step = jax.device_put(jnp.asarray(meta["step"], jnp.int32), shardings.step)
+    if frozen is not None:
+        frozen = jax.device_put(frozen, shardings.frozen)
+    return TrainState(step, r.params, opt_state, frozen), (r.data or {}).get("state"), meta
 
 
-def _save(mngr, state: TrainState, data_state: Any, model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
+def _save(mngr, state: TrainState, data_state: Any, model_cfg: ModelConfig, train_cfg: TrainConfig,
+          base_fingerprint: str | None = None) -> None:
     ocp = _ocp()
     step = int(jax.device_get(state.step))
     meta = {"step": step, "stage": train_cfg.stage, "model_config": model_cfg.to_dict(),
             "train_config": _train_dict(train_cfg), "time": time.time()}
+    if base_fingerprint:
+        meta["base_fingerprint"] = base_fingerprint
     mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(state.params),
                                             opt_state=ocp.args.StandardSave(state.opt_state),
                                             data=ocp.args.JsonSave({"state": data_state}),
@@ -243,6 +262,20 @@ def _save(mngr, state: TrainState, data_state: Any, model_cfg: ModelConfig, trai
 
 def _train_dict(train_cfg: TrainConfig) -> dict[str, Any]:
     return dataclasses.asdict(train_cfg)
+
+
+def _jsonish(x: Any) -> Any:
+    """A config value as JSON gives it back (tuples become lists), for comparisons."""
+    return json.loads(json.dumps(x, default=str))
+
+
+def _fingerprint(params: Params | None) -> str | None:
+    """`params_fingerprint` of host-addressable params (None for params spread over hosts)."""
+    if params is None or not all(getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(params)):
+        return None
+    from m3jax.memory.bank import params_fingerprint
+
+    return params_fingerprint(params)
 
 
 def _json_safe(x: Any) -> Any:
@@ -370,7 +403,10 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data: DataSource, out_
       iterator without them is fast-forwarded on resume.
     init_params: None (random init, seed `train_cfg.seed`), a params pytree, or a checkpoint path
       (a run's out_dir, e.g. the stage-1 run for stage 2): its params, a fresh optimizer.
-      Ignored when `out_dir` already holds a checkpoint of this run (resume wins).
+      Ignored when `out_dir` already holds a checkpoint of this run (resume wins), except under
+      LoRA (`train_cfg.lora_rank`), where they are the frozen base (required, also on resume,
+      and checked against the fingerprint the checkpoint recorded). The returned params are then
+      the base merged with the adapter, and `out_dir/adapter.safetensors` holds the adapter.
     reference_fn: for stage "continual", a host callable adding `ref_tokens [B, C, R]` and
       `ref_mask [B, C, R]` to a batch (one reference per chunk; all-False mask = none).
     mesh: default `sharding.make_mesh(train_cfg.mesh)` over all devices.
@@ -396,12 +432,18 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data: DataSource, out_
         if not resume and mngr.latest_step() is not None:
             raise FileExistsError(f"{ckpt_dir} already holds checkpoints (steps {sorted(mngr.all_steps())}); "
                                   "pass resume=True to continue that run, or use a new out_dir")
+        base, base_fp = None, None
+        if tc.lora_rank:
+            if init_params is None:
+                raise ConfigError("LoRA training (TrainConfig.lora_rank > 0) needs init_params: the base weights")
+            base = _initial_params(init_params, model_cfg, mesh)
+            base_fp = _fingerprint(jax.device_get(base) if jax.process_count() == 1 else base)
         if resume and mngr.latest_step() is not None:
             s = mngr.latest_step()
-            state, data_state, _ = _restore(mngr, s, model_cfg, tc, mesh, f"{ckpt_dir}/{s}")
+            state, data_state, _ = _restore(mngr, s, model_cfg, tc, mesh, f"{ckpt_dir}/{s}", frozen=base)
             start = int(jax.device_get(state.step))
             log.info("resuming %s from step %d of %s", tc.stage, start, ckpt_dir)
-            if init_params is not None:
+            if init_params is not None and base is None:
                 log.info("init_params ignored: resuming from %s", ckpt_dir)
             if data_state is not None and hasattr(it, "set_state"):
                 it.set_state(data_state)
@@ -411,7 +453,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data: DataSource, out_
                 for _ in range(start):
                     next(it)
         else:
-            params = _initial_params(init_params, model_cfg, mesh)
+            params = base if base is not None else _initial_params(init_params, model_cfg, mesh)
             state = create_state(model_cfg, tc, params, mesh=mesh)
             start = 0
         if jax.process_index() == 0:
@@ -419,10 +461,18 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data: DataSource, out_
                 json.dump({"model_config": model_cfg.to_dict(), "train_config": _train_dict(tc),
                            "mesh": dict(mesh.shape), "devices": [str(d) for d in jax.devices()]}, f, indent=1)
         writer = MetricsWriter(out_dir, resume_step=start if start else None, tensorboard=tensorboard)
-        state = _run(state, start, model_cfg, tc, it, mesh, mngr, writer, reference_fn, progress, callback)
+        state = _run(state, start, model_cfg, tc, it, mesh, mngr, writer, reference_fn, progress, callback,
+                     base_fp)
         mngr.wait_until_finished()
         writer.plot(title=f"{model_cfg.name} {tc.stage}")
-        return state.params
+        if state.frozen is None:
+            return state.params
+        if jax.process_index() == 0:
+            from m3jax.convert import save_adapter
+
+            save_adapter(os.path.join(out_dir, "adapter.safetensors"), jax.device_get(state.params), tc,
+                         base_fingerprint=base_fp)
+        return jax.jit(model_params, static_argnums=1)(state, tc)
     finally:
         mngr.wait_until_finished()
         mngr.close()
@@ -431,7 +481,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data: DataSource, out_
 
 
 def _run(state: TrainState, start: int, model_cfg: ModelConfig, tc: TrainConfig, it, mesh, mngr,
-         writer: MetricsWriter, reference_fn, progress: bool, callback) -> TrainState:
+         writer: MetricsWriter, reference_fn, progress: bool, callback, base_fp: str | None = None) -> TrainState:
     from tqdm.auto import tqdm
 
     step_fn = make_train_step(model_cfg, tc, mesh)
@@ -509,7 +559,7 @@ def _run(state: TrainState, start: int, model_cfg: ModelConfig, tc: TrainConfig,
             if save_now:
                 # The iterator state after this step's batch: a resume reads the next batch.
                 data_state = _json_safe(it.get_state()) if hasattr(it, "get_state") else None
-                _save(mngr, state, data_state, model_cfg, tc)
+                _save(mngr, state, data_state, model_cfg, tc, base_fp)
                 last_saved = step
                 t_mark = time.perf_counter()  # do not count the (blocking part of the) save
         if step > last_saved:  # data ran out: save what was done
@@ -518,7 +568,7 @@ def _run(state: TrainState, start: int, model_cfg: ModelConfig, tc: TrainConfig,
                 records = jax.device_get([m for _, m in pending])
                 writer.write([{"step": s, "stage": tc.stage, **{k: float(v) for k, v in m.items()}}
                               for (s, _), m in zip(pending, records)])
-            _save(mngr, state, data_state, model_cfg, tc)
+            _save(mngr, state, data_state, model_cfg, tc, base_fp)
     finally:
         bar.close()
     return state

@@ -5,7 +5,12 @@ Stage "warmup": a plain LM step. Stage "continual": the batch also carries one r
 
     ref_tokens int32 [B, C, R], ref_mask bool [B, C, R]    (C = ceil(T / chunk_size), R <= reference_len)
 
-(a chunk without a reference has an all-False mask row). In the same step the references are
+(a chunk without a reference has an all-False mask row), or, retrieval style, M references per chunk,
+
+    ref_tokens int32 [B, C, M, R], ref_mask bool [B, C, M, R]
+
+which chunk c reads itself (no lookback), as it reads its M retrieved memories at inference (the
+continual recipe for pretrained models, `m3jax.train.recipe`). In the same step the references are
 encoded into sparse memories by `m3jax.memory.encode` with the current weights, arranged by
 `ChunkMemory.from_memories(mem, B, C, lookback=train_cfg.memory_lookback)` (chunk c reads the
 memories of chunks c-lookback..c), and the forward pass reads them. The loss covers only the
@@ -28,6 +33,12 @@ Mixed precision policy (`ModelConfig.param_dtype`, `ModelConfig.dtype`):
     upcast to float32, clipped, and applied to the master copy; the new params are the master
     rounded to `param_dtype`. So small updates are never lost to bf16 rounding, and all optimizer
     state is fp32. With float32 params there is no extra copy (`opt_state` is optax's state).
+
+Partial training (`TrainConfig.lora_rank` > 0): the trained params are a LoRA adapter
+(`m3jax.model.lora`) over frozen base weights kept in `TrainState.frozen`; the step runs the
+model on the merged weights and differentiates the adapter only (no weight gradients, optimizer
+state or master copy for the base). Checkpoints hold the adapter and its optimizer state; the base
+comes from the run's `init_params` again on resume.
 """
 
 from __future__ import annotations
@@ -47,6 +58,7 @@ from m3jax import sharding as S
 from m3jax.config import ModelConfig, TrainConfig
 from m3jax.memory.encode import encode
 from m3jax.model import ChunkMemory, MemoryKV, check_params, forward, init
+from m3jax.model import lora
 from m3jax.model.transformer import Params, param_axes
 
 Array = jax.Array
@@ -66,12 +78,21 @@ class MasterState:
 
 @struct.dataclass
 class TrainState:
-    """step: int32 scalar (optimizer updates done); params in `param_dtype`; opt_state: optax's
-    state, or `MasterState` when params are narrower than float32."""
+    """step: int32 scalar (optimizer updates done); params: the trained params (the model in
+    `param_dtype`, or a LoRA adapter); opt_state: optax's state, or `MasterState` when params are
+    narrower than float32; frozen: the base weights under a LoRA adapter (None otherwise)."""
 
     step: Array
     params: Params
     opt_state: Any
+    frozen: Params | None = None
+
+
+def model_params(state: TrainState, train_cfg: TrainConfig) -> Params:
+    """The weights the model runs with: the params, or the base merged with the LoRA adapter."""
+    if state.frozen is None:
+        return state.params
+    return lora.merge(state.frozen, state.params, train_cfg.lora_scale_alpha)
 
 
 def _needs_master(params: Params) -> bool:
@@ -122,9 +143,18 @@ def make_optimizer(train_cfg: TrainConfig) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(tc.grad_clip), adamw) if tc.grad_clip > 0 else adamw
 
 
-def init_state(params: Params, train_cfg: TrainConfig, tx: optax.GradientTransformation | None = None) -> TrainState:
-    """A fresh `TrainState` (step 0) around `params` (jittable)."""
+def init_state(params: Params, train_cfg: TrainConfig, tx: optax.GradientTransformation | None = None, *,
+               model_cfg: ModelConfig | None = None) -> TrainState:
+    """A fresh `TrainState` (step 0) around `params` (jittable). With `train_cfg.lora_rank` the
+    params become the frozen base of a fresh adapter (keyed by `train_cfg.seed`; needs
+    `model_cfg`)."""
     tx = tx or make_optimizer(train_cfg)
+    if train_cfg.lora_rank:
+        if model_cfg is None:
+            raise ValueError("init_state with TrainConfig.lora_rank needs the model_cfg")
+        adapter = lora.init(model_cfg, train_cfg.lora_rank, jax.random.key(train_cfg.seed),
+                            train_cfg.lora_targets)
+        return TrainState(jnp.zeros((), jnp.int32), adapter, tx.init(adapter), params)
     if _needs_master(params):
         master = jax.tree.map(lambda x: x.astype(jnp.float32), params)
         opt_state = MasterState(master, tx.init(master))
@@ -145,7 +175,7 @@ def apply_gradients(state: TrainState, grads: Params, tx: optax.GradientTransfor
     else:
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-    return TrainState(state.step + 1, params, opt_state)
+    return TrainState(state.step + 1, params, opt_state, state.frozen)
 
 
 # ----------------------------------------------------------------------------- loss
@@ -160,13 +190,15 @@ def lm_loss(logits_BTV: Array, tokens_BT: Array, loss_mask_BT: Array) -> tuple[A
     return jnp.sum(ce * w) / jnp.maximum(n, 1.0), n
 
 
-def encode_references(params: Params, model_cfg: ModelConfig, ref_tokens_BCR: Array, ref_mask_BCR: Array,
+def encode_references(params: Params, model_cfg: ModelConfig, ref_tokens: Array, ref_mask: Array,
                       lookback: int) -> ChunkMemory:
-    """Encode one reference per chunk with the model's own write path (`m3jax.memory.encode`)
-    and arrange them for reading: chunk c sees the memories of chunks c-lookback..c."""
-    B, C, R = ref_tokens_BCR.shape
-    mem: MemoryKV = encode(params, model_cfg, ref_tokens_BCR.reshape(B * C, R), ref_mask_BCR.reshape(B * C, R))
-    return ChunkMemory.from_memories(mem, B, C, lookback=lookback)
+    """Encode the batch's references with the model's own write path (`m3jax.memory.encode`) and
+    arrange them for reading: one per chunk, [B, C, R], chunk c seeing the memories of chunks
+    c-lookback..c; or M per chunk, [B, C, M, R], chunk c seeing its own M."""
+    B, C = ref_tokens.shape[:2]
+    R = ref_tokens.shape[-1]
+    mem: MemoryKV = encode(params, model_cfg, ref_tokens.reshape(-1, R), ref_mask.reshape(-1, R))
+    return ChunkMemory.from_memories(mem, B, C, lookback=lookback if ref_tokens.ndim == 3 else 0)
 
 
 def loss_fn(params: Params, batch: Mapping[str, Array], model_cfg: ModelConfig, *,
@@ -188,7 +220,8 @@ def loss_fn(params: Params, batch: Mapping[str, Array], model_cfg: ModelConfig, 
 # ------------------------------------------------------------------------ shardings
 def abstract_state(model_cfg: ModelConfig, train_cfg: TrainConfig) -> TrainState:
     """`ShapeDtypeStruct`s of a fresh `TrainState` (no memory used)."""
-    return jax.eval_shape(lambda k: init_state(init(model_cfg, k), train_cfg), jax.random.key(0))
+    return jax.eval_shape(lambda k: init_state(init(model_cfg, k), train_cfg, model_cfg=model_cfg),
+                          jax.random.key(0))
 
 
 def state_shardings(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh) -> TrainState:
@@ -197,6 +230,12 @@ def state_shardings(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh) -> Tra
     master) like that param; the rest (counters, step) replicated."""
     pshard = S.param_shardings(model_cfg, mesh)
     abstract = abstract_state(model_cfg, train_cfg)
+    frozen = None
+    if train_cfg.lora_rank:  # the base is placed like the model's params; the adapter's factors
+        frozen = pshard      # are small: sharded over layers only by the same rules
+        ashapes = lora.shapes(model_cfg, train_cfg.lora_rank, train_cfg.lora_targets)
+        pshard = jax.tree.map(lambda s, ax: NamedSharding(mesh, S.logical_to_spec(ax, s, mesh)), ashapes,
+                              lora.axes(ashapes), is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(d, int) for d in x))
     by_path = {tuple(_key_names(p)): (s, a.shape) for (p, s), a in
                zip(jax.tree_util.tree_flatten_with_path(pshard)[0], jax.tree.leaves(abstract.params))}
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -210,7 +249,7 @@ def state_shardings(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh) -> Tra
         return replicated
 
     opt = jax.tree_util.tree_map_with_path(pick, abstract.opt_state)
-    return TrainState(replicated, pshard, opt)
+    return TrainState(replicated, pshard, opt, frozen)
 
 
 def _key_names(path) -> list[str]:
@@ -237,9 +276,9 @@ def abstract_state_on(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh) -> T
 def _state_initializer(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh, from_params: bool):
     tx = make_optimizer(train_cfg)
     if from_params:
-        make = lambda p: init_state(p, train_cfg, tx)  # noqa: E731
+        make = lambda p: init_state(p, train_cfg, tx, model_cfg=model_cfg)  # noqa: E731
     else:
-        make = lambda k: init_state(init(model_cfg, k), train_cfg, tx)  # noqa: E731
+        make = lambda k: init_state(init(model_cfg, k), train_cfg, tx, model_cfg=model_cfg)  # noqa: E731
     if mesh is None:
         return jax.jit(make)
     return jax.jit(make, out_shardings=state_shardings(model_cfg, train_cfg, mesh))
@@ -248,7 +287,11 @@ def _state_initializer(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh, fro
 def create_state(model_cfg: ModelConfig, train_cfg: TrainConfig, params: Params | None = None, *,
                  mesh=None, key: Array | None = None) -> TrainState:
     """A fresh `TrainState`: from `params` (placed on `mesh`) or from `init(model_cfg, key)`
-    (default key: `train_cfg.seed`), computed directly into its shards when a mesh is given."""
+    (default key: `train_cfg.seed`), computed directly into its shards when a mesh is given.
+    With `train_cfg.lora_rank`, `params` are the frozen base of a fresh adapter (required)."""
+    if train_cfg.lora_rank and params is None:
+        raise ValueError("LoRA training (TrainConfig.lora_rank > 0) adapts existing weights: give the base "
+                         "params (init_params)")
     if params is not None:
         if mesh is not None:
             params = S.shard_params(params, model_cfg, mesh)  # checks them too
@@ -280,9 +323,10 @@ def check_batch(batch: Mapping[str, Any], model_cfg: ModelConfig, train_cfg: Tra
                        "the training loop.")
     C = -(-T // model_cfg.chunk_size)
     rs = tuple(batch["ref_tokens"].shape)
-    if len(rs) != 3 or rs[:2] != (B, C) or rs[2] > model_cfg.reference_len:
+    if len(rs) not in (3, 4) or rs[:2] != (B, C) or rs[-1] > model_cfg.reference_len:
         raise ValueError(f"ref_tokens of shape {rs}: expected [{B}, {C}, R<={model_cfg.reference_len}] "
-                         f"(batch, chunks of {model_cfg.chunk_size} tokens, reference length)")
+                         f"(batch, chunks of {model_cfg.chunk_size} tokens, reference length) or "
+                         f"[{B}, {C}, M, R] (M references per chunk)")
     if tuple(batch["ref_mask"].shape) != rs:
         raise ValueError(f"ref_mask {tuple(batch['ref_mask'].shape)} does not match ref_tokens {rs}")
 
@@ -292,21 +336,25 @@ def step_keys(train_cfg: TrainConfig) -> tuple[str, ...]:
 
 
 def _batch_grads(params: Params, batch: Mapping[str, Array], model_cfg: ModelConfig,
-                 train_cfg: TrainConfig, denom: Array) -> tuple[Array, Array, Params]:
+                 train_cfg: TrainConfig, denom: Array, frozen: Params | None = None) -> tuple[Array, Array, Params]:
     """(loss, number of targets, gradient of the loss) of one (micro)batch, its mean target loss
-    weighted by its share of the `denom` targets of the whole batch (weight 1 for one pass)."""
+    weighted by its share of the `denom` targets of the whole batch (weight 1 for one pass).
+    With `frozen` base weights, `params` is a LoRA adapter over them (its gradient is returned)."""
     tc = train_cfg
+    weights = ((lambda p: p) if frozen is None else
+               (lambda p: lora.merge(frozen, p, tc.lora_scale_alpha)))
     memory = None
     if tc.stage == "continual" and not tc.memory_grad:
         # Encoded outside the differentiated function: no residuals kept, no backward pass.
         memory = jax.lax.stop_gradient(
-            encode_references(params, model_cfg, batch["ref_tokens"], batch["ref_mask"], tc.memory_lookback))
+            encode_references(weights(params), model_cfg, batch["ref_tokens"], batch["ref_mask"],
+                              tc.memory_lookback))
     inputs = {k: batch[k] for k in BATCH_KEYS}
     if tc.stage == "continual" and memory is None:
         inputs.update({k: batch[k] for k in REF_KEYS})
 
     def weighted(p):
-        loss, aux = loss_fn(p, inputs, model_cfg, memory=memory, memory_grad=tc.memory_grad,
+        loss, aux = loss_fn(weights(p), inputs, model_cfg, memory=memory, memory_grad=tc.memory_grad,
                             lookback=tc.memory_lookback)
         return loss * (aux["tokens"] / denom), aux["tokens"]
 
@@ -324,17 +372,19 @@ def _train_step(state: TrainState, batch: Mapping[str, Array], *, model_cfg: Mod
     A = train_cfg.grad_accum
     denom = jnp.maximum(jnp.sum(batch["loss_mask"][:, 1:].astype(jnp.float32)), 1.0)
     if A == 1:
-        loss, n, grads = _batch_grads(state.params, batch, model_cfg, train_cfg, denom)
+        loss, n, grads = _batch_grads(state.params, batch, model_cfg, train_cfg, denom, state.frozen)
     else:
         micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape((x.shape[0] // A, A) + x.shape[1:]), 0, 1), batch)
 
         def body(carry, mb):
             l, m, g = carry
-            l_i, n_i, g_i = _batch_grads(state.params, mb, model_cfg, train_cfg, denom)
+            l_i, n_i, g_i = _batch_grads(state.params, mb, model_cfg, train_cfg, denom, state.frozen)
             return (l + l_i, m + n_i, jax.tree.map(lambda a, b: a + b.astype(a.dtype), g, g_i)), None
 
+        grad_axes = (param_axes(model_cfg) if state.frozen is None else
+                     lora.axes(lora.shapes(model_cfg, train_cfg.lora_rank, train_cfg.lora_targets)))
         zeros = jax.tree.map(lambda p, ax: S.constrain(jnp.zeros(p.shape, jnp.float32), ax),
-                             state.params, param_axes(model_cfg))
+                             state.params, grad_axes)
         (loss, n, grads), _ = jax.lax.scan(body, (jnp.float32(0), jnp.float32(0), zeros), micro)
     grad_norm = optax.tree.norm(jax.tree.map(lambda g: g.astype(jnp.float32), grads))
     lr = schedule(state.step)
