@@ -689,7 +689,11 @@ def load_base_params(base: dict[str, Any], config: ModelConfig, *, where: str) -
         tensors = read_gguf_tensors(__import__("gguf").GGUFReader(path), where=path)
         params = params_from_hf_tensors(tensors, config, where=path)
     elif "model" in base:
-        _, params, _ = load_checkpoint_dir(os.path.join(where, base["model"]))
+        saved, params, _ = load_checkpoint_dir(os.path.join(where, base["model"]))
+        if saved.memory_layers != config.memory_layers:
+            from m3jax.model import restack
+
+            params = restack(params, config.memory_layers)
     else:
         raise ConvertError(f"{where}/{_BASE_FILE}: names no base weights (expected a 'gguf' or 'model' field)")
     check_params(params, config)

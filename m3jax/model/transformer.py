@@ -102,6 +102,24 @@ def init(config: ModelConfig, key: Array) -> Params:
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
+def restack(params: Params, memory_layers: int) -> Params:
+    """The same weights with the first `memory_layers` layers in `mem_blocks` and the rest in
+    `blocks` (a config's `memory_layers` decides how the layer stack is split; the weights of a
+    layer do not depend on it)."""
+    stacks = [params[n] for n in STACKS if n in params]
+    names = stacks[0].keys()
+    whole = {k: jnp.concatenate([st[k] for st in stacks], axis=0) for k in names}
+    L = next(iter(whole.values())).shape[0]
+    if not 0 <= memory_layers <= L:
+        raise ValueError(f"memory_layers={memory_layers} is not in [0, {L}]")
+    out = {k: v for k, v in params.items() if k not in STACKS}
+    if memory_layers:
+        out["mem_blocks"] = {k: v[:memory_layers] for k, v in whole.items()}
+    if memory_layers < L:
+        out["blocks"] = {k: v[memory_layers:] for k, v in whole.items()}
+    return out
+
+
 def check_params(params: Params, config: ModelConfig) -> None:
     """Raise a clear error if `params` does not have the tree and shapes of `config`."""
     want = param_shapes(config)

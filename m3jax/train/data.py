@@ -463,7 +463,7 @@ def pack_rows(stream: TokenStream, seq_len: int, pad_id: int, pack: bool = True)
 
 def rows_dataset(rows: Mapping[str, np.ndarray], *, batch_size: int, shuffle: bool = True,
                  seed: int = 0, num_epochs: int | None = None, shard_index: int = 0,
-                 shard_count: int = 1) -> grain.MapDataset:
+                 shard_count: int = 1, blocks: bool = False) -> grain.MapDataset:
     """A grain MapDataset of batches of `rows` (a dict of [n, ...] arrays).
 
     Per epoch: one permutation of the rows (seeded by `seed`, reseeded each epoch; identity when
@@ -471,8 +471,23 @@ def rows_dataset(rows: Mapping[str, np.ndarray], *, batch_size: int, shuffle: bo
     i, i + shard_count, ... (all shards use the same permutation, so they partition the epoch).
     Epochs repeat `num_epochs` times (None: forever), and consecutive rows of the shard form
     batches of `batch_size` (the per-shard size; a last partial batch is dropped).
+
+    blocks=True: the rows are already laid out in blocks of `batch_size * shard_count` that must
+    be batched together (`m3jax.train.recipe` groups rows of one kind): the permutation moves
+    whole blocks, and shard i takes rows i, i + shard_count, ... of each block.
     """
     n = len(next(iter(rows.values())))
+    if blocks:
+        per = batch_size * shard_count
+        nb = n // per
+        if nb == 0:
+            raise ValueError(f"{n} rows hold no block of {per} (batch_size x shard_count)")
+        ds = grain.MapDataset.range(nb)
+        if shuffle:
+            ds = ds.shuffle(seed=seed)
+        ds = ds.repeat(num_epochs)
+        take = np.arange(shard_index, per, shard_count)
+        return ds.map(lambda b: {k: v[b * per + take] for k, v in rows.items()})
     per_epoch = (n // shard_count) * shard_count
     if per_epoch == 0:
         raise ValueError(f"{n} rows cannot be split into {shard_count} shards")

@@ -95,7 +95,8 @@ def load_or_pair(path: str, tokens: np.ndarray, loss_mask: np.ndarray, retriever
 def reference_lookup(reference_tokens: Sequence[Sequence[int]], reference_len: int, pad_id: int = 0
                      ) -> Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]:
     """A host function batch -> batch that adds `ref_tokens` int32 [B, C, R] and `ref_mask`
-    bool [B, C, R] from `batch["ref_ids"]` [B, C] (a chunk with id -1 gets an all-False mask)."""
+    bool [B, C, R] from `batch["ref_ids"]` [B, C] (a chunk with id -1 gets an all-False mask).
+    R is the batch's longest reference rounded up to a multiple of 32 (at most reference_len)."""
     n = len(reference_tokens)
     table = np.full((n + 1, reference_len), pad_id, np.int32)  # last row: "no reference"
     mask = np.zeros((n + 1, reference_len), bool)
@@ -107,7 +108,11 @@ def reference_lookup(reference_tokens: Sequence[Sequence[int]], reference_len: i
         ids = np.asarray(batch["ref_ids"])
         rows = np.where(ids >= 0, ids, n)
         out = dict(batch)
-        out["ref_tokens"], out["ref_mask"] = table[rows], mask[rows]
+        tok, msk = table[rows], mask[rows]
+        # only as long as the batch's longest reference (in steps of 32: a few shapes compile)
+        longest = int(msk.sum(-1).max(initial=1))
+        R = min(reference_len, -(-max(longest, 1) // 32) * 32)
+        out["ref_tokens"], out["ref_mask"] = tok[..., :R], msk[..., :R]
         return out
 
     return add

@@ -356,14 +356,14 @@ def continual_data(dcfg, tokenizer, model_cfg, *, cache_dir: str, pairs: str | N
     return PairedRows(rows, got.reference_tokens)
 
 
-def _iterator(rows: dict[str, np.ndarray], dcfg):
+def _iterator(rows: dict[str, np.ndarray], dcfg, blocks: bool = False):
     import grain
 
     from m3jax.train import data as D
 
     index, count = dcfg.shard()
     ds = D.rows_dataset(rows, batch_size=dcfg.batch_size // count, shuffle=dcfg.shuffle, seed=dcfg.seed,
-                        num_epochs=dcfg.num_epochs, shard_index=index, shard_count=count)
+                        num_epochs=dcfg.num_epochs, shard_index=index, shard_count=count, blocks=blocks)
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)).__iter__()
 
 
@@ -474,11 +474,12 @@ def run(spec: TrainRun, *, embedder=None, log: Callable[[str], None] = _print) -
             from m3jax.config import apply_overrides as _over
             from m3jax.train.recipe import ReadingMix, reading_rows
 
-            mix = _over(ReadingMix(memories=model_cfg.memories_per_chunk, seed=spec.seed), list(spec.mix))
+            mix = _over(ReadingMix(seed=spec.seed), list(spec.mix))
             cache = _pairs_cache_dir(dcfg, out)
             key = hashlib.sha256(json.dumps([dataclasses.asdict(mix), D.tokenizer_fingerprint(tok),
                                              model_cfg.reference_len]).encode()).hexdigest()[:12]
             paired = reading_rows(D.read_records(dcfg, ("train",)), tok, model_cfg, mix,
+                                  batch_size=spec.batch_size,
                                   embeddings_path=os.path.join(cache, f"reading-{key}-embeddings.npy"),
                                   embedder=embedder, show_progress=progress)
         elif spec.stage == "continual":
@@ -491,8 +492,8 @@ def run(spec: TrainRun, *, embedder=None, log: Callable[[str], None] = _print) -
     name, tok, stream, paired = first_on_process_0("m3jax train: data prepared", prepare)
     if model_dir is None:
         model_cfg = _with_tokenizer(model_cfg, tok)
-    if spec.recipe == "reading" and tc.seq_len != model_cfg.chunk_size:
-        tc = dataclasses.replace(tc, seq_len=model_cfg.chunk_size)  # its rows are one chunk each
+    if paired is not None and spec.recipe == "reading":  # its rows are `chunks` examples of a chunk each
+        tc = dataclasses.replace(tc, seq_len=int(paired.rows["tokens"].shape[1]))
         spec = dataclasses.replace(spec, seq_len=tc.seq_len)
     if spec.seq_len > model_cfg.max_len:
         raise TrainError(f"--seq-len {spec.seq_len} is longer than the model's max_len {model_cfg.max_len} "
@@ -514,7 +515,7 @@ def run(spec: TrainRun, *, embedder=None, log: Callable[[str], None] = _print) -
         batches: Any = D.make_iterator(dcfg, tok, dcfg.split)
         reference_fn = None
     else:
-        batches = _iterator(paired.rows, dcfg)
+        batches = _iterator(paired.rows, dcfg, blocks=spec.recipe == "reading")
         reference_fn = paired.reference_fn(model_cfg.reference_len, model_cfg.pad_id, model_cfg.vocab_size)
     from m3jax import sharding as S
 
@@ -572,7 +573,11 @@ def _load_init_params(model_dir: str, model_cfg):
     from m3jax.convert import load_checkpoint_dir
     from m3jax.model import check_params
 
-    _, params, _ = load_checkpoint_dir(model_dir)
+    saved_cfg, params, _ = load_checkpoint_dir(model_dir)
+    if saved_cfg.memory_layers != model_cfg.memory_layers:  # --set memory_layers: the same layers
+        from m3jax.model import restack
+
+        params = restack(params, model_cfg.memory_layers)
     try:
         check_params(params, model_cfg)
     except ValueError as e:
