@@ -1,6 +1,7 @@
 """The `m3jax` command: one subcommand per job.
 
-    m3jax demo [--out DIR] [--quick]         the whole pipeline on the shipped Wikipedia leads
+    m3jax demo [--out DIR] [--quick]         memory in a pretrained model: new facts, updates, modes
+    m3jax demo --from-scratch                the two-stage pipeline from scratch on the Wikipedia leads
     m3jax train --stage warmup --preset demo --out RUN1         stage 1, from scratch
     m3jax train --stage continual --init RUN1 --out RUN2        stage 2, with memory (RUN2/model)
     m3jax build-memory --model DIR --out KB  corpus + model -> memory bank + index
@@ -23,10 +24,17 @@ import sys
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.from_scratch:
+        from m3jax.demo_scratch import ScratchConfig, run_from_scratch
+
+        if args.model:
+            raise SystemExit("m3jax demo: --model is the main job's; --from-scratch trains its own model")
+        run_from_scratch(args.out or "demo_scratch_out", ScratchConfig.quick() if args.quick else ScratchConfig())
+        return 0
     from m3jax.demo import DemoConfig, run
 
-    cfg = DemoConfig.quick() if args.quick else DemoConfig()
-    run(args.out, cfg)
+    model = args.model or DemoConfig.model
+    run(args.out or "demo_out", DemoConfig.quick(model) if args.quick else DemoConfig(model=model))
     return 0
 
 
@@ -382,8 +390,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="m3jax", description="Memory3 in JAX")
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="run the whole pipeline on the shipped data")
-    d.add_argument("--out", default="demo_out")
-    d.add_argument("--quick", action="store_true", help="a one-minute smoke run")
+    d.add_argument("--out", default=None, help="output directory (default demo_out, or demo_scratch_out)")
+    d.add_argument("--quick", action="store_true", help="a smoke run with tiny sizes")
+    d.add_argument("--model", default=None, help="the memory-capable model (default: the shipped "
+                                                 "smollm2-135m-memory); a model directory or a shipped name")
+    d.add_argument("--from-scratch", action="store_true",
+                   help="the two-stage pipeline instead: train a small model from scratch, then with memory")
     d.set_defaults(fn=_demo)
     sub.add_parser("presets", help="list model presets").set_defaults(fn=_presets)
     b = sub.add_parser("build-memory", help="corpus + model -> memory bank + index")

@@ -577,8 +577,50 @@ def load_checkpoint_dir(directory: str, *, with_params: bool = True
         params = unflatten_params(read_safetensors([os.path.join(directory, _PARAMS_FILE)]))
         check_params(params, config)
     tok_dir = os.path.join(directory, _TOKENIZER_DIR)
-    tokenizer = Tokenizer.load(tok_dir) if os.path.isdir(tok_dir) else None
+    if os.path.isdir(tok_dir):
+        tokenizer = Tokenizer.load(tok_dir)
+    else:  # an adapter over a GGUF base may take the GGUF's tokenizer, with the config's special ids
+        tokenizer = _base_tokenizer(directory, config)
     return config, params, tokenizer
+
+
+def _base_tokenizer(directory: str, config: ModelConfig) -> Tokenizer | None:
+    path = os.path.join(directory, _BASE_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        base = json.load(f)
+    if "gguf" not in base:
+        return None
+    gtok = Tokenizer.from_gguf(_gguf_path(base["gguf"], directory))
+    return Tokenizer(gtok.tk, bos_id=config.bos_id, eos_id=config.eos_id, pad_id=config.pad_id,
+                     chat_template=gtok.chat_template, add_bos=gtok.add_bos)
+
+
+# ============================================================================ models by name
+SHIPPED_MODELS = {"smollm2-135m-memory": "SmolLM2-135M-Instruct taught to read explicit memory (a LoRA "
+                                         "adapter over the shipped GGUF; experiments/README.md)"}
+
+
+def model_dir(name_or_dir: str) -> str:
+    """The directory of a model: a path, or the name of a model shipped with m3jax
+    (`SHIPPED_MODELS`, under m3jax/models/)."""
+    if os.path.isdir(name_or_dir):
+        return name_or_dir
+    if name_or_dir in SHIPPED_MODELS:
+        return os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", name_or_dir)
+    raise ConvertError(f"{name_or_dir}: not a model directory nor a shipped model ({sorted(SHIPPED_MODELS)})")
+
+
+def load_model(name_or_dir: str) -> tuple[ModelConfig, Params, Tokenizer]:
+    """(config, params, tokenizer) of a model directory (`m3jax convert` / `m3jax train` output,
+    full params or an adapter over its base) or of a shipped model by name
+    ("smollm2-135m-memory")."""
+    directory = model_dir(name_or_dir)
+    config, params, tok = load_checkpoint_dir(directory)
+    if tok is None:
+        raise ConvertError(f"{directory}: the model has no tokenizer (no tokenizer/ directory)")
+    return config, params, tok
 
 
 # ============================================================================ LoRA adapters
@@ -681,11 +723,8 @@ def load_base_params(base: dict[str, Any], config: ModelConfig, *, where: str) -
     """Base weights named by a base.json record: {"gguf": path} (a GGUF file; "asset:NAME" is a
     shipped asset, see `m3jax.assets.asset_path`) or {"model": dir} (an m3jax model directory;
     relative paths are relative to the directory of base.json)."""
-    from m3jax.assets import asset_path
-
     if "gguf" in base:
-        path = base["gguf"]
-        path = asset_path(path[len("asset:"):]) if path.startswith("asset:") else os.path.join(where, path)
+        path = _gguf_path(base["gguf"], where)
         tensors = read_gguf_tensors(__import__("gguf").GGUFReader(path), where=path)
         params = params_from_hf_tensors(tensors, config, where=path)
     elif "model" in base:
@@ -698,6 +737,12 @@ def load_base_params(base: dict[str, Any], config: ModelConfig, *, where: str) -
         raise ConvertError(f"{where}/{_BASE_FILE}: names no base weights (expected a 'gguf' or 'model' field)")
     check_params(params, config)
     return params
+
+
+def _gguf_path(path: str, where: str) -> str:
+    from m3jax.assets import asset_path
+
+    return asset_path(path[len("asset:"):]) if path.startswith("asset:") else os.path.join(where, path)
 
 
 def _adapted_params(directory: str, config: ModelConfig) -> Params:

@@ -471,8 +471,12 @@ def make_generator(params: Params, config: ModelConfig, tokenizer: Any, retrieve
 def generate_answers(params: Params, config: ModelConfig, prompts: Sequence[Sequence[int]], *, mode: str,
                      retriever: Any, tokenizer: Any, generator: Any = None, max_new_tokens: int = 16,
                      batch_size: int = 8, threshold: float = EVAL_THRESHOLD,
-                     decode_kwargs: dict[str, Any] | None = None, progress: bool = False) -> list[str]:
-    """Greedy answers (texts) for token prompts (BOS first) with `Generator` in `mode`.
+                     decode_kwargs: dict[str, Any] | None = None, progress: bool = False,
+                     return_retrieved: bool = False):
+    """Greedy answers (texts) for token prompts (BOS first) with `Generator` in `mode`; with
+    `return_retrieved`, (texts, retrieved): per prompt the reference ids read by its first chunk
+    (memory: the last prompt chunk's memories, which the first generated chunk keeps; rag: the
+    references put in the context; none: empty).
 
     Without `generator`, one is built with a cache just large enough (prompt + max_new_tokens,
     plus k * reference_len in rag mode, capped at max_len); `decode_kwargs` override its
@@ -494,6 +498,7 @@ def generate_answers(params: Params, config: ModelConfig, prompts: Sequence[Sequ
     cache = getattr(getattr(generator, "decode_config", None), "max_cache_len", config.max_len)
     stops = _stop_tokens(tokenizer)
     texts: list[str] = []
+    retrieved: list[list[int]] = []
     batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
     try:
         for batch in _progress(batches, len(batches), f"generating ({mode})", progress):
@@ -505,10 +510,14 @@ def generate_answers(params: Params, config: ModelConfig, prompts: Sequence[Sequ
                 texts.extend(res.texts)
             else:
                 texts.extend(tokenizer.decode(t) for t in res.tokens)
+            for b, p in enumerate(batch):
+                chunks = res.retrieved[b] if res.retrieved else []
+                at = min((len(p) - 1) // config.chunk_size, len(chunks) - 1) if mode == "memory" else 0
+                retrieved.append([int(i) for i in chunks[at] if i >= 0] if chunks else [])
     finally:
         if swapped is not None:
             generator.retriever = swapped
-    return texts
+    return (texts, retrieved) if return_retrieved else texts
 
 
 def score_qa(params: Params, config: ModelConfig, items: Sequence[QAItem], *, mode: str, retriever: Any = None,
@@ -551,6 +560,27 @@ def score_qa(params: Params, config: ModelConfig, items: Sequence[QAItem], *, mo
                          "generated": g, "correct": c, "answer_in_lead": it.answer_in_lead}
                         for it, s, g, c in zip(items, scores, gens, correct)]
     return out
+
+
+# =============================================================================== invented facts
+def score_facts(params: Params, config: ModelConfig, probes: Sequence[Any], *, mode: str, retriever: Any = None,
+                tokenizer: Any, generator: Any = None, max_new_tokens: int = 12, batch_size: int = 16,
+                threshold: float = EVAL_THRESHOLD, progress: bool = True) -> dict[str, Any]:
+    """Completion probes about documents the model cannot know (`m3jax.facts.Probe`: prompt,
+    answer): greedy continuations in `mode`, correct when the answer string occurs in them
+    (`m3jax.facts.answer_in`). Returns {"accuracy", "n", "items": [{prompt, answer, generated,
+    correct, retrieved: the reference ids the answer read}]}."""
+    from m3jax.facts import answer_in
+
+    if not probes:
+        raise ValueError("no fact probes to score")
+    prompts = [[config.bos_id] + tokenizer.encode(p.prompt) for p in probes]
+    texts, retrieved = generate_answers(params, config, prompts, mode=mode, retriever=retriever, tokenizer=tokenizer,
+                                        generator=generator, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                        threshold=threshold, progress=progress, return_retrieved=True)
+    items = [{"prompt": p.prompt, "answer": p.answer, "generated": t, "correct": answer_in(p.answer, t),
+              "retrieved": r} for p, t, r in zip(probes, texts, retrieved)]
+    return {"accuracy": float(np.mean([it["correct"] for it in items])), "n": len(items), "items": items}
 
 
 # =============================================================================== multiple choice
@@ -761,13 +791,15 @@ def evaluate(params: Params, config: ModelConfig, *, tokenizer: Any, retriever: 
 
 # =============================================================================== CLI
 def load_model(directory: str) -> tuple[ModelConfig, Params, Any]:
-    """Loader (small, replaceable): an m3jax checkpoint directory -> (config, params, tokenizer)."""
-    from m3jax.convert import load_checkpoint_dir
+    """Loader (small, replaceable): a model directory or shipped model name -> (config, params,
+    tokenizer) (`m3jax.convert.load_model`; errors end the command with their one-line message)."""
+    from m3jax.convert import ConvertError
+    from m3jax.convert import load_model as _load
 
-    config, params, tok = load_checkpoint_dir(directory)
-    if tok is None:
-        raise SystemExit(f"{directory}: the checkpoint has no tokenizer/ directory (m3jax needs one)")
-    return config, params, tok
+    try:
+        return _load(directory)
+    except ConvertError as e:
+        raise SystemExit(str(e)) from None
 
 
 def load_retriever(directory: str, config: ModelConfig, params: Params, tokenizer: Any) -> Any:

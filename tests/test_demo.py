@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from m3jax.demo import DemoConfig, run
+from m3jax.demo_scratch import ScratchConfig as DemoConfig, run_from_scratch as run
 
 
 def _finite(x):

@@ -182,8 +182,11 @@ def first_on_process_0(name: str, fn: Callable[[], Any]) -> Any:
 # ------------------------------------------------------------------------------ model source
 def resolve_model_dir(path: str) -> str:
     """The model directory of `--init`: a model dir itself, or a run dir holding `model/`."""
-    from m3jax.convert import is_checkpoint_dir
+    from m3jax.convert import SHIPPED_MODELS, is_checkpoint_dir
+    from m3jax.convert import model_dir as shipped_dir
 
+    if path in SHIPPED_MODELS and not os.path.exists(path):
+        return shipped_dir(path)
     path = local_path(path, "--init")
     if not os.path.isdir(path):
         raise TrainError(f"--init {path}: no such directory")
