@@ -13,6 +13,10 @@
     m3jax eval --checkpoint DIR --bank KB    perplexity / QA in the three modes
     m3jax convert --from hf|gguf PATH --out DIR
     m3jax presets                            list model presets with their sizes
+
+Errors in what the user gave (m3jax's own error classes, ValueError, OSError: a bad file, a bad
+flag value, a missing path) end the command with one line, `m3jax CMD: error: ...`, and exit
+status 1; `m3jax --debug CMD ...` (or `--debug` anywhere after CMD) shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -50,30 +54,52 @@ def _presets(args: argparse.Namespace) -> int:
     return 0
 
 
-def _documents(args: argparse.Namespace) -> list[tuple[int, str]]:
-    if args.corpus:
-        docs = []
-        with open(args.corpus, encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                if line.strip():
-                    r = json.loads(line)
-                    if "text" not in r:
-                        raise SystemExit(f"{args.corpus}:{i + 1}: no 'text' field")
-                    docs.append((int(r.get("doc_id", i)), r["text"]))
-        return docs
+def _non_negative_int(text: str) -> int:
+    """argparse type: an int >= 0."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{v} is negative (0 or more)")
+    return v
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    v = _non_negative_int(text)
+    if v == 0:
+        raise argparse.ArgumentTypeError("0 is not allowed (1 or more)")
+    return v
+
+
+def _corpus_documents(path: str, missing_id: str) -> list[tuple[int, str, str | None]]:
+    """(doc_id, text, title) of a JSONL corpus (`read_jsonl_corpus`: unique doc ids, bad lines
+    refused with file and line); a line without doc_id gets one by `missing_id`."""
+    from m3jax.memory.references import read_jsonl_corpus
+
+    docs = [(d.doc_id, d.text, d.title) for d in read_jsonl_corpus(path, missing_id=missing_id)]
+    if not docs:
+        raise ValueError(f"corpus {path} has no documents")
+    return docs
+
+
+def _documents(args: argparse.Namespace) -> list[tuple[int, str, str | None]]:
+    if args.corpus:  # a line without doc_id: its 0-based line index
+        return _corpus_documents(args.corpus, "line")
     from m3jax.assets import wiki_leads
 
     arts = wiki_leads()[: args.limit] if args.limit else wiki_leads()
-    return [(a.doc_id, a.text) for a in arts]
+    return [(a.doc_id, a.text, a.title) for a in arts]
 
 
 def _build_memory(args: argparse.Namespace) -> int:
     from m3jax.eval import load_model
     from m3jax.memory.build import build_knowledge_base
 
+    docs = _documents(args)  # first: a bad corpus fails before the model loads
     config, params, tok = load_model(args.model)
-    kb = build_knowledge_base(args.out, params, config, tok, _documents(args), codec=args.codec,
-                              batch_size=args.batch_size)
+    kb = build_knowledge_base(args.out, params, config, tok, docs, codec=args.codec, batch_size=args.batch_size)
     s = kb.info["bank"]
     print(f"knowledge base at {args.out}: {kb.info['references']} references, codec {s['codec']}, "
           f"{s['bytes_per_memory']:,} bytes per memory, {s['nbytes'] / 2**20:.1f} MiB in all, "
@@ -81,51 +107,14 @@ def _build_memory(args: argparse.Namespace) -> int:
     return 0
 
 
-def _kb_documents(path: str) -> list[tuple[int, str, str | None]]:
-    """(doc_id, text, title) from JSONL lines with `text` and optional `doc_id`, `title`. A line
-    without doc_id gets one from its text (a 60-bit hash), so a rerun gives the same ids."""
-    import hashlib
-
-    if not os.path.exists(path):
-        raise SystemExit(f"--corpus {path}: no such file")
-    docs, by_text = [], {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except ValueError as e:
-                raise SystemExit(f"{path}:{n}: not a JSON object ({e})")
-            if not isinstance(r, dict) or not isinstance(r.get("text"), str):
-                raise SystemExit(f"{path}:{n}: no 'text' string field")
-            if "doc_id" in r:
-                if isinstance(r["doc_id"], bool) or not isinstance(r["doc_id"], int):
-                    raise SystemExit(f"{path}:{n}: doc_id {r['doc_id']!r} is not an integer")
-                doc_id = r["doc_id"]
-            else:
-                doc_id = int(hashlib.sha256(r["text"].encode()).hexdigest()[:15], 16)
-                if doc_id in by_text:
-                    raise SystemExit(f"{path}:{n}: the same text as line {by_text[doc_id]}: give them doc ids")
-                by_text[doc_id] = n
-            docs.append((doc_id, r["text"], r.get("title")))
-    if not docs:
-        raise SystemExit(f"--corpus {path} has no documents")
-    return docs
-
-
 def _kb_add(args: argparse.Namespace) -> int:
     from m3jax.eval import load_model
-    from m3jax.memory.bank import BankError
-    from m3jax.memory.build import KnowledgeBaseError, open_knowledge_base
+    from m3jax.memory.build import open_knowledge_base
 
-    docs = _kb_documents(args.corpus)
+    docs = _corpus_documents(args.corpus, "hash")  # a line without doc_id: a hash of its text
     config, params, tok = load_model(args.model)
-    try:
-        kb = open_knowledge_base(args.kb, config, params)
-        new = kb.add(docs, params, config, tok, batch_size=args.batch_size)
-    except (KnowledgeBaseError, BankError, FileNotFoundError) as e:
-        raise SystemExit(f"m3jax kb add: error: {e}")
+    kb = open_knowledge_base(args.kb, config, params)
+    new = kb.add(docs, params, config, tok, batch_size=args.batch_size)
     refs = sum(r.count for r in new)
     print(f"added {len(new)} documents ({refs} references) to {args.kb}: now {kb.info['documents']} documents, "
           f"{kb.info['live_references']} live references" + (f"; doc ids {', '.join(str(r.doc_id) for r in new[:10])}"
@@ -134,25 +123,19 @@ def _kb_add(args: argparse.Namespace) -> int:
 
 
 def _kb_delete(args: argparse.Namespace) -> int:
-    from m3jax.memory.build import KnowledgeBaseError, open_knowledge_base
+    from m3jax.memory.build import open_knowledge_base
 
-    try:
-        kb = open_knowledge_base(args.kb)
-        n = kb.delete(args.doc_id)
-    except (KnowledgeBaseError, FileNotFoundError) as e:
-        raise SystemExit(f"m3jax kb delete: error: {e}")
+    kb = open_knowledge_base(args.kb)
+    n = kb.delete(args.doc_id)
     print(f"deleted {len(set(args.doc_id))} documents ({n} references) from {args.kb}: "
           f"{kb.info['documents']} documents, {kb.info['live_references']} live references left")
     return 0
 
 
 def _kb_info(args: argparse.Namespace) -> int:
-    from m3jax.memory.build import KnowledgeBaseError, open_knowledge_base
+    from m3jax.memory.build import open_knowledge_base
 
-    try:
-        kb = open_knowledge_base(args.kb)
-    except (KnowledgeBaseError, FileNotFoundError) as e:
-        raise SystemExit(f"m3jax kb info: error: {e}")
+    kb = open_knowledge_base(args.kb)
     s = kb.summary()
     if args.json:
         print(json.dumps(s, indent=1))
@@ -171,20 +154,22 @@ def _kb_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_kb_parser(sub) -> None:
-    k = sub.add_parser("kb", help="update a knowledge base: add / delete documents, info")
+def _add_kb_parser(sub, common: argparse.ArgumentParser) -> None:
+    k = sub.add_parser("kb", help="update a knowledge base: add / delete documents, info", parents=[common])
     ks = k.add_subparsers(dest="kb_cmd", required=True)
-    a = ks.add_parser("add", help="add documents (memories written by the model that built the bank)")
+    a = ks.add_parser("add", help="add documents (memories written by the model that built the bank)",
+                      parents=[common])
     a.add_argument("--kb", required=True, help="knowledge base dir (`m3jax build-memory` output)")
     a.add_argument("--model", required=True, help="the m3jax checkpoint dir whose weights wrote the bank")
     a.add_argument("--corpus", required=True, help="JSONL: 'text', optional 'doc_id' (int) and 'title'")
-    a.add_argument("--batch-size", type=int, default=64)
+    a.add_argument("--batch-size", type=_positive_int, default=64)
     a.set_defaults(fn=_kb_add)
-    d = ks.add_parser("delete", help="delete documents: retrieval never returns their references again")
+    d = ks.add_parser("delete", help="delete documents: retrieval never returns their references again",
+                      parents=[common])
     d.add_argument("--kb", required=True)
-    d.add_argument("--doc-id", type=int, action="append", required=True, help="repeatable")
+    d.add_argument("--doc-id", type=_non_negative_int, action="append", required=True, help="repeatable")
     d.set_defaults(fn=_kb_delete)
-    i = ks.add_parser("info", help="counts (live, deleted), codec, bytes")
+    i = ks.add_parser("info", help="counts (live, deleted), codec, bytes", parents=[common])
     i.add_argument("--kb", required=True)
     i.add_argument("--json", action="store_true", help="print the summary as JSON")
     i.add_argument("--documents", action="store_true", help="also list doc_id, references, state, title")
@@ -339,8 +324,9 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_train_parser(sub) -> None:
+def _add_train_parser(sub, common: argparse.ArgumentParser) -> None:
     t = sub.add_parser("train", help="train a model: --stage warmup (no memory) or continual (with memory)",
+                       parents=[common],
                        description="Train one stage; the same command resumes after a kill and runs unchanged "
                                    "on every host of a pod. Writes OUT/checkpoints, metrics.jsonl, loss.png "
                                    "and OUT/model (for --model of generate / eval / build-memory).")
@@ -357,7 +343,7 @@ def _add_train_parser(sub) -> None:
     d = t.add_argument_group("data")
     d.add_argument("--corpus", help="JSONL, one document per line: text [, title, doc_id] (default: the shipped "
                                     "Wikipedia leads)")
-    d.add_argument("--limit", type=int, default=0, help="use only the first N shipped leads")
+    d.add_argument("--limit", type=_non_negative_int, default=0, help="use only the first N shipped leads")
     d.add_argument("--data-dir", help="TFDS data dir: path, file:// or gs:// (default OUT/data)")
     d.add_argument("--tfds-name", help="an already prepared array_record TFDS dataset in --data-dir")
     d.add_argument("--pairs", help="continual, expert: reference ids [rows, chunks] (.npy) instead of pairing")
@@ -369,14 +355,15 @@ def _add_train_parser(sub) -> None:
     d.add_argument("--mix", action="append", default=[], metavar="KEY=VALUE",
                    help="with --recipe reading: ReadingMix override (facts, qa, text, memories, seed)")
     o = t.add_argument_group("training")
-    o.add_argument("--steps", type=int, default=100)
-    o.add_argument("--batch-size", type=int, default=8, help="sequences per step over all hosts")
-    o.add_argument("--seq-len", type=int, default=256)
+    o.add_argument("--steps", type=_positive_int, default=100)
+    o.add_argument("--batch-size", type=_positive_int, default=8, help="sequences per step over all hosts")
+    o.add_argument("--seq-len", type=_positive_int, default=256)
     o.add_argument("--lr", type=float, default=None, help="peak LR (default 3e-3 warmup, 1e-3 continual)")
     o.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
                    help="TrainConfig override (repeatable; any field, e.g. grad_accum=4, checkpoint_every=50)")
     o.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor sizes (one may be -1)")
-    o.add_argument("--devices", type=int, default=None, help="train on the first N devices (one process only)")
+    o.add_argument("--devices", type=_positive_int, default=None,
+                   help="train on the first N devices (one process only)")
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--no-progress", action="store_true", help="no progress bars")
     h = t.add_argument_group("distributed (default: detected from the environment)")
@@ -388,8 +375,12 @@ def _add_train_parser(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="m3jax", description="Memory3 in JAX")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    # the same flag after the subcommand; SUPPRESS: a subparser's default must not reset it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="run the whole pipeline on the shipped data")
+    d = sub.add_parser("demo", help="run the whole pipeline on the shipped data", parents=[common])
     d.add_argument("--out", default=None, help="output directory (default demo_out, or demo_scratch_out)")
     d.add_argument("--quick", action="store_true", help="a smoke run with tiny sizes")
     d.add_argument("--model", default=None, help="the memory-capable model (default: the shipped "
@@ -397,40 +388,48 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--from-scratch", action="store_true",
                    help="the two-stage pipeline instead: train a small model from scratch, then with memory")
     d.set_defaults(fn=_demo)
-    sub.add_parser("presets", help="list model presets").set_defaults(fn=_presets)
-    b = sub.add_parser("build-memory", help="corpus + model -> memory bank + index")
+    sub.add_parser("presets", help="list model presets", parents=[common]).set_defaults(fn=_presets)
+    b = sub.add_parser("build-memory", help="corpus + model -> memory bank + index", parents=[common])
     b.add_argument("--model", required=True, help="m3jax checkpoint dir (config.json, params, tokenizer/)")
     b.add_argument("--out", required=True)
-    b.add_argument("--corpus", help="JSONL with a 'text' field (default: the shipped Wikipedia leads)")
-    b.add_argument("--limit", type=int, default=0, help="use only the first N shipped leads")
+    b.add_argument("--corpus", help="JSONL: 'text', optional 'doc_id' (int; default the line index) and "
+                                    "'title' (default: the shipped Wikipedia leads)")
+    b.add_argument("--limit", type=_non_negative_int, default=0, help="use only the first N shipped leads")
     b.add_argument("--codec", default="int8", choices=["bf16", "f32", "int8", "pq"])
-    b.add_argument("--batch-size", type=int, default=64)
+    b.add_argument("--batch-size", type=_positive_int, default=64)
     b.set_defaults(fn=_build_memory)
-    _add_kb_parser(sub)
-    g = sub.add_parser("generate", help="generate text (streams)")
+    _add_kb_parser(sub, common)
+    g = sub.add_parser("generate", help="generate text (streams)", parents=[common])
     g.add_argument("--model", required=True)
     g.add_argument("--kb", help="knowledge base dir (for memory and rag modes)")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt, streamed to stdout")
     src.add_argument("--prompts-file", help="many prompts: a text file (one per line) or JSONL ('prompt' field); "
                                             "generated in batches, one JSON line per prompt")
-    g.add_argument("--batch-size", type=int, default=32, help="prompts per batch with --prompts-file")
+    g.add_argument("--batch-size", type=_positive_int, default=32, help="prompts per batch with --prompts-file")
     g.add_argument("--out", help="JSONL output with --prompts-file (default: stdout)")
     g.add_argument("--mode", default="memory", choices=["memory", "rag", "none"])
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--max-cache-len", type=int, default=1024)
+    g.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    g.add_argument("--max-cache-len", type=_positive_int, default=1024)
     g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-k", type=_non_negative_int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(fn=_generate)
-    _add_train_parser(sub)
+    _add_train_parser(sub, common)
     for name, fn, helptext in (("eval", _eval, "evaluate (see `m3jax eval --help`)"),
                                ("convert", _convert, "import HF / GGUF checkpoints (see `m3jax convert --help`)")):
         e = sub.add_parser(name, help=helptext, add_help=False)
         e.add_argument("rest", nargs=argparse.REMAINDER)
         e.set_defaults(fn=fn)
     return p
+
+
+def _is_user_error(e: BaseException) -> bool:
+    """Errors in what the user gave: m3jax's own error classes, ValueError, OSError."""
+    if isinstance(e, (ValueError, OSError)):
+        return True
+    return any(c.__module__.split(".")[0] == "m3jax" for c in type(e).__mro__)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -442,7 +441,18 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "rest"):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.rest = extra + list(args.rest)
-    return int(args.fn(args) or 0)
+    debug = bool(getattr(args, "debug", False))
+    if hasattr(args, "rest") and "--debug" in args.rest:  # eval / convert: ours, not theirs
+        args.rest = [a for a in args.rest if a != "--debug"]
+        debug = True
+    try:
+        return int(args.fn(args) or 0)
+    except Exception as e:  # noqa: BLE001 - sorted below: user errors get one line
+        if debug or not _is_user_error(e):
+            raise
+        cmd = " ".join(c for c in (args.cmd, getattr(args, "kb_cmd", None)) if c)
+        msg = " ".join(str(e).split()) or type(e).__name__
+        raise SystemExit(f"m3jax {cmd}: error: {msg}  (--debug shows the traceback)") from None
 
 
 if __name__ == "__main__":

@@ -26,7 +26,9 @@ import glob
 import json
 import os
 import re
-from typing import Any, Iterable, Sequence
+import shutil
+import uuid
+from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +36,7 @@ import numpy as np
 
 from m3jax.config import ModelConfig
 from m3jax.model.transformer import check_params, stack_sizes
-from m3jax.tokenizer import Tokenizer
+from m3jax.tokenizer import Tokenizer, gguf_field, open_gguf
 
 Params = dict[str, Any]
 AUTO = "auto"
@@ -102,7 +104,16 @@ def _m3_to_hf(key: str, w: np.ndarray, c: ModelConfig) -> np.ndarray:
     return np.ascontiguousarray(w)
 
 
+_HF_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
 def _check_tensors(tensors: dict[str, np.ndarray], config: ModelConfig, where: str) -> None:
+    # Sizes from metadata are checked against what the files hold before anything is sized by
+    # them: a config claiming 1e9 layers must not build a table of 1e9 layers' tensor names.
+    layers = {m.group(1) for m in map(_HF_LAYER.match, tensors) if m}
+    if config.num_layers > len(layers):
+        raise ConvertError(f"{where}: the config says {config.num_layers} layers but the checkpoint holds "
+                           f"tensors of {len(layers)} layers")
     want = hf_tensor_shapes(config)
     missing = [k for k in want if k not in tensors]
     unexpected = sorted(k for k in tensors if k not in want)
@@ -164,11 +175,44 @@ def hf_tensors_from_params(params: Params, config: ModelConfig) -> dict[str, np.
     return out
 
 
-# ============================================================================ HF config
-def _first_id(v: Any) -> int | None:
+# ============================================================================ typed fields
+# Metadata read from a checkpoint (HF config.json, GGUF header) is checked for its type before use:
+# a string, a float or a bool where an integer belongs is refused naming the file and the field.
+def _int_field(v: Any, key: str, where: str, *, low: int = 1) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise ConvertError(f"{where}: {key} must be an integer, got {v!r}")
+    if int(v) < low:
+        raise ConvertError(f"{where}: {key}={int(v)} must be >= {low}")
+    return int(v)
+
+
+def _float_field(v: Any, key: str, where: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) \
+            or not np.isfinite(float(v)) or float(v) <= 0:
+        raise ConvertError(f"{where}: {key} must be a positive number, got {v!r}")
+    return float(v)
+
+
+def _bool_field(v: Any, key: str, where: str) -> bool:
+    if not isinstance(v, (bool, np.bool_)):
+        raise ConvertError(f"{where}: {key} must be true or false, got {v!r}")
+    return bool(v)
+
+
+def _opt(d: Any, key: str, where: str, kind: Callable[..., Any], default: Any, **kw: Any) -> Any:
+    """d[key] checked by `kind` (_int_field, ...), or `default` when absent or null."""
+    v = d.get(key)
+    return default if v is None else kind(v, key, where, **kw)
+
+
+def _first_id(v: Any, key: str, where: str) -> int | None:
+    """A special token id: an int, a list of ints (the first one counts) or null."""
     if isinstance(v, (list, tuple)):
         v = v[0] if v else None
-    return v if isinstance(v, int) and not isinstance(v, bool) else None
+    return None if v is None else _int_field(v, key, where, low=0)
+
+
+# ============================================================================ HF config
 
 
 def _resolve_memory(config_kw: dict[str, Any], num_layers: int, memory_layers: int | None,
@@ -194,20 +238,25 @@ def config_from_hf(hf: dict[str, Any], *, memory_layers: int | None = None, refe
     there is none), None = plain Llama, or a sequence of ids. memory_layers: None = recorded or
     first half.
     """
-    def need(key: str) -> Any:
+    if not isinstance(hf, dict):
+        raise ConvertError(f"{where}: a JSON {type(hf).__name__}, not a config object")
+
+    def need(key: str, low: int = 1) -> int:
         if hf.get(key) is None:
             raise ConvertError(f"{where}: required field {key!r} is missing")
-        return hf[key]
+        return _int_field(hf[key], key, where, low=low)
 
     mt = hf.get("model_type")
     if mt not in _HF_MODEL_TYPES:
         raise ConvertError(f"{where}: model_type={mt!r} is not supported; m3jax imports {_HF_MODEL_TYPES}")
     archs = hf.get("architectures") or []
+    if not isinstance(archs, list):
+        raise ConvertError(f"{where}: architectures must be a list, got {archs!r}")
     bad_arch = [a for a in archs if a not in _HF_ARCHITECTURES]
     if bad_arch:
         raise ConvertError(f"{where}: architectures {bad_arch} are not supported; m3jax imports "
                            f"{_HF_ARCHITECTURES}")
-    if hf.get("rope_scaling") not in (None, {}):
+    if not isinstance(hf.get("rope_scaling"), (dict, type(None))) or hf.get("rope_scaling"):
         raise ConvertError(f"{where}: rope_scaling={hf['rope_scaling']!r} is not supported (plain RoPE only)")
     for key in ("attention_bias", "mlp_bias"):
         if hf.get(key):
@@ -215,40 +264,51 @@ def config_from_hf(hf: dict[str, Any], *, memory_layers: int | None = None, refe
     act = hf.get("hidden_act", "silu")
     if act not in ("silu", "swish"):
         raise ConvertError(f"{where}: hidden_act={act!r} is not supported (gated SiLU MLP only)")
-    n_pos = int(need("max_position_embeddings")) if hf.get("max_position_embeddings") else 2048
-    sw = hf.get("sliding_window")
-    if sw is not None and hf.get("use_sliding_window", True) and int(sw) < n_pos:
+    n_pos = _opt(hf, "max_position_embeddings", where, _int_field, 2048)
+    sw = _opt(hf, "sliding_window", where, _int_field, None)
+    if sw is not None and _opt(hf, "use_sliding_window", where, _bool_field, True) and sw < n_pos:
         raise ConvertError(f"{where}: sliding_window={sw} < max_position_embeddings={n_pos} is not "
                            "supported (full causal attention only)")
-    hidden = int(need("hidden_size"))
-    heads = int(need("num_attention_heads"))
-    kv = int(hf.get("num_key_value_heads") or heads)
-    head_dim = int(hf.get("head_dim") or hidden // heads)
-    if not hf.get("head_dim") and hidden % heads:
-        raise ConvertError(f"{where}: hidden_size={hidden} is not a multiple of num_attention_heads={heads} "
-                           "and head_dim is not given")
-    vocab = int(need("vocab_size"))
-    eos = _first_id(hf.get("eos_token_id"))
-    bos = _first_id(hf.get("bos_token_id"))
-    pad = _first_id(hf.get("pad_token_id"))
+    hidden = need("hidden_size")
+    heads = need("num_attention_heads")
+    kv = _opt(hf, "num_key_value_heads", where, _int_field, heads)
+    head_dim = _opt(hf, "head_dim", where, _int_field, None)
+    if head_dim is None:
+        if hidden % heads:
+            raise ConvertError(f"{where}: hidden_size={hidden} is not a multiple of num_attention_heads={heads} "
+                               "and head_dim is not given")
+        head_dim = hidden // heads
+    vocab = need("vocab_size")
+    eos = _first_id(hf.get("eos_token_id"), "eos_token_id", where)
+    bos = _first_id(hf.get("bos_token_id"), "bos_token_id", where)
+    pad = _first_id(hf.get("pad_token_id"), "pad_token_id", where)
     defaults = ModelConfig()
     stored = hf.get("m3jax") or {}
+    if not isinstance(stored, dict):
+        raise ConvertError(f"{where}: the 'm3jax' entry must be an object, got {stored!r}")
     kw: dict[str, Any] = dict(
-        name=(name or stored.get("name") or os.path.basename(str(hf.get("_name_or_path") or "").rstrip("/"))
-              or default_name),
-        vocab_size=vocab, num_layers=int(need("num_hidden_layers")), num_heads=heads, num_kv_heads=kv,
-        head_dim=head_dim, hidden=hidden, mlp_dim=int(need("intermediate_size")),
-        rope_theta=float(hf.get("rope_theta", 1e4)), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), max_len=max_len or n_pos,
+        name=str(name or stored.get("name") or os.path.basename(str(hf.get("_name_or_path") or "").rstrip("/"))
+                 or default_name),
+        vocab_size=vocab, num_layers=need("num_hidden_layers"), num_heads=heads, num_kv_heads=kv,
+        head_dim=head_dim, hidden=hidden, mlp_dim=need("intermediate_size"),
+        rope_theta=_opt(hf, "rope_theta", where, _float_field, 1e4),
+        norm_eps=_opt(hf, "rms_norm_eps", where, _float_field, 1e-6),
+        tie_embeddings=_opt(hf, "tie_word_embeddings", where, _bool_field, False), max_len=max_len or n_pos,
         bos_id=bos if bos is not None else defaults.bos_id,
         eos_id=eos if eos is not None else defaults.eos_id,
         pad_id=pad if pad is not None else (eos if eos is not None else defaults.pad_id),
         dtype=dtype or stored.get("dtype", "float32"), param_dtype=param_dtype)
-    _resolve_memory(kw, kw["num_layers"], memory_layers, reference_prefix, stored)
+    return _make_config(kw, memory_layers, reference_prefix, stored, where)
+
+
+def _make_config(kw: dict[str, Any], memory_layers: int | None, reference_prefix: Any, stored: dict[str, Any],
+                 where: str) -> ModelConfig:
+    """ModelConfig(**kw) with the memory geometry resolved; bad values raise ConvertError."""
     try:
+        _resolve_memory(kw, kw["num_layers"], memory_layers, reference_prefix, stored)
         return ModelConfig(**kw)
-    except ValueError as e:
-        raise ConvertError(f"{where}: {e}") from e
+    except (TypeError, ValueError) as e:
+        raise ConvertError(f"{where}: {e}") from None
 
 
 def config_to_hf(config: ModelConfig) -> dict[str, Any]:
@@ -272,9 +332,14 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
 def _safetensors_files(path: str) -> list[str]:
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index, encoding="utf-8") as f:
-            weight_map = json.load(f).get("weight_map") or {}
+        idx = _read_json(index)
+        weight_map = (idx.get("weight_map") if isinstance(idx, dict) else None) or {}
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ConvertError(f"{index}: 'weight_map' must map tensor names to file names")
         files = sorted(set(weight_map.values()))
+        outside = [fn for fn in files if os.path.basename(fn) != fn or fn in ("", ".", "..")]
+        if outside:
+            raise ConvertError(f"{index} names files outside {path}: {outside[:3]}")
         missing = [fn for fn in files if not os.path.exists(os.path.join(path, fn))]
         if missing:
             raise ConvertError(f"{index} names shard files that are missing: {missing}")
@@ -291,12 +356,26 @@ def read_safetensors(files: Iterable[str]) -> dict[str, np.ndarray]:
 
     out: dict[str, np.ndarray] = {}
     for fn in files:
-        with safe_open(fn, framework="numpy") as f:
-            for k in f.keys():
-                if k in out:
-                    raise ConvertError(f"tensor {k!r} appears in more than one file (again in {fn})")
-                out[k] = f.get_tensor(k)
+        try:
+            with safe_open(fn, framework="numpy") as f:
+                for k in f.keys():
+                    if k in out:
+                        raise ConvertError(f"tensor {k!r} appears in more than one file (again in {fn})")
+                    out[k] = f.get_tensor(k)
+        except ConvertError:
+            raise
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own types on damaged files
+            raise ConvertError(f"{fn}: not a readable safetensors file ({' '.join(str(e).split())[:200]})") from None
     return out
+
+
+def _read_json(path: str) -> Any:
+    """The JSON value of a checkpoint file; unreadable ones raise ConvertError naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ConvertError(f"{path}: not valid JSON ({e})") from None
 
 
 def load_hf(path: str, *, memory_layers: int | None = None, reference_prefix: Any = AUTO,
@@ -313,8 +392,7 @@ def load_hf(path: str, *, memory_layers: int | None = None, reference_prefix: An
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
         raise ConvertError(f"{path}: no config.json (expected a HF model directory)")
-    with open(cfg_path, encoding="utf-8") as f:
-        hf = json.load(f)
+    hf = _read_json(cfg_path)
     files = _safetensors_files(path)
     tensors = read_safetensors(files)
     for k in [k for k in tensors if _IGNORED_HF.fullmatch(k)]:
@@ -357,11 +435,17 @@ def load_hf_tokenizer(path: str, config: ModelConfig) -> Tokenizer | None:
     template = None
     tc = os.path.join(path, "tokenizer_config.json")
     if os.path.exists(tc):
-        with open(tc, encoding="utf-8") as f:
-            t = json.load(f).get("chat_template")
+        t = _read_json(tc)
+        t = t.get("chat_template") if isinstance(t, dict) else None
         template = t if isinstance(t, str) else None
-    return Tokenizer(HFTokenizer.from_file(file), bos_id=config.bos_id, eos_id=config.eos_id,
-                     pad_id=config.pad_id, chat_template=template)
+    try:
+        hf_tok = HFTokenizer.from_file(file)
+    except Exception as e:  # noqa: BLE001 - the Rust library raises its own type on bad files
+        raise ConvertError(f"{file}: not a readable tokenizer.json ({' '.join(str(e).split())[:200]})") from None
+    tok = Tokenizer(hf_tok, bos_id=config.bos_id, eos_id=config.eos_id, pad_id=config.pad_id,
+                    chat_template=template)
+    check_tokenizer(tok, config, where=file)
+    return tok
 
 
 # ============================================================================ GGUF
@@ -396,65 +480,74 @@ def _gguf_to_hf_name(name: str) -> str | None:
     return None
 
 
-def _gguf_meta(reader: Any, key: str, default: Any = None) -> Any:
-    f = reader.fields.get(key)
-    return default if f is None else f.contents()
+def _check_gguf_architecture(reader: Any, where: str) -> None:
+    arch = gguf_field(reader, "general.architecture")
+    if arch != "llama":
+        raise ConvertError(f"{where}: general.architecture={arch!r} is not supported (only 'llama')")
+
+
+_REQUIRED = object()
+
+
+def _gguf_int(reader: Any, key: str, where: str, default: Any = _REQUIRED, low: int = 1) -> Any:
+    """An integer metadata value, or `default` when absent (required when none is given)."""
+    v = gguf_field(reader, key)
+    if v is None:
+        if default is _REQUIRED:
+            raise ConvertError(f"{where}: metadata {key!r} is missing")
+        return default
+    return _int_field(v, key, where, low=low)
 
 
 def config_from_gguf(reader: Any, *, memory_layers: int | None = None, reference_prefix: Any = None,
                      dtype: str = "float32", param_dtype: str = "float32", name: str | None = None,
                      max_len: int | None = None, tied: bool = True, where: str = "gguf") -> ModelConfig:
-    arch = _gguf_meta(reader, "general.architecture")
-    if arch != "llama":
-        raise ConvertError(f"{where}: general.architecture={arch!r} is not supported (only 'llama')")
+    _check_gguf_architecture(reader, where)
 
-    def need(key: str) -> Any:
-        v = _gguf_meta(reader, f"llama.{key}")
-        if v is None:
-            raise ConvertError(f"{where}: metadata 'llama.{key}' is missing")
-        return v
+    def need(key: str) -> int:
+        return _gguf_int(reader, f"llama.{key}", where)
 
-    scaling = _gguf_meta(reader, "llama.rope.scaling.type")
+    scaling = gguf_field(reader, "llama.rope.scaling.type")
     if scaling not in (None, "none"):
         raise ConvertError(f"{where}: llama.rope.scaling.type={scaling!r} is not supported (plain RoPE only)")
-    if _gguf_meta(reader, "llama.expert_count", 0):
+    if _gguf_int(reader, "llama.expert_count", where, default=0, low=0):
         raise ConvertError(f"{where}: mixture-of-experts (llama.expert_count) is not supported")
-    hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
-    kv = int(_gguf_meta(reader, "llama.attention.head_count_kv", heads))
-    head_dim = int(_gguf_meta(reader, "llama.attention.key_length", hidden // heads))
+    hidden, heads = need("embedding_length"), need("attention.head_count")
+    kv = _gguf_int(reader, "llama.attention.head_count_kv", where, default=heads)
+    head_dim = _gguf_int(reader, "llama.attention.key_length", where, default=max(1, hidden // heads))
     for key in ("attention.value_length", "rope.dimension_count"):
-        v = _gguf_meta(reader, f"llama.{key}")
-        if v is not None and int(v) != head_dim:
+        v = _gguf_int(reader, f"llama.{key}", where, default=head_dim)
+        if v != head_dim:
             raise ConvertError(f"{where}: llama.{key}={v} differs from the head dim {head_dim} (partial RoPE "
                                "or unequal key/value dims are not supported)")
-    tokens = _gguf_meta(reader, "tokenizer.ggml.tokens")
-    vocab = int(_gguf_meta(reader, "llama.vocab_size", len(tokens) if tokens else 0) or 0)
+    tokens = gguf_field(reader, "tokenizer.ggml.tokens")
+    n_tokens = len(tokens) if isinstance(tokens, list) else 0
+    vocab = _gguf_int(reader, "llama.vocab_size", where, default=n_tokens, low=0)
     if vocab <= 0:
         raise ConvertError(f"{where}: neither llama.vocab_size nor tokenizer.ggml.tokens gives the vocab size")
-    eos = _gguf_meta(reader, "tokenizer.ggml.eos_token_id")
-    bos = _gguf_meta(reader, "tokenizer.ggml.bos_token_id")
-    pad = _gguf_meta(reader, "tokenizer.ggml.padding_token_id", eos)
+    eos = _gguf_int(reader, "tokenizer.ggml.eos_token_id", where, default=None, low=0)
+    bos = _gguf_int(reader, "tokenizer.ggml.bos_token_id", where, default=None, low=0)
+    pad = _gguf_int(reader, "tokenizer.ggml.padding_token_id", where, default=eos, low=0)
     defaults = ModelConfig()
     if name is None:
-        base, size = _gguf_meta(reader, "general.basename"), _gguf_meta(reader, "general.size_label")
-        name = (f"{base}-{size}".lower() if base and size else _gguf_meta(reader, "general.name")) or "gguf-llama"
-    n_layers = int(need("block_count"))
+        base, size = gguf_field(reader, "general.basename"), gguf_field(reader, "general.size_label")
+        name = (f"{base}-{size}".lower() if base and size else gguf_field(reader, "general.name")) or "gguf-llama"
+    eps = gguf_field(reader, "llama.attention.layer_norm_rms_epsilon")
+    if eps is None:
+        raise ConvertError(f"{where}: metadata 'llama.attention.layer_norm_rms_epsilon' is missing")
+    eps = _float_field(eps, "llama.attention.layer_norm_rms_epsilon", where)
+    freq = gguf_field(reader, "llama.rope.freq_base")
     kw: dict[str, Any] = dict(
-        name=name, vocab_size=vocab, num_layers=n_layers, num_heads=heads, num_kv_heads=kv, head_dim=head_dim,
-        hidden=hidden, mlp_dim=int(need("feed_forward_length")),
-        rope_theta=float(_gguf_meta(reader, "llama.rope.freq_base", 1e4)),
+        name=str(name), vocab_size=vocab, num_layers=need("block_count"), num_heads=heads, num_kv_heads=kv,
+        head_dim=head_dim, hidden=hidden, mlp_dim=need("feed_forward_length"),
+        rope_theta=1e4 if freq is None else _float_field(freq, "llama.rope.freq_base", where),
         # GGUF stores eps as float32 (1e-5 reads back 9.9999997e-06): keep its shortest decimal form.
-        norm_eps=float(np.format_float_positional(np.float32(need("attention.layer_norm_rms_epsilon")),
-                                                  unique=True)),
-        tie_embeddings=tied, max_len=max_len or int(_gguf_meta(reader, "llama.context_length", 2048)),
-        bos_id=int(bos) if bos is not None else defaults.bos_id,
-        eos_id=int(eos) if eos is not None else defaults.eos_id,
-        pad_id=int(pad) if pad is not None else defaults.pad_id, dtype=dtype, param_dtype=param_dtype)
-    _resolve_memory(kw, n_layers, memory_layers, reference_prefix, {})
-    try:
-        return ModelConfig(**kw)
-    except ValueError as e:
-        raise ConvertError(f"{where}: {e}") from e
+        norm_eps=float(np.format_float_positional(np.float32(eps), unique=True)),
+        tie_embeddings=tied, max_len=max_len or _gguf_int(reader, "llama.context_length", where, default=2048),
+        bos_id=bos if bos is not None else defaults.bos_id,
+        eos_id=eos if eos is not None else defaults.eos_id,
+        pad_id=pad if pad is not None else defaults.pad_id, dtype=dtype, param_dtype=param_dtype)
+    return _make_config(kw, memory_layers, reference_prefix, {}, where)
 
 
 def read_gguf_tensors(reader: Any, *, where: str = "gguf") -> dict[str, np.ndarray]:
@@ -462,8 +555,9 @@ def read_gguf_tensors(reader: Any, *, where: str = "gguf") -> dict[str, np.ndarr
     with the q/k permutation undone. Unknown tensors raise ConvertError."""
     from gguf.quants import dequantize
 
-    heads = int(_gguf_meta(reader, "llama.attention.head_count"))
-    kv = int(_gguf_meta(reader, "llama.attention.head_count_kv", heads))
+    _check_gguf_architecture(reader, where)
+    heads = _gguf_int(reader, "llama.attention.head_count", where)
+    kv = _gguf_int(reader, "llama.attention.head_count_kv", where, default=heads)
     out: dict[str, np.ndarray] = {}
     unknown = []
     for t in reader.tensors:
@@ -471,13 +565,17 @@ def read_gguf_tensors(reader: Any, *, where: str = "gguf") -> dict[str, np.ndarr
         if hf_name is None:
             unknown.append(t.name)
             continue
-        w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
-        shape = tuple(int(s) for s in reversed(list(t.shape)))  # ggml [in, out] -> (out, in)
-        w = w.reshape(shape)
-        if t.name.endswith("attn_q.weight"):
-            w = unpermute_gguf_qk(w, heads)
-        elif t.name.endswith("attn_k.weight"):
-            w = unpermute_gguf_qk(w, kv)
+        try:
+            w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+            shape = tuple(int(s) for s in reversed(list(t.shape)))  # ggml [in, out] -> (out, in)
+            w = w.reshape(shape)
+            if t.name.endswith("attn_q.weight"):
+                w = unpermute_gguf_qk(w, heads)
+            elif t.name.endswith("attn_k.weight"):
+                w = unpermute_gguf_qk(w, kv)
+        except Exception as e:  # noqa: BLE001 - dequantize / reshape of damaged data fail in many ways
+            raise ConvertError(f"{where}: tensor {t.name!r} is damaged or does not fit the header "
+                               f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
         out[hf_name] = w
     if unknown:
         raise ConvertError(f"{where}: unsupported GGUF tensors {_short(unknown)} (not a plain llama)")
@@ -493,20 +591,31 @@ def load_gguf(path: str, *, memory_layers: int | None = None, reference_prefix: 
     "Reference:", (1, 23682, 42) for SmolLM2), None = plain Llama (exactly the source model), or a
     sequence of ids. memory_layers: default first half. max_len: default llama.context_length.
     """
-    import gguf
-
-    reader = gguf.GGUFReader(path)
+    reader = open_gguf(path)
+    _check_gguf_architecture(reader, path)  # first: another architecture's keys are not llama.*
     tok = Tokenizer.from_gguf(reader)
     if reference_prefix == AUTO:
         reference_prefix = tok.reference_prefix()
-    tensors = read_gguf_tensors(reader, where=path)
+    # the config (checked) before any tensor is read; tensors are then checked against it
     config = config_from_gguf(reader, memory_layers=memory_layers, reference_prefix=reference_prefix,
                               dtype=dtype, param_dtype=param_dtype, name=name, max_len=max_len,
-                              tied="lm_head.weight" not in tensors, where=path)
-    if tok.vocab_size > config.vocab_size:
-        raise ConvertError(f"{path}: the tokenizer has {tok.vocab_size} tokens but the model only "
-                           f"{config.vocab_size} embeddings")
+                              tied=not any(t.name == "output.weight" for t in reader.tensors), where=path)
+    check_tokenizer(tok, config, where=path)
+    tensors = read_gguf_tensors(reader, where=path)
     return config, params_from_hf_tensors(tensors, config, where=path), tok
+
+
+def check_tokenizer(tokenizer: Tokenizer, config: ModelConfig, *, where: str) -> None:
+    """A tokenizer belongs to the model: no token id past the model's vocabulary (a tokenizer
+    left from another model would feed it ids it has no embedding for)."""
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ConvertError(f"{where}: the tokenizer has {tokenizer.vocab_size} tokens but the model "
+                           f"{config.name!r} only {config.vocab_size} embeddings: they are not of one model")
+    bad = [(k, getattr(tokenizer, k)) for k in ("bos_id", "eos_id", "pad_id")
+           if not 0 <= getattr(tokenizer, k) < config.vocab_size]
+    if bad:
+        raise ConvertError(f"{where}: tokenizer special ids {bad} are outside the model's vocabulary of "
+                           f"{config.vocab_size}")
 
 
 # ============================================================================ m3jax checkpoint dir
@@ -538,19 +647,59 @@ def unflatten_params(flat: dict[str, np.ndarray]) -> Params:
     return params
 
 
+def _write_model_dir(directory: str, write: Callable[[str], None]) -> None:
+    """Write a model directory atomically: `write(tmp)` fills a new directory beside it, which
+    then replaces `directory` by two renames (the old one is removed after). A kill leaves the
+    old model or the new one, never new params with an old tokenizer; between the two renames,
+    the old model waits complete in DIR.old-*. Files of the old directory that are not model
+    files (a README, provenance notes) are copied over. A non-empty directory holding no model is
+    refused (nothing in it is touched)."""
+    directory = os.path.abspath(directory)
+    if os.path.lexists(directory) and not os.path.isdir(directory):
+        raise ConvertError(f"{directory} exists and is not a directory")
+    existing = os.listdir(directory) if os.path.isdir(directory) else []
+    if existing and not set(existing) & set(_MODEL_ENTRIES):
+        raise ConvertError(f"{directory} is not empty and holds no m3jax model: write the model to a new or "
+                           f"empty directory (nothing in it was changed)")
+    for stale in glob.glob(glob.escape(directory) + ".tmp-*") + glob.glob(glob.escape(directory) + ".old-*"):
+        shutil.rmtree(stale, ignore_errors=True)  # left by a killed save of this directory
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp, old = f"{directory}.tmp-{tag}", f"{directory}.old-{tag}"
+    try:
+        os.makedirs(tmp)
+        write(tmp)
+        for name in existing:
+            src, dst = os.path.join(directory, name), os.path.join(tmp, name)
+            if name not in _MODEL_ENTRIES and not os.path.lexists(dst):
+                (shutil.copytree if os.path.isdir(src) and not os.path.islink(src) else shutil.copy2)(src, dst)
+        if os.path.isdir(directory):
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def save_checkpoint_dir(directory: str, config: ModelConfig, params: Params,
                         tokenizer: Tokenizer | None = None) -> None:
     """Write an m3jax checkpoint: params.safetensors (`stack/param` names), config.json
-    (ModelConfig.to_dict()) and, when given, the tokenizer under tokenizer/."""
+    (ModelConfig.to_dict()) and, when given, the tokenizer under tokenizer/. Atomic
+    (`_write_model_dir`): an overwritten model directory is never half old, half new."""
     from safetensors.numpy import save_file
 
     check_params(params, config)
-    os.makedirs(directory, exist_ok=True)
-    save_file(flatten_params(params), os.path.join(directory, _PARAMS_FILE), metadata={"format": "m3jax"})
-    with open(os.path.join(directory, _CONFIG_FILE), "w", encoding="utf-8") as f:
-        json.dump(config.to_dict(), f, indent=1)
     if tokenizer is not None:
-        tokenizer.save(os.path.join(directory, _TOKENIZER_DIR))
+        check_tokenizer(tokenizer, config, where=directory)
+
+    def write(tmp: str) -> None:
+        save_file(flatten_params(params), os.path.join(tmp, _PARAMS_FILE), metadata={"format": "m3jax"})
+        with open(os.path.join(tmp, _CONFIG_FILE), "w", encoding="utf-8") as f:
+            json.dump(config.to_dict(), f, indent=1)
+        if tokenizer is not None:
+            tokenizer.save(os.path.join(tmp, _TOKENIZER_DIR))
+
+    _write_model_dir(directory, write)
 
 
 def is_checkpoint_dir(directory: str) -> bool:
@@ -566,21 +715,34 @@ def load_checkpoint_dir(directory: str, *, with_params: bool = True
     params None with `with_params=False` (the config and tokenizer only)."""
     cfg_path = os.path.join(directory, _CONFIG_FILE)
     if not os.path.exists(cfg_path):
-        raise ConvertError(f"{directory}: no {_CONFIG_FILE} (not an m3jax checkpoint directory)")
-    with open(cfg_path, encoding="utf-8") as f:
-        config = ModelConfig.from_dict(json.load(f))
+        left = glob.glob(glob.escape(os.path.abspath(directory)) + ".old-*")
+        hint = f"; a save was interrupted: the previous model is in {left[0]}" if left else ""
+        raise ConvertError(f"{directory}: no {_CONFIG_FILE} (not an m3jax checkpoint directory){hint}")
+    d = _read_json(cfg_path)
+    try:
+        if not isinstance(d, dict):
+            raise TypeError(f"a JSON {type(d).__name__}, not an object")
+        config = ModelConfig.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise ConvertError(f"{cfg_path}: not a model config ({e})") from None
     params = None
     if with_params and not os.path.isfile(os.path.join(directory, _PARAMS_FILE)) and \
             os.path.isfile(os.path.join(directory, _ADAPTER_FILE)):
         params = _adapted_params(directory, config)
     elif with_params:
-        params = unflatten_params(read_safetensors([os.path.join(directory, _PARAMS_FILE)]))
-        check_params(params, config)
+        params_path = os.path.join(directory, _PARAMS_FILE)
+        params = unflatten_params(read_safetensors([params_path]))
+        try:
+            check_params(params, config)
+        except ValueError as e:
+            raise ConvertError(f"{params_path}: {e}") from None
     tok_dir = os.path.join(directory, _TOKENIZER_DIR)
     if os.path.isdir(tok_dir):
         tokenizer = Tokenizer.load(tok_dir)
-    else:  # an adapter over a GGUF base may take the GGUF's tokenizer, with the config's special ids
+    else:  # an adapter dir may take its base's tokenizer, with the config's special ids
         tokenizer = _base_tokenizer(directory, config)
+    if tokenizer is not None:
+        check_tokenizer(tokenizer, config, where=directory)
     return config, params, tokenizer
 
 
@@ -588,13 +750,19 @@ def _base_tokenizer(directory: str, config: ModelConfig) -> Tokenizer | None:
     path = os.path.join(directory, _BASE_FILE)
     if not os.path.isfile(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        base = json.load(f)
-    if "gguf" not in base:
+    base = _read_json(path)
+    if not isinstance(base, dict):
+        raise ConvertError(f"{path}: a JSON {type(base).__name__}, not an object")
+    if "gguf" in base:
+        btok = Tokenizer.from_gguf(_gguf_path(base["gguf"], directory))
+    elif "model" in base:
+        btok = load_checkpoint_dir(os.path.join(directory, base["model"]), with_params=False)[2]
+        if btok is None:
+            return None
+    else:
         return None
-    gtok = Tokenizer.from_gguf(_gguf_path(base["gguf"], directory))
-    return Tokenizer(gtok.tk, bos_id=config.bos_id, eos_id=config.eos_id, pad_id=config.pad_id,
-                     chat_template=gtok.chat_template, add_bos=gtok.add_bos)
+    return Tokenizer(btok.tk, bos_id=config.bos_id, eos_id=config.eos_id, pad_id=config.pad_id,
+                     chat_template=btok.chat_template, add_bos=btok.add_bos)
 
 
 # ============================================================================ models by name
@@ -625,6 +793,7 @@ def load_model(name_or_dir: str) -> tuple[ModelConfig, Params, Tokenizer]:
 
 # ============================================================================ LoRA adapters
 _ADAPTER_FILE, _BASE_FILE = "adapter.safetensors", "base.json"
+_MODEL_ENTRIES = (_PARAMS_FILE, _CONFIG_FILE, _TOKENIZER_DIR, _ADAPTER_FILE, _BASE_FILE)
 ADAPTER_FORMAT = "m3jax-lora"
 
 
@@ -705,18 +874,21 @@ def save_adapter_dir(directory: str, config: ModelConfig, adapter_path: str, bas
                      tokenizer: Tokenizer | None = None) -> None:
     """A model directory that holds an adapter instead of params: config.json, adapter.safetensors
     (copied from `adapter_path`), base.json (`base`: where the base weights are, see
-    `load_base_params`) and the tokenizer. `load_checkpoint_dir` merges it with its base."""
-    import shutil
-
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, _CONFIG_FILE), "w", encoding="utf-8") as f:
-        json.dump(config.to_dict(), f, indent=1)
-    if os.path.abspath(adapter_path) != os.path.abspath(os.path.join(directory, _ADAPTER_FILE)):
-        shutil.copyfile(adapter_path, os.path.join(directory, _ADAPTER_FILE))
-    with open(os.path.join(directory, _BASE_FILE), "w", encoding="utf-8") as f:
-        json.dump(base, f, indent=1)
+    `load_base_params`) and the tokenizer. `load_checkpoint_dir` merges it with its base.
+    Atomic, as `save_checkpoint_dir`."""
     if tokenizer is not None:
-        tokenizer.save(os.path.join(directory, _TOKENIZER_DIR))
+        check_tokenizer(tokenizer, config, where=directory)
+
+    def write(tmp: str) -> None:  # the adapter may be the one already in `directory`: copied first
+        shutil.copyfile(adapter_path, os.path.join(tmp, _ADAPTER_FILE))
+        with open(os.path.join(tmp, _CONFIG_FILE), "w", encoding="utf-8") as f:
+            json.dump(config.to_dict(), f, indent=1)
+        with open(os.path.join(tmp, _BASE_FILE), "w", encoding="utf-8") as f:
+            json.dump(base, f, indent=1)
+        if tokenizer is not None:
+            tokenizer.save(os.path.join(tmp, _TOKENIZER_DIR))
+
+    _write_model_dir(directory, write)
 
 
 def load_base_params(base: dict[str, Any], config: ModelConfig, *, where: str) -> Params:
@@ -725,7 +897,8 @@ def load_base_params(base: dict[str, Any], config: ModelConfig, *, where: str) -
     relative paths are relative to the directory of base.json)."""
     if "gguf" in base:
         path = _gguf_path(base["gguf"], where)
-        tensors = read_gguf_tensors(__import__("gguf").GGUFReader(path), where=path)
+        reader = open_gguf(path)
+        tensors = read_gguf_tensors(reader, where=path)
         params = params_from_hf_tensors(tensors, config, where=path)
     elif "model" in base:
         saved, params, _ = load_checkpoint_dir(os.path.join(where, base["model"]))
@@ -749,11 +922,9 @@ def _adapted_params(directory: str, config: ModelConfig) -> Params:
     base_path = os.path.join(directory, _BASE_FILE)
     if not os.path.isfile(base_path):
         raise ConvertError(f"{directory}: an adapter without {_BASE_FILE} (which base weights it applies to)")
-    try:
-        with open(base_path, encoding="utf-8") as f:
-            base = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConvertError(f"{base_path}: unreadable ({e})") from None
+    base = _read_json(base_path)
+    if not isinstance(base, dict):
+        raise ConvertError(f"{base_path}: a JSON {type(base).__name__}, not an object")
     adapter, info = load_adapter(os.path.join(directory, _ADAPTER_FILE))
     params = load_base_params(base, config, where=directory)
     return apply_adapter(params, config, adapter, info, where=os.path.join(directory, _ADAPTER_FILE))

@@ -40,7 +40,7 @@ import numpy as np
 from m3jax.config import DecodeConfig, ModelConfig
 from m3jax.model.cache import KVCache, extend, init_cache
 from m3jax.model.memory import ChunkMemory, MemoryKV
-from m3jax.model.transformer import Params, check_params, prefix_kv
+from m3jax.model.transformer import Params, check_params, check_token_ids, prefix_kv
 
 Array = jax.Array
 Mode = Literal["memory", "rag", "none"]
@@ -282,6 +282,7 @@ class Generator:
                     ids = [self.config.bos_id] + ids
             if len(ids) <= 1:
                 raise ValueError("empty prompt: give at least one token of text")
+            check_token_ids(ids, self.config, f"prompt {len(out)}")
             out.append(ids)
         if not out:
             raise ValueError("no prompts given")

@@ -112,10 +112,30 @@ class DemoConfig:
                    bench_prompt=64, bench_new=8, max_new_tokens=8, n_samples=2)
 
 
+def _tfidf(texts: list[str], dim: int = 1 << 12) -> np.ndarray:
+    """Unit rows of hashed TF-IDF vectors (sublinear term frequency) of `texts`."""
+    import re
+    import zlib
+
+    rows = []
+    df = np.zeros(dim, np.float32)
+    for t in texts:
+        h = np.array([zlib.crc32(w.encode()) % dim for w in re.findall(r"[a-z0-9]+", t.lower())], np.int64)
+        idx, cnt = np.unique(h, return_counts=True)
+        rows.append((idx, 1.0 + np.log(cnt)))
+        df[idx] += 1
+    idf = np.log((1 + len(texts)) / (1 + df)).astype(np.float32)
+    out = np.zeros((len(texts), dim), np.float32)
+    for i, (idx, tf) in enumerate(rows):
+        out[i, idx] = tf * idf[idx]
+    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
+
+
 def _articles(n: int, n_held: int) -> tuple[list[Any], list[Any]]:
     """(knowledge-base leads, held-out evaluation leads): `n_held` leads of the held-out split
-    (never trained on: `m3jax.train.data.is_heldout`) with a description, then other leads, in a
-    fixed pseudo-random order."""
+    (never trained on: `m3jax.train.data.is_heldout`) with a description, in a fixed pseudo-random
+    order, then their nearest neighbours among all leads (TF-IDF cosine of the texts, taken
+    round-robin) up to `n`: the knowledge base covers what the evaluated leads are about."""
     from m3jax import assets
     from m3jax.eval import heldout_split
 
@@ -123,8 +143,19 @@ def _articles(n: int, n_held: int) -> tuple[list[Any], list[Any]]:
     pool.sort(key=lambda a: hashlib.sha256(b"m3jax-demo:" + a.title.encode()).hexdigest())
     held_ids = {a.doc_id for a in heldout_split(pool)}
     held = [a for a in pool if a.doc_id in held_ids][:n_held]
-    rest = [a for a in pool if a.doc_id not in held_ids][: max(0, n - len(held))]
-    return sorted(held + rest, key=lambda a: a.doc_id), held
+    chosen = {a.doc_id: a for a in held}
+    if n > len(chosen):
+        vecs = _tfidf([f"{a.title} {a.text}" for a in pool])
+        at = {a.doc_id: i for i, a in enumerate(pool)}
+        order = np.argsort(-(vecs[[at[a.doc_id] for a in held]] @ vecs.T), axis=1)
+        for rank in range(order.shape[1]):
+            for row in order[:, rank]:
+                a = pool[int(row)]
+                if len(chosen) < n and a.doc_id not in chosen:
+                    chosen[a.doc_id] = a
+            if len(chosen) >= n:
+                break
+    return sorted(chosen.values(), key=lambda a: a.doc_id), held
 
 
 # ------------------------------------------------------------------------------ the job
@@ -163,10 +194,10 @@ def run(out: str = "demo_out", cfg: DemoConfig = DemoConfig()) -> dict[str, Any]
     run_stage(stages, "model", f"export the memory-capable model to {out}/model", stage_model)
 
     # ------------------------------------------------------------ knowledge base
+    embedder = default_embedder()
     leads, held = _articles(cfg.n_leads, max(cfg.n_eval_qa, cfg.n_eval_ppl))
     facts = make_facts(cfg.n_facts, split="eval", seed=cfg.seed, start_id=FACT_DOC_IDS)
     kb_dir = os.path.join(out, "kb")
-    embedder = default_embedder()
 
     def stage_kb():
         kb = build_knowledge_base(kb_dir, params, config, tok, [(a.doc_id, a.text, a.title) for a in leads],

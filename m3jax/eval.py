@@ -510,8 +510,11 @@ def generate_answers(params: Params, config: ModelConfig, prompts: Sequence[Sequ
                 texts.extend(res.texts)
             else:
                 texts.extend(tokenizer.decode(t) for t in res.tokens)
+            if not return_retrieved:
+                continue
+            read = getattr(res, "retrieved", None)
             for b, p in enumerate(batch):
-                chunks = res.retrieved[b] if res.retrieved else []
+                chunks = read[b] if read else []
                 at = min((len(p) - 1) // config.chunk_size, len(chunks) - 1) if mode == "memory" else 0
                 retrieved.append([int(i) for i in chunks[at] if i >= 0] if chunks else [])
     finally:

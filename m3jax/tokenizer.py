@@ -16,6 +16,7 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 
 REFERENCE_TEXT = "Reference:"
 _META = "m3jax_tokenizer.json"
+_META_FIELDS = {"bos_id", "eos_id", "pad_id", "chat_template", "add_bos"}
 
 
 class Tokenizer:
@@ -93,12 +94,23 @@ class Tokenizer:
         file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
         if not os.path.exists(file):
             raise FileNotFoundError(f"no tokenizer.json at {path!r}")
-        tk = HFTokenizer.from_file(file)
+        try:
+            tk = HFTokenizer.from_file(file)
+        except Exception as e:  # noqa: BLE001 - the Rust library raises its own type on bad files
+            raise ValueError(f"{file}: not a readable tokenizer.json ({' '.join(str(e).split())})") from None
         meta_path = os.path.join(directory, _META)
         if os.path.exists(meta_path):
-            with open(meta_path, encoding="utf-8") as f:
-                meta = json.load(f)
-            return cls(tk, **meta)
+            try:
+                with open(meta_path, encoding="utf-8") as f:
+                    meta = json.load(f)
+                if not isinstance(meta, dict) or set(meta) - _META_FIELDS:
+                    raise ValueError(f"expected an object with {sorted(_META_FIELDS)}")
+                for k in ("bos_id", "eos_id", "pad_id"):
+                    if isinstance(meta.get(k), bool) or not isinstance(meta.get(k), int) or meta[k] < 0:
+                        raise ValueError(f"{k} is {meta.get(k)!r}, not a token id")
+                return cls(tk, **meta)
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError, TypeError) as e:
+                raise ValueError(f"{meta_path}: damaged ({e})") from None
         vocab = tk.get_vocab(with_added_tokens=True)
         def find(*names: str, default: int | None = None) -> int:
             for n in names:
@@ -148,9 +160,39 @@ def chatml_default_system(template: str | None) -> str | None:
 _GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4  # gguf.TokenType values
 
 
-def _gguf_field(reader: Any, key: str, default: Any = None) -> Any:
+def gguf_field(reader: Any, key: str, default: Any = None) -> Any:
+    """The value of GGUF metadata `key` (`default` when absent). A value whose bytes do not
+    decode (a string that is not UTF-8, a damaged array) raises ValueError naming the file."""
     f = reader.fields.get(key)
-    return default if f is None else f.contents()
+    if f is None:
+        return default
+    try:
+        return f.contents()
+    except Exception as e:  # noqa: BLE001 - the reader decodes lazily and fails in several ways
+        raise ValueError(f"{getattr(reader, 'path', 'GGUF file')}: metadata {key!r} is damaged "
+                         f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+
+
+def open_gguf(path: str) -> Any:
+    """A `gguf.GGUFReader` of `path`. A file that is missing, truncated, damaged or not GGUF raises
+    FileNotFoundError / ValueError naming it (never the reader's own low-level errors)."""
+    import gguf  # local: only GGUF users need it
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such GGUF file")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # noqa: BLE001 - the reader fails with numpy / struct / key errors on bad bytes
+        raise ValueError(f"{path}: not a readable GGUF file (truncated or damaged: {type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:200]})") from None
+    reader.path = path  # for the messages of gguf_field and of the importers
+    return reader
+
+
+def _string_list(v: Any, key: str, where: str) -> list[str]:
+    if not isinstance(v, list) or not all(isinstance(t, str) for t in v):
+        raise ValueError(f"{where}: {key} must be a list of strings")
+    return v
 
 
 def load_gguf_tokenizer(path_or_reader: Any) -> Tokenizer:
@@ -163,17 +205,21 @@ def load_gguf_tokenizer(path_or_reader: Any) -> Tokenizer:
     """
     import gguf  # local: only GGUF users need it
 
-    reader = path_or_reader if isinstance(path_or_reader, gguf.GGUFReader) else gguf.GGUFReader(path_or_reader)
+    reader = path_or_reader if isinstance(path_or_reader, gguf.GGUFReader) else open_gguf(path_or_reader)
     where = getattr(reader, "path", path_or_reader)
-    kind = _gguf_field(reader, "tokenizer.ggml.model")
+    kind = gguf_field(reader, "tokenizer.ggml.model")
     if kind != "gpt2":
         raise ValueError(f"{where}: tokenizer.ggml.model={kind!r} is not supported (only 'gpt2', "
                          "the byte-level BPE)")
-    tokens = _gguf_field(reader, "tokenizer.ggml.tokens")
-    merges = _gguf_field(reader, "tokenizer.ggml.merges")
+    tokens = gguf_field(reader, "tokenizer.ggml.tokens")
+    merges = gguf_field(reader, "tokenizer.ggml.merges")
     if not tokens or merges is None:
         raise ValueError(f"{where}: tokenizer.ggml.tokens / tokenizer.ggml.merges are missing")
-    types = _gguf_field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    tokens = _string_list(tokens, "tokenizer.ggml.tokens", where)
+    merges = _string_list(merges, "tokenizer.ggml.merges", where)
+    types = gguf_field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    if not isinstance(types, list) or len(types) != len(tokens):
+        raise ValueError(f"{where}: tokenizer.ggml.token_type must list one type per token")
     vocab = {t: i for i, t in enumerate(tokens)}
     if len(vocab) != len(tokens):
         raise ValueError(f"{where}: tokenizer.ggml.tokens holds duplicate tokens")
@@ -183,7 +229,10 @@ def load_gguf_tokenizer(path_or_reader: Any) -> Tokenizer:
         if len(parts) != 2:
             raise ValueError(f"{where}: malformed merge {m!r}")
         pairs.append((parts[0], parts[1]))
-    tk = HFTokenizer(models.BPE(vocab, pairs, fuse_unk=False))
+    try:
+        tk = HFTokenizer(models.BPE(vocab, pairs, fuse_unk=False))
+    except Exception as e:  # noqa: BLE001 - the Rust library raises its own type (e.g. a merge of unknown tokens)
+        raise ValueError(f"{where}: the GGUF vocabulary does not form a BPE ({e})") from None
     tk.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Digits(individual_digits=True),
         pre_tokenizers.ByteLevel(add_prefix_space=False),
@@ -197,11 +246,17 @@ def load_gguf_tokenizer(path_or_reader: Any) -> Tokenizer:
         tk.add_special_tokens(special)
     if user:
         tk.add_tokens(user)
-    eos = _gguf_field(reader, "tokenizer.ggml.eos_token_id")
-    bos = _gguf_field(reader, "tokenizer.ggml.bos_token_id", eos)
+    eos = gguf_field(reader, "tokenizer.ggml.eos_token_id")
+    bos = gguf_field(reader, "tokenizer.ggml.bos_token_id", eos)
     if bos is None or eos is None:
         raise ValueError(f"{where}: tokenizer.ggml.bos_token_id / eos_token_id are missing")
-    pad = _gguf_field(reader, "tokenizer.ggml.padding_token_id", eos)
-    return Tokenizer(tk, bos_id=bos, eos_id=eos, pad_id=pad,
-                     chat_template=_gguf_field(reader, "tokenizer.chat_template"),
-                     add_bos=bool(_gguf_field(reader, "tokenizer.ggml.add_bos_token", True)))
+    pad = gguf_field(reader, "tokenizer.ggml.padding_token_id", eos)
+    for key, v in (("bos", bos), ("eos", eos), ("padding", pad)):
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < len(tokens):
+            raise ValueError(f"{where}: tokenizer.ggml.{key}_token_id={v!r} is not a token id of its "
+                             f"{len(tokens)} tokens")
+    template = gguf_field(reader, "tokenizer.chat_template")
+    if template is not None and not isinstance(template, str):
+        raise ValueError(f"{where}: tokenizer.chat_template must be a string")
+    return Tokenizer(tk, bos_id=bos, eos_id=eos, pad_id=pad, chat_template=template,
+                     add_bos=bool(gguf_field(reader, "tokenizer.ggml.add_bos_token", True)))

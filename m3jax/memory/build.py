@@ -5,7 +5,8 @@ Layout of a knowledge-base directory (the `m3jax build-memory` output):
     kb.json            the committed state: model name, fingerprint, embedder, codec, counts,
                        `references` (committed memories) and `index_dir` (the index serving them)
     documents.jsonl    one line per document ever added, in memory-id order: doc_id, `first`
-                       memory id, `count` of references, title (optional), deleted (optional)
+                       memory id, `count` of references, sha256 of its text, title (optional),
+                       deleted (optional)
     bank/              the MemoryBank (TensorStore zarr3): coded memories + reference metadata
     embeddings.npy     reference vectors (cached; the build resumes here after a kill)
     index/, index-N/   the VectorIndex (ScaNN or exact) over the embeddings, ids = memory ids;
@@ -34,7 +35,16 @@ search deeper so that k live references still come back. Deleted doc ids may be 
 memory ids); deleted memories keep their space until the knowledge base is rebuilt.
 
 Every stage of a build resumes: the bank build continues from its committed count, embeddings are
-written in blocks (`embeddings.partial.npy` + a count) and the index is rebuilt only if missing.
+written in blocks (`embeddings.npy.partial.npy`) and the index is rebuilt only if missing.
+
+Derived files record what they were derived from, and are rebuilt when that differs: an
+embeddings cache has a sidecar `<file>.json` with the key of its texts and embedder
+(`embeddings_key`; a partial file counts only under the same key, and one that cannot be read is
+dropped, not fatal), an index records the digest of its vectors and ids (`VectorIndex.source`).
+So a directory rebuilt with another corpus never serves the old vectors; and building into a
+knowledge base that already holds a live doc_id with another text is refused (the document
+records keep the sha256 of each text; records written before that cannot be compared). kb.json
+and the other JSON files are checked when read: a damaged one raises KnowledgeBaseError naming it.
 """
 
 from __future__ import annotations
@@ -55,7 +65,7 @@ from m3jax.config import ModelConfig
 from m3jax.memory.bank import MemoryBank, build_bank, params_fingerprint
 from m3jax.memory.embed import Embedder, SentenceEmbedder
 from m3jax.memory.encode import make_encode_fn
-from m3jax.memory.index import VectorIndex
+from m3jax.memory.index import VectorIndex, read_npy, source_of
 from m3jax.memory.overlap import EVAL_THRESHOLD
 from m3jax.memory.references import Reference, split_references
 from m3jax.memory.retrieve import Retriever
@@ -70,6 +80,7 @@ BANK_DIR = "bank"
 INDEX_DIR = "index"
 _INDEX_NAME = re.compile(r"^index(-\d+)?$")
 _JOURNAL_FORMAT = "m3jax-kb-pending-add"
+_EMBEDDINGS_FORMAT = "m3jax-embeddings"
 
 
 class KnowledgeBaseError(ValueError):
@@ -85,9 +96,12 @@ class DocumentRecord:
     count: int
     title: str | None = None
     deleted: bool = False
+    sha256: str | None = None  # of the text (`_text_digest`); None in records written before it
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {"doc_id": self.doc_id, "first": self.first, "count": self.count}
+        if self.sha256 is not None:
+            d["sha256"] = self.sha256
         if self.title is not None:
             d["title"] = self.title
         if self.deleted:
@@ -96,7 +110,13 @@ class DocumentRecord:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "DocumentRecord":
-        return cls(int(d["doc_id"]), int(d["first"]), int(d["count"]), d.get("title"), bool(d.get("deleted", False)))
+        ints = [d["doc_id"], d["first"], d["count"]]
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in ints):
+            raise ValueError(f"doc_id, first and count must be non-negative integers, got {ints}")
+        for key in ("title", "sha256"):
+            if d.get(key) is not None and not isinstance(d[key], str):
+                raise ValueError(f"{key} must be a string, got {d[key]!r}")
+        return cls(*ints, d.get("title"), bool(d.get("deleted", False)), d.get("sha256"))
 
 
 # ---------------------------------------------------------------------- files
@@ -120,18 +140,30 @@ def _write_documents(directory: str, records: Sequence[DocumentRecord]) -> None:
                   "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in records))
 
 
+def _read_json(path: str, what: str) -> Any:
+    """The JSON value of a file, or KnowledgeBaseError naming it (truncated, not UTF-8, ...)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise KnowledgeBaseError(f"{path} is not valid JSON ({e}): the {what} is damaged") from None
+
+
 def _read_info(directory: str) -> dict[str, Any]:
     path = os.path.join(directory, INFO_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no knowledge base at {directory!r} ({INFO_FILE} missing): build one with "
                                 "`m3jax build-memory`")
-    try:
-        with open(path, encoding="utf-8") as f:
-            info = json.load(f)
-    except json.JSONDecodeError as e:
-        raise KnowledgeBaseError(f"{path} is not valid JSON ({e}): the knowledge base is damaged") from None
+    info = _read_json(path, "knowledge base")
     if not isinstance(info, dict) or info.get("format") != KB_FORMAT:
         raise KnowledgeBaseError(f"{path} is not an m3jax knowledge base description")
+    refs = info.get("references", 0)  # absent: as many as the index holds
+    if isinstance(refs, bool) or not isinstance(refs, int) or refs < 0:
+        raise KnowledgeBaseError(f"{path}: 'references' is {refs!r}, not a count")
+    index_dir = info.get("index_dir", INDEX_DIR)
+    if not isinstance(index_dir, str) or not _INDEX_NAME.match(index_dir):
+        raise KnowledgeBaseError(f"{path}: 'index_dir' is {index_dir!r}, not an index directory of the "
+                                 f"knowledge base (index or index-N)")
     return info
 
 
@@ -142,13 +174,14 @@ def _read_documents(directory: str, committed: int) -> list[DocumentRecord] | No
     if not os.path.exists(path):
         return None
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             try:
-                r = DocumentRecord.from_json(json.loads(line))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                r = DocumentRecord.from_json(json.loads(raw.decode("utf-8")))
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError,
+                    RecursionError) as e:
                 raise KnowledgeBaseError(f"{path}:{n}: bad document record ({e})") from None
             if r.first + r.count <= committed:  # later records belong to an uncommitted add
                 out.append(r)
@@ -175,12 +208,15 @@ def _read_journal(directory: str) -> dict[str, Any] | None:
     if not os.path.exists(path):
         return None
     try:
-        with open(path, encoding="utf-8") as f:
-            j = json.load(f)
-        if j.get("format") != _JOURNAL_FORMAT:
-            raise ValueError(f"format {j.get('format')!r}")
-        int(j["base"]), int(j["references"]), str(j["digest"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        j = _read_json(path, "pending add's journal")
+        if not isinstance(j, dict) or j.get("format") != _JOURNAL_FORMAT:
+            raise ValueError(f"format {j.get('format') if isinstance(j, dict) else j!r}")
+        for key in ("base", "references"):
+            if isinstance(j[key], bool) or not isinstance(j[key], int) or j[key] < 0:
+                raise ValueError(f"{key} {j[key]!r} is not a count")
+        if not isinstance(j["digest"], str):
+            raise ValueError(f"digest {j['digest']!r} is not a string")
+    except (KnowledgeBaseError, KeyError, TypeError, ValueError) as e:
         raise KnowledgeBaseError(f"{path} is damaged ({e}); remove it only if the bank holds no memories "
                                  f"past kb.json's references") from None
     return j
@@ -205,23 +241,77 @@ def _counts(records: Sequence[DocumentRecord]) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------------- embeddings
+def embeddings_key(texts: Sequence[str], embedder: Embedder) -> str:
+    """What an embeddings cache is derived from: the texts in order and the embedder (its class,
+    model directory or function, max_len, dim)."""
+    fn = getattr(embedder, "fn", None)
+    ident = "|".join(str(x) for x in (type(embedder).__qualname__, getattr(embedder, "model_dir", ""),
+                                      getattr(fn, "__module__", ""), getattr(fn, "__qualname__", ""),
+                                      getattr(embedder, "max_len", ""), embedder.dim))
+    h = hashlib.sha256(b"m3jax.embeddings.v1\0" + ident.encode() + b"\0")
+    for t in texts:
+        b = t.encode("utf-8", "surrogatepass")
+        h.update(len(b).to_bytes(8, "little") + b)
+    return "sha256:" + h.hexdigest()
+
+
+def _embeddings_record(path: str) -> dict[str, Any] | None:
+    """The sidecar `<path>.json` of an embeddings cache, or None (missing or unreadable: stale)."""
+    try:
+        with open(path + ".json", encoding="utf-8") as f:
+            rec = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None
+    return rec if isinstance(rec, dict) and rec.get("format") == _EMBEDDINGS_FORMAT else None
+
+
+def _write_embeddings_record(path: str, key: str, count: int, dim: int) -> None:
+    _write_atomic(path + ".json", json.dumps({"format": _EMBEDDINGS_FORMAT, "key": key, "count": count,
+                                              "dim": dim}) + "\n")
+
+
+def _read_vectors(path: str, dim: int, max_rows: int | None = None) -> np.ndarray | None:
+    """float32 [m, dim] vectors of a cache file, or None when it is unreadable (truncated, killed
+    mid-write), of another shape or not finite: then it is only a cache to recompute."""
+    try:
+        v = read_npy(path, "embeddings")
+    except ValueError:
+        return None
+    ok = v.ndim == 2 and v.shape[1] == dim and v.dtype == np.float32 and (max_rows is None or len(v) <= max_rows)
+    return v if ok and np.all(np.isfinite(v)) else None
+
+
 def embed_cached(texts: Sequence[str], embedder: Embedder, path: str, *, block: int = 1024,
                  show_progress: bool = True) -> np.ndarray:
-    """Embed `texts` into float32 [n, dim] saved at `path`, resuming from a partial file."""
+    """Embed `texts` into float32 [n, dim] saved at `path`, resuming from a partial file.
+
+    The cache is used only when its sidecar `<path>.json` holds the same `embeddings_key` (the
+    texts and the embedder): other texts or another embedder recompute it. A partial file that
+    cannot be read (a half-written block) is dropped and embedding restarts from zero."""
     from tqdm.auto import tqdm
 
     n = len(texts)
+    key = embeddings_key(texts, embedder)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if os.path.exists(path):
-        v = np.load(path)
-        if v.shape == (n, embedder.dim):
-            return v
     partial = path + ".partial.npy"
+    rec = _embeddings_record(path)
+    if rec is not None and rec.get("key") == key:
+        if os.path.exists(path):
+            v = _read_vectors(path, embedder.dim)
+            if v is not None and len(v) == n:
+                return v
+    else:  # stale or unknown: derived from other texts or by another embedder
+        for f in (path, partial):
+            if os.path.exists(f):
+                os.remove(f)
+        _write_embeddings_record(path, key, n, embedder.dim)
     done = 0
     out = np.zeros((n, embedder.dim), np.float32)
     if os.path.exists(partial):
-        p = np.load(partial)
-        if p.ndim == 2 and p.shape[1] == embedder.dim and len(p) <= n:
+        p = _read_vectors(partial, embedder.dim, max_rows=n)
+        if p is None:
+            os.remove(partial)
+        else:
             done = len(p)
             out[:done] = p
     bar = tqdm(total=n, initial=done, desc="embedding references", unit="ref", disable=not show_progress)
@@ -242,16 +332,25 @@ def embed_cached(texts: Sequence[str], embedder: Embedder, path: str, *, block: 
     return out
 
 
-def _merge_embeddings(directory: str, base: int, vecs: np.ndarray, *, block: int = 1 << 16) -> None:
-    """embeddings.npy := its first `base` rows + `vecs` (atomic; idempotent). A cache that does not
-    hold the first `base` vectors is stale and removed (the index is the source of truth)."""
+def _merge_embeddings(directory: str, base: int, vecs: np.ndarray, key: str, *, block: int = 1 << 16) -> None:
+    """embeddings.npy := its first `base` rows + `vecs` (of embeddings key `key`; atomic,
+    idempotent; its record chains the two keys). A cache that does not hold the first `base`
+    vectors, or has no record, is stale and removed (the index is the source of truth)."""
     main = os.path.join(directory, EMBEDDINGS_FILE)
     if not os.path.exists(main):
         return
-    old = np.load(main, mmap_mode="r")
-    if old.ndim != 2 or old.shape[1] != vecs.shape[1] or len(old) < base:
+    rec = _embeddings_record(main)
+    try:
+        old = np.load(main, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError):
+        old = None
+    if old is None or rec is None or old.ndim != 2 or old.shape[1] != vecs.shape[1] or len(old) < base:
         del old
-        os.remove(main)
+        for f in (main, main + ".json"):
+            if os.path.exists(f):
+                os.remove(f)
+        return
+    if rec.get("merged") == key and len(old) == base + len(vecs):  # already merged (a resumed add)
         return
     tmp = main + ".tmp.npy"
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(base + len(vecs), vecs.shape[1]))
@@ -260,6 +359,10 @@ def _merge_embeddings(directory: str, base: int, vecs: np.ndarray, *, block: int
     out[base:] = vecs
     out.flush()
     del out, old
+    merged = "sha256:" + hashlib.sha256(f"{rec.get('key')}[:{base}]+{key}".encode()).hexdigest()
+    _write_atomic(main + ".json", json.dumps({"format": _EMBEDDINGS_FORMAT, "key": merged,
+                                              "count": base + len(vecs), "dim": int(vecs.shape[1]),
+                                              "merged": key}) + "\n")
     os.replace(tmp, main)
 
 
@@ -311,11 +414,16 @@ def _normalize_documents(documents: Iterable[Any], where: str) -> list[tuple[int
     return out
 
 
+def _text_digest(text: str) -> str:
+    """sha256 of a document's text (kept in its record: a rebuild with another text is refused)."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 def _digest(docs: Sequence[tuple[int, str, str | None]], refs: Sequence[Reference]) -> str:
     """What an add writes: the documents (ids, titles, texts) and their references."""
     h = hashlib.sha256(b"m3jax.kb.add.v1\0")
     for doc_id, text, title in docs:
-        h.update(json.dumps([doc_id, title, hashlib.sha256(text.encode()).hexdigest()]).encode() + b"\0")
+        h.update(json.dumps([doc_id, title, _text_digest(text)]).encode() + b"\0")
     for r in refs:
         h.update(np.asarray([r.doc_id, r.char_start, r.char_end, len(r.tokens), *r.tokens], np.int64).tobytes())
     return "sha256:" + h.hexdigest()
@@ -536,8 +644,8 @@ def _ingest(directory: str, state: KnowledgeBase | None, documents: Iterable[Any
     for r in refs:
         counts[r.doc_id] = counts.get(r.doc_id, 0) + 1
     new_records, first = [], base
-    for doc_id, _, title in docs:
-        new_records.append(DocumentRecord(doc_id, first, counts.get(doc_id, 0), title))
+    for doc_id, text, title in docs:
+        new_records.append(DocumentRecord(doc_id, first, counts.get(doc_id, 0), title, sha256=_text_digest(text)))
         first += counts.get(doc_id, 0)
     digest = _digest(docs, refs)
 
@@ -587,9 +695,12 @@ def _ingest(directory: str, state: KnowledgeBase | None, documents: Iterable[Any
         index_name = INDEX_DIR
         index = None
         if os.path.exists(os.path.join(directory, INDEX_DIR, "index.json")):
-            index = VectorIndex.load(os.path.join(directory, INDEX_DIR))  # e.g. made by the demo's pairing
-            if len(index) != n or not np.array_equal(index.ids, ids) or \
-                    index_method not in ("auto", index.method):
+            try:  # e.g. made by the demo's pairing; reused only if built from these very vectors
+                index = VectorIndex.load(os.path.join(directory, INDEX_DIR))
+            except (ValueError, OSError) as e:
+                log(f"  rebuilding the index: the one in {directory!r} is unreadable ({e})")
+            if index is not None and (index.source != source_of(vecs, ids)
+                                      or index_method not in ("auto", index.method)):
                 index = None
         if index is None:
             index = VectorIndex.build(vecs, ids, method=index_method)
@@ -599,7 +710,7 @@ def _ingest(directory: str, state: KnowledgeBase | None, documents: Iterable[Any
         index = VectorIndex.load(os.path.join(directory, state.info.get("index_dir", INDEX_DIR)))
         index.add(vecs, ids)  # a fresh copy: the committed index on disk (and in memory) is untouched
         _save_index(index, os.path.join(directory, index_name))
-        _merge_embeddings(directory, base, vecs)
+        _merge_embeddings(directory, base, vecs, embeddings_key(ref_texts, embedder))
 
     records = (_load_records(directory, base, state.bank) if state is not None else []) + new_records
     _write_documents(directory, records)
@@ -643,7 +754,7 @@ def _cleanup(directory: str, info: dict[str, Any]) -> None:
         path = os.path.join(directory, name)
         if _INDEX_NAME.match(name) and name != keep and os.path.isdir(path):
             shutil.rmtree(path)
-    for name in (PENDING_EMBEDDINGS_FILE, PENDING_EMBEDDINGS_FILE + ".partial.npy"):
+    for name in (PENDING_EMBEDDINGS_FILE, PENDING_EMBEDDINGS_FILE + ".partial.npy", PENDING_EMBEDDINGS_FILE + ".json"):
         if os.path.exists(os.path.join(directory, name)):
             os.remove(os.path.join(directory, name))
     if os.path.exists(os.path.join(directory, JOURNAL_FILE)):
@@ -658,7 +769,8 @@ def build_knowledge_base(directory: str, params, config: ModelConfig, tokenizer,
 
     documents: (doc_id, text) or (doc_id, text, title) with unique integer doc ids. Resumes a
     partial build in `directory`. On a knowledge base already built there, adds the documents
-    whose doc ids it has never held (deleted ones stay deleted) and returns it.
+    whose doc ids it has never held (deleted ones stay deleted) and returns it; a live doc_id
+    given with another text than the one it holds raises KnowledgeBaseError (another corpus).
     index_method: "auto", "exact" or "scann" (see VectorIndex.build).
     """
     if os.path.exists(os.path.join(directory, INFO_FILE)):
@@ -668,8 +780,16 @@ def build_knowledge_base(directory: str, params, config: ModelConfig, tokenizer,
         if name != kb.bank.codec.name:
             raise KnowledgeBaseError(f"knowledge base {directory!r} stores codec {kb.bank.codec.name!r}, not "
                                      f"{name!r}: build into another directory")
-        known = {r.doc_id for r in kb.records}
+        known = {r.doc_id: r for r in kb.records}
         docs = _normalize_documents(documents, f"knowledge base {directory!r}")
+        changed = [d for d, text, _ in docs if d in known and not known[d].deleted and known[d].sha256 is not None
+                   and known[d].sha256 != _text_digest(text)]
+        if changed:
+            raise KnowledgeBaseError(
+                f"knowledge base {directory!r} already holds doc_id {changed[0]} with another text"
+                + (f" (and {len(changed) - 1} more)" if len(changed) > 1 else "")
+                + ": it was built from another corpus; build into a new directory, or replace the documents "
+                  "(`m3jax kb delete`, then `m3jax kb add`)")
         new = [d for d in docs if d[0] not in known]
         if new:
             kb.add(new, params, config, tokenizer, embedder=embedder, batch_size=batch_size,

@@ -155,6 +155,10 @@ class Codec:
         """codes [N, *code_shape] (NumPy or JAX) -> jax array [N, Lm, 2, K, T, H] on device."""
         raise NotImplementedError
 
+    def codes_finite(self, codes: np.ndarray) -> bool:
+        """Whether host codes [N, *code_shape] decode to finite values only (index codes always do)."""
+        return True
+
     def _check_codes(self, codes: Any) -> None:
         want = self.vector_code_shape()
         if codes.ndim != 5 + len(want) or tuple(codes.shape[5:]) != want or codes.shape[2] != 2:
@@ -209,6 +213,9 @@ class RawCodec(Codec):
         self._check_codes(codes)
         x = jnp.asarray(codes)
         return x if dtype is None else x.astype(dtype)
+
+    def codes_finite(self, codes: np.ndarray) -> bool:
+        return bool(np.all(np.isfinite(np.asarray(codes).astype(np.float32))))
 
 
 class BF16Codec(RawCodec):
@@ -265,6 +272,10 @@ class Int8Codec(Codec):
     def decode(self, codes: Any, dtype: Any = None) -> Array:
         self._check_codes(codes)
         return _int8_decode(jnp.asarray(codes), jnp.dtype(dtype or jnp.float32))
+
+    def codes_finite(self, codes: np.ndarray) -> bool:
+        scales = np.ascontiguousarray(np.asarray(codes)[..., self.head_dim:]).view(np.float16)
+        return bool(np.all(np.isfinite(scales)))
 
 
 # ---------------------------------------------------------------------- k-means (JAX)

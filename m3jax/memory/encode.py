@@ -29,7 +29,7 @@ import numpy as np
 
 from m3jax.config import ModelConfig
 from m3jax.model.memory import MemoryKV
-from m3jax.model.transformer import Params, encode_states
+from m3jax.model.transformer import Params, check_token_ids, encode_states
 
 Array = jax.Array
 _NEG = -1e30
@@ -135,6 +135,7 @@ def make_encode_fn(params: Params, config: ModelConfig) -> Callable[[np.ndarray,
         n, R = tokens.shape
         if R > config.reference_len:
             raise ValueError(f"references of {R} tokens exceed reference_len={config.reference_len}")
+        check_token_ids(tokens, config, "reference tokens")  # on the host: the jitted encoder cannot raise
         nb = 1 << max(0, (n - 1).bit_length())
         tok = np.full((nb, config.reference_len), config.pad_id, np.int32)
         msk = np.zeros((nb, config.reference_len), bool)

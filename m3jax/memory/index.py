@@ -12,6 +12,14 @@ Two backends behind one class, `VectorIndex`:
 Ids are arbitrary unique int64 (memory ids of the bank); searches return ids, not positions.
 An index grown by `add` keeps the quantizer trained at build time; rebuild it after large growth.
 
+Saved indexes are data, never code: ScaNN's own `load_searcher` unpickles `scann_docids.pkl`
+(a crafted pickle would run on open), so `save` writes only the native searcher's assets (NumPy
+arrays, protobufs, the text asset list) and `load` builds the searcher from them with the
+positions 0..n-1 as its docids (ids.npy maps them to ids); a pickle in the directory is ignored.
+Asset paths must be plain file names inside the index directory. Every index records what it was
+built from, `source` (`source_of(vectors, ids)`, chained through `add`), saved in index.json, so
+a cache holding an index of other vectors is told apart (`m3jax.memory.build` rebuilds it).
+
 Measured on a 2-core CPU shared with other jobs (load ~6), k=5:
 * 20k random unit vectors, dim 384, 2,000 queries (noisy copies + random): ScaNN (AH + reorder
   200) recall@5 0.997-0.998, ~10k queries/s batched (~2k/s one query per call), build ~2-5 s;
@@ -25,7 +33,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import threading
+import dataclasses
+import hashlib
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -38,6 +49,11 @@ _META = "index.json"
 _IDS = "ids.npy"
 _VECTORS = "vectors.npy"
 _SCANN_DIR = "scann"
+_SCANN_ASSETS = "scann_assets.pbtxt"  # text: the asset files of the native searcher
+_SCANN_CONFIG = "scann_config.pb"
+_SCANN_PICKLE = "scann_docids.pkl"  # written by ScannSearcher.serialize; never read (see load)
+_SCANN_ASSET_PATH = re.compile(r'asset_path\s*:\s*"([^"]*)"')
+_MAX_ASSETS_TEXT = 1 << 20
 _FORMAT = "m3jax.VectorIndex"
 _VERSION = 1
 
@@ -90,6 +106,16 @@ class ScannParams:
         if p.reorder < 0 or p.dims_per_block < 1 or p.training_sample_size < 1:
             raise ValueError(f"bad ScaNN settings: {p}")
         return p
+
+
+def read_npy(path: str, what: str = "array file") -> np.ndarray:
+    """A .npy file, read without pickles and without trusting its header: the file is memory
+    mapped first, so a header that claims more data than the file holds (a truncated or edited
+    file) raises ValueError naming `path` before anything of that size is allocated."""
+    try:
+        return np.array(np.load(path, mmap_mode="r", allow_pickle=False))
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"corrupt {what} {path} (damaged or truncated: {e})") from None
 
 
 def _as_vectors(x: Any, name: str, dim: int | None = None) -> np.ndarray:
@@ -146,8 +172,9 @@ class VectorIndex:
     """Maximum-inner-product index with int64 ids. Build with `VectorIndex.build`."""
 
     def __init__(self, *, method: str, dim: int, ids: np.ndarray, vectors: np.ndarray | None = None,
-                 searcher: Any = None, params: ScannParams | None = None):
+                 searcher: Any = None, params: ScannParams | None = None, source: str | None = None):
         self.method = method
+        self.source = source  # source_of the indexed vectors and ids (None: an index saved without it)
         self.dim = int(dim)
         self._ids = ids
         self._vectors = vectors
@@ -168,19 +195,21 @@ class VectorIndex:
         v = _as_vectors(vectors, "vectors")
         n, d = v.shape
         ids = np.arange(n, dtype=np.int64) if ids is None else _as_ids(ids, n)
+        source = source_of(v, ids)
         if method == "auto":
             method = "exact" if n < EXACT_BELOW else "scann"
         if method == "exact":
             if overrides:
                 raise TypeError(f"method='exact' takes no options, got {sorted(overrides)}")
-            return cls(method="exact", dim=d, ids=ids, vectors=v)
+            return cls(method="exact", dim=d, ids=ids, vectors=v, source=source)
         if method != "scann":
             raise ValueError(f"unknown index method {method!r}; choose 'auto', 'exact' or 'scann'")
         if n == 0:
             raise ValueError("a ScaNN index needs at least one vector (use method='exact' to start "
                              "empty)")
         params = ScannParams.for_size(n, **overrides)
-        return cls(method="scann", dim=d, ids=ids, searcher=_build_scann(v, params), params=params)
+        return cls(method="scann", dim=d, ids=ids, searcher=_build_scann(v, params), params=params,
+                   source=source)
 
     # ------------------------------------------------------------------ queries
     def __len__(self) -> int:
@@ -253,6 +282,7 @@ class VectorIndex:
                 self._searcher.upsert(list(range(n, n + m)), v, batch_size=min(m, 1024))
             self._ids = np.concatenate([self._ids, ids])
             self._id_set.update(ids.tolist())
+            self.source = _chain(self.source, source_of(v, ids))
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str) -> None:
@@ -261,6 +291,8 @@ class VectorIndex:
         with self._lock:
             meta = {"format": _FORMAT, "version": _VERSION, "method": self.method, "dim": self.dim,
                     "count": len(self), "ids_file": _IDS}
+            if self.source is not None:
+                meta["source"] = self.source
             np.save(os.path.join(directory, _IDS), self._ids)
             if self.method == "exact":
                 np.save(os.path.join(directory, _VECTORS), self._vectors)
@@ -268,7 +300,12 @@ class VectorIndex:
             else:
                 sdir = os.path.join(directory, _SCANN_DIR)
                 os.makedirs(sdir, exist_ok=True)
-                self._searcher.serialize(sdir, relative_path=True)
+                # The native searcher only: ScannSearcher.serialize would also pickle its docids
+                # (positions 0..n-1 here, rebuilt at load from ids.npy), and a pickle is code.
+                self._searcher.searcher.serialize(sdir, True)
+                stale = os.path.join(sdir, _SCANN_PICKLE)
+                if os.path.exists(stale):
+                    os.remove(stale)
                 meta["scann_dir"] = _SCANN_DIR
                 meta["scann_params"] = asdict(self.params)
         tmp = os.path.join(directory, _META + ".tmp")
@@ -292,54 +329,109 @@ class VectorIndex:
                 raise ValueError(f"format is {meta.get('format')!r}, expected {_FORMAT!r}")
             if meta.get("version") != _VERSION:
                 raise ValueError(f"version {meta.get('version')!r} is not supported")
-            method, dim, count = meta["method"], int(meta["dim"]), int(meta["count"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            method, dim, count = meta["method"], meta["dim"], meta["count"]
+            for key, v in (("dim", dim), ("count", count)):
+                if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                    raise ValueError(f"{key} {v!r} is not a non-negative integer")
+            source = meta.get("source")
+            if source is not None and not isinstance(source, str):
+                raise ValueError(f"source {source!r} is not a string")
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError,
+                AttributeError, RecursionError) as e:
             raise ValueError(f"corrupt index metadata {meta_path}: {e}") from None
 
-        def need(name: str) -> str:
+        def need(name: Any) -> str:
+            if not isinstance(name, str) or not _plain_name(name):
+                raise ValueError(f"corrupt index metadata {meta_path}: {name!r} is not a file name "
+                                 f"inside the index directory")
             path = os.path.join(directory, name)
             if not os.path.exists(path):
                 raise FileNotFoundError(f"{path} is missing from the saved index")
             return path
 
         ids_path = need(meta.get("ids_file", _IDS))
-        try:
-            ids = np.load(ids_path, allow_pickle=False)
-        except Exception as e:  # numpy raises several types on damaged files
-            raise ValueError(f"corrupt ids file {ids_path}: {e}") from None
+        ids = read_npy(ids_path, "ids file")
         if ids.ndim != 1 or len(ids) != count or not np.issubdtype(ids.dtype, np.integer):
             raise ValueError(f"{ids_path} holds {ids.dtype} {ids.shape}, expected {count} int64 ids")
         ids = ids.astype(np.int64)
 
         if method == "exact":
             vpath = need(meta.get("vectors_file", _VECTORS))
-            try:
-                vectors = np.load(vpath, allow_pickle=False)
-            except Exception as e:
-                raise ValueError(f"corrupt vectors file {vpath}: {e}") from None
+            vectors = read_npy(vpath, "vectors file")
             if vectors.shape != (count, dim) or vectors.dtype != np.float32:
                 raise ValueError(f"{vpath} holds {vectors.dtype} {vectors.shape}, expected float32 "
                                  f"({count}, {dim})")
-            return cls(method="exact", dim=dim, ids=ids, vectors=vectors)
+            return cls(method="exact", dim=dim, ids=ids, vectors=vectors, source=source)
         if method != "scann":
             raise ValueError(f"corrupt index metadata {meta_path}: unknown method {method!r}")
-        from scann.scann_ops.py import scann_ops_pybind
-
         sdir = need(meta.get("scann_dir", _SCANN_DIR))
-        for f in ("scann_assets.pbtxt", "scann_config.pb", "scann_docids.pkl"):
-            need(os.path.join(meta.get("scann_dir", _SCANN_DIR), f))
         try:
             params = ScannParams(**meta.get("scann_params", {}))
-            searcher = scann_ops_pybind.load_searcher(sdir)
-        except Exception as e:
-            raise ValueError(f"could not load the ScaNN searcher in {sdir}: {e}") from None
-        if searcher.size() != count:
-            raise ValueError(f"ScaNN searcher in {sdir} holds {searcher.size()} vectors, metadata "
-                             f"says {count}")
-        return cls(method="scann", dim=dim, ids=ids, searcher=searcher, params=params)
+            for f in dataclasses.fields(ScannParams):
+                v, want = getattr(params, f.name), type(f.default)
+                if type(v) is not want and not (want is float and type(v) is int):
+                    raise TypeError(f"{f.name}={v!r} is not a {want.__name__}")
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"corrupt index metadata {meta_path}: scann_params: {e}") from None
+        searcher = _load_scann(sdir, count)
+        return cls(method="scann", dim=dim, ids=ids, searcher=searcher, params=params, source=source)
 
     def __repr__(self) -> str:
         return f"VectorIndex(method={self.method!r}, dim={self.dim}, count={len(self)})"
+
+
+def source_of(vectors: np.ndarray, ids: np.ndarray) -> str:
+    """What an index of `vectors` [n, d] under `ids` [n] is derived from: a sha256 of both (as
+    float32 / int64), recorded as `VectorIndex.source`."""
+    h = hashlib.sha256(b"m3jax.index.source.v1\0")
+    v = np.ascontiguousarray(vectors, np.float32)
+    h.update(np.asarray(v.shape, np.int64).tobytes())
+    h.update(v.tobytes())
+    h.update(np.ascontiguousarray(ids, np.int64).tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def _chain(before: str | None, added: str) -> str:
+    """The source of an index that held `before` and had `added` appended."""
+    return "sha256:" + hashlib.sha256(f"{before}+{added}".encode()).hexdigest()
+
+
+def _plain_name(name: str) -> bool:
+    """A file name inside a directory: no separators, not absolute, not "." or ".."."""
+    return bool(name) and name not in (".", "..") and "/" not in name and os.sep not in name \
+        and not os.path.isabs(name) and "\0" not in name
+
+
+def _load_scann(sdir: str, count: int) -> Any:
+    """The ScaNN searcher serialized in `sdir`, built from its assets without unpickling anything
+    (what `scann_ops_pybind.load_searcher` does, less its pickle of docids: the docids of our
+    searchers are always the positions 0..count-1)."""
+    from scann.scann_ops.py import scann_ops_pybind
+
+    assets_path = os.path.join(sdir, _SCANN_ASSETS)
+    for name in (_SCANN_ASSETS, _SCANN_CONFIG):
+        if not os.path.isfile(os.path.join(sdir, name)):
+            raise FileNotFoundError(f"{os.path.join(sdir, name)} is missing from the saved index")
+    if os.path.getsize(assets_path) > _MAX_ASSETS_TEXT:
+        raise ValueError(f"{assets_path} is larger than {_MAX_ASSETS_TEXT} bytes: not a ScaNN asset list")
+    try:
+        with open(assets_path, encoding="utf-8") as f:
+            assets = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{assets_path} is not text: {e}") from None
+    for name in _SCANN_ASSET_PATH.findall(assets):
+        if not _plain_name(name):
+            raise ValueError(f"{assets_path} names the asset {name!r}: only files inside {sdir} are read")
+        if not os.path.isfile(os.path.join(sdir, name)):
+            raise FileNotFoundError(f"{os.path.join(sdir, name)} (listed in {assets_path}) is missing")
+    try:
+        native = scann_ops_pybind.scann_pybind.ScannNumpy(sdir, assets)
+        searcher = scann_ops_pybind.ScannSearcher(native, list(range(count)))
+    except Exception as e:  # noqa: BLE001 - the native loader raises several types on bad assets
+        raise ValueError(f"could not load the ScaNN searcher in {sdir}: {e}") from None
+    if searcher.size() != count:
+        raise ValueError(f"ScaNN searcher in {sdir} holds {searcher.size()} vectors, metadata says {count}")
+    return searcher
 
 
 def _build_scann(v: np.ndarray, p: ScannParams) -> Any:

@@ -29,10 +29,15 @@ its first token), not dropped. Re-tokenizing a reference's text gives back its t
 when the reference ends on a word or sentence break (the pre-tokenizer splits at whitespace, so a
 BPE merge never crosses such a break); after a character break inside a long word it may differ.
 A document with no tokens (empty text) gives no reference.
+
+Corpus files (`read_jsonl_corpus`): JSONL, one document per line, unique doc ids; the one reader
+of corpus files (`m3jax build-memory --corpus`, `m3jax kb add --corpus`), so that a bad line is
+refused the same way everywhere, with its file and line.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from typing import Iterable
@@ -160,3 +165,97 @@ def pad_references(refs: Iterable[Reference], length: int, pad_id: int = 0) -> t
         tokens[i, :len(r.tokens)] = r.tokens
         mask[i, :len(r.tokens)] = True
     return tokens, mask
+
+
+# ---------------------------------------------------------------------- corpus files
+class CorpusError(ValueError):
+    """A corpus file that cannot be read; the message names the file and the line."""
+
+
+@dataclass(frozen=True)
+class CorpusDocument:
+    """One document of a JSONL corpus: `record` is its whole JSON object (other fields such as
+    description or topic), `line` its 1-based line number."""
+
+    doc_id: int
+    text: str
+    title: str | None
+    line: int
+    record: dict
+
+    def get_str(self, key: str) -> str:
+        """A string field of the record ("" when absent or null)."""
+        v = self.record.get(key)
+        return "" if v is None else str(v)
+
+
+_MISSING_IDS = ("line", "ordinal", "hash")
+
+
+def read_jsonl_corpus(path: str, *, missing_id: str = "line") -> list[CorpusDocument]:
+    """The documents of a JSONL corpus: one JSON object per non-blank line, with a string `text`,
+    an optional `doc_id` (an integer in [0, 2**63)) and optional string `title`, `description`,
+    `topic`. A line without `doc_id` gets one by `missing_id`: "line" (its 0-based line index),
+    "ordinal" (the number of documents before it) or "hash" (a 60-bit hash of its text, the same
+    on every rerun). Doc ids are unique: a repeat is refused naming both lines (references of two
+    documents under one id would be read with the other one's text). Anything else that is wrong
+    (bytes that are not UTF-8, a line that is not a JSON object, wrong field types) raises
+    CorpusError naming the file and the line; a missing file FileNotFoundError."""
+    import hashlib
+    import json
+
+    if missing_id not in _MISSING_IDS:
+        raise ValueError(f"missing_id must be one of {_MISSING_IDS}, got {missing_id!r}")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"corpus {path}: no such file")
+    docs: list[CorpusDocument] = []
+    seen: dict[int, int] = {}
+    try:
+        with open(path, "rb") as f:
+            for index, raw in enumerate(f):
+                n = index + 1
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise CorpusError(f"{path}:{n}: not UTF-8 text (byte {raw[e.start]:#04x} at column "
+                                      f"{e.start + 1})") from None
+                if not line.strip():
+                    continue
+                try:
+                    r = json.loads(line)
+                except (ValueError, RecursionError) as e:
+                    raise CorpusError(f"{path}:{n}: not a JSON object ({e})") from None
+                if not isinstance(r, dict):
+                    raise CorpusError(f"{path}:{n}: a JSON {type(r).__name__}, not an object with a 'text' field")
+                text = r.get("text")
+                if not isinstance(text, str):
+                    raise CorpusError(f"{path}:{n}: 'text' must be a string, got "
+                                      f"{'nothing' if text is None else type(text).__name__}")
+                for key in ("text", "title", "description", "topic"):
+                    if r.get(key) is not None and not isinstance(r[key], str):
+                        raise CorpusError(f"{path}:{n}: '{key}' must be a string, got {type(r[key]).__name__}")
+                    try:
+                        (r.get(key) or "").encode("utf-8")
+                    except UnicodeEncodeError as e:  # a lone surrogate escape such as "\ud800"
+                        raise CorpusError(f"{path}:{n}: '{key}' holds an unpaired surrogate "
+                                          f"{e.object[e.start]!r}: not text") from None
+                if "doc_id" in r:
+                    doc_id = r["doc_id"]
+                    if isinstance(doc_id, bool) or not isinstance(doc_id, int) or not 0 <= doc_id < 2**63:
+                        raise CorpusError(f"{path}:{n}: doc_id {doc_id!r} is not an integer in [0, 2**63)")
+                elif missing_id == "line":
+                    doc_id = index
+                elif missing_id == "ordinal":
+                    doc_id = len(docs)
+                else:
+                    doc_id = int(hashlib.sha256(text.encode("utf-8")).hexdigest()[:15], 16)
+                if doc_id in seen:
+                    hashed = "doc_id" not in r and missing_id == "hash"
+                    same = " (the same text: give the lines doc ids)" if hashed else ""
+                    raise CorpusError(f"{path}:{n}: doc_id {doc_id} repeats the one of line {seen[doc_id]}{same}: "
+                                      f"doc ids must be unique")
+                seen[doc_id] = n
+                docs.append(CorpusDocument(doc_id, text, r.get("title"), n, r))
+    except OSError as e:
+        raise CorpusError(f"{path}: cannot read the corpus ({e.strerror or e})") from None
+    return docs

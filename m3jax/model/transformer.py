@@ -15,6 +15,14 @@ Positions (MEMORY3.md, "parallel position encoding"): the reference prefix ("BOS
 sits at 0..r-1, every memory shares the window r..r+reference_len-1 (baked into its keys), and the
 context starts at r + reference_len. With `reference_prefix=None` there is no sink, no memory and
 the context starts at 0: a plain Llama.
+
+Token ids outside [0, vocab_size) are refused at the API boundary: `forward`, `attention_mass`
+and `encode_states` raise ValueError (`check_token_ids`) when given concrete arrays. Inside jit
+(traced ids) they cannot raise; there the embedding lookup is the guard: an out-of-range id,
+negative ones included (no wrap-around), embeds as NaN, which reaches every logit of its
+sequence (attention multiplies even masked values by zero weights): NaN instead of plausible
+numbers, the other sequences of the batch unharmed. The guard is one compare and select on the
+[B, T] ids (no measurable cost).
 """
 
 from __future__ import annotations
@@ -231,9 +239,30 @@ def _run_stacks(params: Params, c: ModelConfig, x_BTD: Array, positions_BT: Arra
     return x_BTD, new_cache, taps
 
 
+def check_token_ids(tokens: Any, config: ModelConfig, what: str = "tokens") -> None:
+    """Raise ValueError if a token id is outside [0, vocab_size). Checked on the host (ids are
+    small: [B, T] int32) for lists, NumPy arrays and concrete jax arrays, also when a jitted
+    function closes over them; traced ids and arrays spread over several hosts are skipped (the
+    jitted lookup in `_embed` turns an out-of-range id into NaN instead)."""
+    if isinstance(tokens, jax.core.Tracer) or (isinstance(tokens, jax.Array) and not tokens.is_fully_addressable):
+        return
+    a = np.asarray(tokens)
+    if a.size == 0:
+        return
+    if not np.issubdtype(a.dtype, np.integer):
+        raise ValueError(f"{what} must be integer token ids, got dtype {a.dtype}")
+    lo, hi = int(a.min()), int(a.max())
+    if lo < 0 or hi >= config.vocab_size:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"{what}: token id {bad} is outside the vocabulary [0, {config.vocab_size}) of "
+                         f"model {config.name!r} (a tokenizer of another model?)")
+
+
 def _embed(params: Params, c: ModelConfig, tokens_BT: Array) -> Array:
     table = constrain(params["embed"], ("vocab", None))  # avoids a full rematerialization under fsdp
-    x = jnp.take(table, tokens_BT, axis=0).astype(jnp.dtype(c.dtype))
+    # out-of-range ids (negative too: no wrap-around) read NaN rows, never another token's
+    ids = jnp.where(tokens_BT < 0, table.shape[0], tokens_BT)
+    x = jnp.take(table, ids, axis=0, mode="fill", fill_value=jnp.nan).astype(jnp.dtype(c.dtype))
     return constrain(x, ("batch", "length", "embed"))
 
 
@@ -287,6 +316,7 @@ def _check_tokens(tokens: Array, config: ModelConfig) -> None:
     if tokens.shape[1] > config.max_len:
         raise ValueError(f"sequence of {tokens.shape[1]} tokens exceeds max_len={config.max_len} of "
                          f"config {config.name!r}")
+    check_token_ids(tokens, config)
 
 
 def _full_sequence(params: Params, c: ModelConfig, tokens: Array, memory: ChunkMemory | None, prefix, tap=None):
@@ -351,6 +381,7 @@ def encode_states(params: Params, config: ModelConfig, ref_tokens: Array, ref_ma
     N, R = ref_tokens.shape
     if R > c.reference_len:
         raise ValueError(f"references of {R} tokens exceed reference_len={c.reference_len}")
+    check_token_ids(ref_tokens, c, "reference tokens")
     r = c.prefix_len
     pre = jnp.broadcast_to(jnp.asarray(c.reference_prefix, ref_tokens.dtype), (N, r))
     tokens = jnp.concatenate([pre, ref_tokens], axis=1)
