@@ -63,14 +63,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--model", default=d.model, help="shipped model name or model directory")
     p.add_argument("--out", default="eval_new_facts_out")
     p.add_argument("--facts", type=int, default=d.n_facts, help="invented-fact documents (2 probes each)")
+    p.add_argument("--new-wording", type=int, default=d.n_new_wording,
+                   help="of the fact documents, how many are also asked in wordings never trained on")
     p.add_argument("--leads", type=int, default=d.n_leads, help="Wikipedia leads in the knowledge base")
     p.add_argument("--qa", type=int, default=d.n_eval_qa, help="held-out description -> title items")
     p.add_argument("--ppl", type=int, default=d.n_eval_ppl, help="held-out leads scored for perplexity")
     p.add_argument("--bench-batch", type=int, default=d.bench_batch)
+    p.add_argument("--bench-new", type=int, default=d.bench_new, help="new tokens per prompt in the decode benchmark")
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
     a = p.parse_args(argv)
     cfg = DemoConfig.quick(a.model) if a.quick else DemoConfig(
-        model=a.model, n_facts=a.facts, n_leads=a.leads, n_eval_qa=a.qa, n_eval_ppl=a.ppl, bench_batch=a.bench_batch)
+        model=a.model, n_facts=a.facts, n_new_wording=a.new_wording, n_leads=a.leads, n_eval_qa=a.qa, n_eval_ppl=a.ppl, bench_batch=a.bench_batch,
+        bench_new=a.bench_new)
     m = run(a.out, cfg)
     rows = goals(m)
     print(table(m, rows))

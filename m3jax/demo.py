@@ -29,6 +29,7 @@ import numpy as np
 
 MODES = ("memory", "rag", "none")
 FACT_DOC_IDS = 10_000_000  # doc ids of the invented-fact documents (after every Wikipedia lead)
+FACT_BATCH = 16  # probes per generate call (probe counts that are multiples of it compile one shape)
 
 
 # ------------------------------------------------------------------------------ stages
@@ -96,19 +97,20 @@ class DemoConfig:
     model: str = "smollm2-135m-memory"  # a shipped model name or a model directory
     n_leads: int = 320  # Wikipedia leads in the knowledge base (the evaluated held-out ones first)
     n_facts: int = 40  # invented-fact documents added after training (2 probes each)
-    n_eval_qa: int = 48  # held-out leads asked "Description: ... Title:"
-    n_eval_ppl: int = 32  # held-out leads scored for perplexity
+    n_new_wording: int = 24  # of them, the first ones also asked in wordings never used in training
+    n_eval_qa: int = 24  # held-out leads asked "Description: ... Title:"
+    n_eval_ppl: int = 24  # held-out leads scored for perplexity
     codec: str = "int8"
     bench_batch: int = 8
     bench_prompt: int = 128
-    bench_new: int = 64
+    bench_new: int = 32
     max_new_tokens: int = 12
     n_samples: int = 4
     seed: int = 0
 
     @classmethod
     def quick(cls, model: str = "smollm2-135m-memory") -> "DemoConfig":
-        return cls(model=model, n_leads=24, n_facts=6, n_eval_qa=6, n_eval_ppl=4, bench_batch=2,
+        return cls(model=model, n_leads=24, n_facts=6, n_new_wording=3, n_eval_qa=6, n_eval_ppl=4, bench_batch=2,
                    bench_prompt=64, bench_new=8, max_new_tokens=8, n_samples=2)
 
 
@@ -164,7 +166,7 @@ def run(out: str = "demo_out", cfg: DemoConfig = DemoConfig()) -> dict[str, Any]
     import jax
 
     from m3jax.convert import load_model, model_dir
-    from m3jax.eval import evaluate, score_facts
+    from m3jax.eval import evaluate, make_generator, score_facts
     from m3jax.facts import make_facts
     from m3jax.memory.build import build_knowledge_base, default_embedder, open_knowledge_base
 
@@ -221,15 +223,18 @@ def run(out: str = "demo_out", cfg: DemoConfig = DemoConfig()) -> dict[str, Any]
 
     # ------------------------------------------------------------ evaluation
     probes = [p for f in facts for p in f.probes]
-    new_wording = [p for f in facts for p in f.new_wording_probes]
+    new_wording = [p for f in facts[:cfg.n_new_wording] for p in f.new_wording_probes]
     facts_path = os.path.join(out, "facts_eval.json")
 
     def stage_facts():
         res: dict[str, Any] = {}
-        for name, ps in (("new_facts", probes), ("new_facts_new_wording", new_wording)):
-            for mode in MODES:
-                r = score_facts(params, config, ps, mode=mode, retriever=retriever, tokenizer=tok,
-                                max_new_tokens=cfg.max_new_tokens, progress=False)
+        longest = 1 + max(len(tok.encode(p.prompt)) for p in probes + new_wording)
+        for mode in MODES:  # one generator per mode for both probe sets: compiled once
+            gen = make_generator(params, config, tok, retriever if mode != "none" else None, longest,
+                                 cfg.max_new_tokens, rag=mode == "rag")
+            for name, ps in (("new_facts", probes), ("new_facts_new_wording", new_wording)):
+                r = score_facts(params, config, ps, mode=mode, retriever=retriever, tokenizer=tok, generator=gen,
+                                max_new_tokens=cfg.max_new_tokens, batch_size=FACT_BATCH, progress=False)
                 res.setdefault(name, {})[mode] = r
                 log(f"  [{mode}] {name}: {r['accuracy']:.3f} of {r['n']} probes")
         _save_json(facts_path, res)
@@ -422,7 +427,12 @@ def _report(out: str, cfg: DemoConfig, m: dict[str, Any], fe: dict[str, Any], we
               f"{ue['accuracy_deleted']:.2f} after `KnowledgeBase.delete`, {ue['accuracy_added_back']:.2f} after "
               "adding it back (no retraining).", "", "## Sample answers: new facts", ""]
     items = {mode: fe["new_facts"][mode]["items"] for mode in MODES}
-    for i in range(min(cfg.n_samples, len(items["memory"]))):
+    # as many probes that memory answered as ones it missed (the first of each), in probe order
+    right = [i for i, it in enumerate(items["memory"]) if it["correct"]]
+    wrong = [i for i, it in enumerate(items["memory"]) if not it["correct"]]
+    half = (cfg.n_samples + 1) // 2
+    shown = sorted(right[:half] + wrong[:cfg.n_samples - min(half, len(right))])[:cfg.n_samples]
+    for i in shown:
         it = items["memory"][i]
         lines.append(f"- **{it['prompt']}** (answer: {it['answer']})")
         for mode in MODES:
