@@ -14,7 +14,6 @@ metrics). The tokenizer is the GGUF's (with the config's special ids), so nothin
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -25,7 +24,7 @@ GGUF_ASSET = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def main(argv=None) -> str:
-    from m3jax.assets import asset_path
+    from m3jax.assets import asset_path, file_sha256
     from m3jax.config import ModelConfig, TrainConfig
     from m3jax.convert import load_adapter, load_base_params, save_adapter
     from m3jax.memory.bank import params_fingerprint
@@ -50,12 +49,8 @@ def main(argv=None) -> str:
     save_adapter(os.path.join(out, "adapter.safetensors"), adapter, tc, base_fingerprint=fp, dtype="bfloat16")
     with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
         json.dump(config.to_dict(), f, indent=1)
-    h = hashlib.sha256()
-    with open(gguf, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
     with open(os.path.join(out, "base.json"), "w", encoding="utf-8") as f:
-        json.dump({"gguf": "asset:" + GGUF_ASSET, "gguf_sha256": h.hexdigest(), "fingerprint": fp}, f, indent=1)
+        json.dump({"gguf": "asset:" + GGUF_ASSET, "gguf_sha256": file_sha256(gguf), "fingerprint": fp}, f, indent=1)
     run_cfg = json.load(open(os.path.join(a.run, "config.json"), encoding="utf-8"))
     metrics = [json.loads(line) for line in open(os.path.join(a.run, "metrics.jsonl"), encoding="utf-8") if line.strip()]
     with open(os.path.join(out, "TRAINING.json"), "w", encoding="utf-8") as f:

@@ -7,6 +7,7 @@ not installed). Every function raises `AssetError` naming the package to install
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import json
 import os
@@ -77,6 +78,15 @@ def smollm2_gguf() -> str:
 
 # Shipped files that other files name (a base.json's {"gguf": "asset:NAME"}).
 _NAMED_ASSETS = {"SmolLM2-135M-Instruct.Q4_1.gguf": smollm2_gguf}
+
+
+def file_sha256(path: str) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def asset_path(name: str) -> str:

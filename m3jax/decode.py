@@ -89,6 +89,9 @@ def sample(logits_BV: Array, key: Array, temperature: float, top_k: int, top_p: 
 
 
 # ------------------------------------------------------------------------------ jitted steps
+_prefix_kv = jax.jit(prefix_kv, static_argnums=1)  # module level: new generators reuse the compiled prefix
+
+
 @functools.partial(jax.jit, static_argnums=(1,), donate_argnums=(4,))
 def _prefill(params: Params, config: ModelConfig, prefix, tokens_BP: Array, cache: KVCache,
              lengths_B: Array, memory: ChunkMemory | None):
@@ -260,7 +263,7 @@ class Generator:
         self.params, self.config, self.tokenizer = params, config, tokenizer
         self.retriever = retriever
         self.decode_config = decode_config
-        self.prefix = jax.jit(prefix_kv, static_argnums=1)(params, config)  # constant: once
+        self.prefix = _prefix_kv(params, config)  # constant: once per generator, compiled once per config
         # One worker: retrievals run in the order they were asked for, and the index and the bank
         # are never used by two threads at once (only the query encoder is enqueued, thread-safely,
         # from the calling thread by `prepare`).

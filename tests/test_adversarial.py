@@ -38,7 +38,7 @@ from m3jax.tokenizer import train_bpe
 
 import test_bank as tb
 import test_convert as tc
-from test_kb_updates import DIM, EMB, _text
+from test_kb_updates import DIM, EMB, _text, tiny_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = tb.CFG  # preset("tiny")
@@ -67,11 +67,7 @@ def _one_line(e: BaseException, *needles: str) -> str:
 def kb_setup():
     rng = np.random.default_rng(3)
     docs = [(20 + i, _text(rng, int(rng.integers(15, 30))), f"T{i}") for i in range(6)]
-    tok = train_bpe([t for _, t, _ in docs], vocab_size=300)
-    cfg = preset("tiny", vocab_size=tok.vocab_size, reference_prefix=tok.reference_prefix(),
-                 bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
-    params = M.init(cfg, jax.random.PRNGKey(1))
-    return docs, tok, cfg, params
+    return (docs, *tiny_model(docs, 1))
 
 
 def _build_kb(path, setup, docs, **kw):

@@ -41,15 +41,19 @@ def _bow(texts):
 EMB = FunctionEmbedder(_bow, DIM)
 
 
+def tiny_model(docs, seed: int = 0):
+    """(tokenizer, config, params): a BPE trained on the docs' texts and a random `tiny` model."""
+    tok = train_bpe([t for _, t, _ in docs], vocab_size=300)
+    cfg = preset("tiny", vocab_size=tok.vocab_size, reference_prefix=tok.reference_prefix(),
+                 bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    return tok, cfg, M.init(cfg, jax.random.PRNGKey(seed))
+
+
 @pytest.fixture(scope="module")
 def setup():
     rng = np.random.default_rng(0)
     docs = [(10 + i, _text(rng, int(rng.integers(20, 40))), f"Title {10 + i}") for i in range(10)]
-    tok = train_bpe([t for _, t, _ in docs], vocab_size=300)
-    cfg = preset("tiny", vocab_size=tok.vocab_size, reference_prefix=tok.reference_prefix(),
-                 bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
-    params = M.init(cfg, jax.random.PRNGKey(0))
-    return docs, tok, cfg, params
+    return (docs, *tiny_model(docs, 0))
 
 
 def _build(path, setup, docs, **kw):

@@ -36,6 +36,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from m3jax.assets import file_sha256
 from m3jax.tokenizer import Tokenizer, train_bpe
 
 log = logging.getLogger(__name__)
@@ -144,14 +145,6 @@ def _fraction_tag(fraction: float) -> str:
     return f"ho{int(round(fraction * 10000)):04d}"  # 0.05 -> ho0500 (basis points)
 
 
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def corpus_config(corpus: str | None = None, heldout_fraction: float = DEFAULT_HELDOUT_FRACTION,
                   name: str | None = None) -> TextCorpusConfig:
     """The `m3jax_text` config of a corpus. The name identifies the data: for the shipped leads
@@ -168,7 +161,7 @@ def corpus_config(corpus: str | None = None, heldout_fraction: float = DEFAULT_H
         raise FileNotFoundError(f"corpus file {corpus!r} does not exist")
     if name is None:
         stem = re.sub(r"[^a-z0-9_]+", "_", os.path.basename(corpus).split(".")[0].lower()).strip("_")
-        digest = hashlib.sha256(f"{_file_sha256(corpus)}:{heldout_fraction!r}".encode()).hexdigest()
+        digest = hashlib.sha256(f"{file_sha256(corpus)}:{heldout_fraction!r}".encode()).hexdigest()
         name = f"{stem or 'corpus'}_{digest[:10]}"
     return TextCorpusConfig(name=name, version=_VERSION, description=f"JSONL corpus {corpus}",
                             corpus=corpus, heldout_fraction=heldout_fraction)
