@@ -181,26 +181,14 @@ def first_on_process_0(name: str, fn: Callable[[], Any]) -> Any:
 
 # ------------------------------------------------------------------------------ model source
 def resolve_model_dir(path: str) -> str:
-    """The model directory of `--init`: a model dir itself, or a run dir holding `model/`."""
-    from m3jax.convert import SHIPPED_MODELS, is_checkpoint_dir
-    from m3jax.convert import model_dir as shipped_dir
+    """The model directory of `--model` / `--init` (`m3jax.convert.model_dir`: a model dir, a run
+    dir holding `model/`, or a shipped model's name), as an absolute path."""
+    from m3jax.convert import ConvertError, model_dir
 
-    if path in SHIPPED_MODELS and not os.path.exists(path):
-        return shipped_dir(path)
-    path = local_path(path, "--init")
-    if not os.path.isdir(path):
-        raise TrainError(f"--init {path}: no such directory")
-    path = os.path.abspath(path)
-    if is_checkpoint_dir(path):
-        return path
-    sub = os.path.join(path, "model")
-    if is_checkpoint_dir(sub):
-        return sub
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        raise TrainError(f"--init {path} is a training run without a finished model ({sub} is missing): run "
-                         "its `m3jax train` command again to finish it")
-    raise TrainError(f"--init {path} is not a model directory (config.json + params.safetensors + tokenizer/, "
-                     "as written by `m3jax convert --out` or `m3jax train`)")
+    try:
+        return os.path.abspath(model_dir(local_path(path, "--model")))
+    except ConvertError as e:
+        raise TrainError(f"--model {e}") from None
 
 
 def checkpoint_stage(out: str) -> tuple[int, str] | None:
