@@ -163,3 +163,51 @@ def test_persistent_compile_cache_is_used_by_a_second_process(tmp_path):
     assert runs[0]["hits"] == 0 and runs[0]["compilations"] >= 1 and runs[0]["seconds"] > 0
     assert os.listdir(cache), "nothing written to the cache"
     assert runs[1]["hits"] >= 1
+
+
+def test_generate_names_the_references_it_read(tmp_path, monkeypatch, capsys):
+    """`m3jax generate` on a tiny model and knowledge base: the streamed answer is followed by the
+    compile time apart from tokens/s and by each retrieved reference's id, title and text snippet;
+    a prompts file's JSON lines carry the same references."""
+    import numpy as np
+
+    import test_kb_updates as tk
+    from m3jax.convert import save_checkpoint_dir
+    from m3jax.memory import build as B
+
+    rng = np.random.default_rng(3)
+    docs = [(10 + i, tk._text(rng, 30), f"Title {10 + i}") for i in range(6)]
+    tok, cfg, params = tk.tiny_model(docs)
+    save_checkpoint_dir(str(tmp_path / "model"), cfg, params, tok)
+    kb = B.build_knowledge_base(str(tmp_path / "kb"), params, cfg, tok, docs, embedder=tk.EMB, codec="bf16",
+                                batch_size=8, show_progress=False, log=lambda *a: None)
+    monkeypatch.setattr(B, "default_embedder", lambda name=None, **kw: tk.EMB)
+    common = ["generate", "--model", str(tmp_path / "model"), "--kb", str(tmp_path / "kb"), "--max-new-tokens", "4"]
+    prompt = docs[2][1][:60]
+    capsys.readouterr()
+    assert cli.main(common + ["--prompt", prompt]) == 0
+    err = capsys.readouterr().err
+    assert "compile " in err and "tokens/s without compilation" in err
+    lines = err.split("[references read")[1].strip().splitlines()[1:]
+    assert lines, err
+    texts = {f"Title {d}": t for d, t, _ in docs}
+    for line in lines:  # "  #id Title N: snippet"
+        rid, rest = line.strip()[1:].split(" ", 1)
+        title, snippet = rest.split(": ", 1)
+        assert kb.titles([int(rid)])[0] == title
+        words = snippet.rstrip(".").split()
+        assert " ".join(words[:3]) in texts[title]  # the snippet is the reference's own text
+    assert any(line.split(": ", 1)[0].endswith("Title 12") for line in lines)  # its own document
+
+    pf = tmp_path / "p.txt"
+    pf.write_text(docs[4][1][:50] + "\n")  # one prompt: the shapes compiled above
+    out = tmp_path / "a.jsonl"
+    assert cli.main(common + ["--prompts-file", str(pf), "--out", str(out)]) == 0
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    for rec in recs:
+        ids = list(dict.fromkeys(i for chunk in rec["retrieved"] for i in chunk))
+        assert [r["id"] for r in rec["references"]] == ids
+        for r in rec["references"]:
+            assert r["title"] == kb.titles([r["id"]])[0] and r["doc_id"] == int(kb.doc_ids([r["id"]])[0])
+            assert r["snippet"] and len(r["snippet"]) <= 160
+    assert "tokens/s without compilation" in capsys.readouterr().err
