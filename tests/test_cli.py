@@ -211,3 +211,28 @@ def test_generate_names_the_references_it_read(tmp_path, monkeypatch, capsys):
             assert r["title"] == kb.titles([r["id"]])[0] and r["doc_id"] == int(kb.doc_ids([r["id"]])[0])
             assert r["snippet"] and len(r["snippet"]) <= 160
     assert "tokens/s without compilation" in capsys.readouterr().err
+
+
+def test_build_memory_without_limit_says_how_many_and_how_long(monkeypatch, capsys):
+    from m3jax import convert
+    from m3jax.assets import wiki_leads
+    from m3jax.config import preset
+    from m3jax.memory import build as B
+
+    seen = {}
+
+    def fake_build(directory, params, config, tok, docs, **kw):
+        seen["docs"] = len(docs)
+        raise KeyboardInterrupt  # stop before any work: only the announcement is checked
+
+    monkeypatch.setattr(convert, "load_model", lambda m: (preset("smollm2-135m"), None, None))
+    monkeypatch.setattr(B, "build_knowledge_base", fake_build)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["build-memory", "--model", "m", "--out", "kb"])
+    err = capsys.readouterr().err
+    n = len(wiki_leads())
+    assert seen["docs"] == n and f"all {n:,} shipped Wikipedia leads (no --limit): roughly" in err
+    assert "--limit N" in err
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["build-memory", "--model", "m", "--out", "kb", "--limit", "7"])
+    assert seen["docs"] == 7 and "build-memory: 7 documents" in capsys.readouterr().err

@@ -37,6 +37,7 @@ def canonical_repo() -> str:
     m = re.search(r"The canonical repository is\s+\*\*(https://github\.com/[\w.-]+/[\w.-]+)\*\*",
                   (ROOT / "README.md").read_text())
     assert m, "README.md states no canonical repository URL"
+    assert f'Repository = "{m.group(1)}"' in (ROOT / "pyproject.toml").read_text(), "pyproject.toml disagrees"
     return m.group(1)
 
 
