@@ -236,3 +236,16 @@ def test_build_memory_without_limit_says_how_many_and_how_long(monkeypatch, caps
     with pytest.raises(KeyboardInterrupt):
         cli.main(["build-memory", "--model", "m", "--out", "kb", "--limit", "7"])
     assert seen["docs"] == 7 and "build-memory: 7 documents" in capsys.readouterr().err
+
+
+def test_preparing_a_local_corpus_prints_no_download_lines(tmp_path, capfd):
+    """TFDS prints "Downloading and preparing dataset ..." for every builder; m3jax's builder
+    downloads nothing and says nothing on stdout or stderr (its own "data: ..." line does)."""
+    from m3jax.train import data as D
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"document number {i} about things", "title": f"T{i}"}) + "\n"
+                              for i in range(30)))
+    name = D.prepare(D.DataConfig(data_dir=str(tmp_path / "data"), corpus=str(corpus)))
+    out, err = capfd.readouterr()
+    assert name.startswith("m3jax_text/") and "Downloading" not in out + err and "downloaded" not in out + err
