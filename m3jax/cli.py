@@ -541,7 +541,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 # ============================================================================ convert
-_FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+_FLOAT_DTYPES = ("float32", "bfloat16", "float16")  # convert._FLOAT_DTYPES (not imported: it loads jax)
 
 
 def _add_convert_parser(sub, common) -> None:

@@ -107,6 +107,7 @@ def test_convert_is_a_real_subcommand(tmp_path, monkeypatch, capsys):
         seen.update(source=source, path=path, out=out, **kw)
         return f"wrote {out}"
 
+    assert cli._FLOAT_DTYPES == convert._FLOAT_DTYPES
     monkeypatch.setattr(convert, "convert_checkpoint", fake)
     assert cli.main(["convert", "--from", "gguf", "m.gguf", "--out", "o", "--reference-prefix", "1,5,6",
                      "--memory-layers", "2", "--debug"]) == 0
