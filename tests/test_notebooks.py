@@ -141,7 +141,7 @@ def run_notebook(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_quickstart_notebook(run_notebook):
     out, images, _ = run_notebook("quickstart")
-    assert "loaded in" in out and "smollm2-135m-memory" in out
+    assert "loaded smollm2-135m-memory in" in out
     assert re.search(r"references from 33 documents", out)  # 30 leads + 3 invented-fact documents
     assert out.count("PROMPT: ") >= 6  # generations, then the references each read
     for mode in ("memory", "rag", "none"):
