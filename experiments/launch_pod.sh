@@ -72,7 +72,7 @@ step_warmup() {   # stage 1: LM pretraining without memory (a BPE tokenizer is t
 }
 
 step_continual() {  # stage 2: with one reference per 64-token chunk of the corpus, encoded in the step
-  on_all "$TRAIN --stage continual --init $MOUNT/runs/stage1 --steps $CONTINUAL_STEPS --lr 1e-4 \
+  on_all "$TRAIN --stage continual --model $MOUNT/runs/stage1 --steps $CONTINUAL_STEPS --lr 1e-4 \
           --out $MOUNT/runs/stage2 > stage2.log 2>&1"
 }
 

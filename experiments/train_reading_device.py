@@ -5,14 +5,14 @@
 device needs only jax, flax, optax, tokenizers, safetensors and gguf:
 
   # here (any machine with m3jax installed): the rows of the recipe, same `reading_rows`, same seed
-  python experiments/train_reading_device.py prepare --init runs/smollm2 --data-dir runs/smollm2-memory/data \
+  python experiments/train_reading_device.py prepare --model runs/smollm2 --data-dir runs/smollm2-memory/data \
       --mix facts=30000 --mix qa=6000 --mix text=6000 --batch-size 16 --out rows.npz
   # on the device: the same TrainState and train step as `m3jax train` (m3jax.train.step)
   python experiments/train_reading_device.py train --rows rows.npz --gguf SmolLM2-135M-Instruct.Q4_1.gguf \
       --steps 2000 --batch-size 16 --lr 1e-3 --save-at 1000,1600 --out run
 
 Equivalent product command (same rows, step, schedule and LoRA; only the batch order differs):
-  m3jax train --stage continual --init runs/smollm2 --out runs/smollm2-memory --recipe reading \
+  m3jax train --stage continual --model runs/smollm2 --out runs/smollm2-memory --recipe reading \
       --mix facts=30000 --mix qa=6000 --mix text=6000 --set memory_layers=30 --set score=value_norm \
       --set bos_id=0 --set "reference_prefix=[0,23682,42]" --set max_len=2048 --train-set lora_rank=16 \
       --batch-size 16 --steps 2000 --lr 1e-3
@@ -40,7 +40,7 @@ def prepare(a: argparse.Namespace) -> None:
     from m3jax.train import data as D
     from m3jax.train.recipe import ReadingMix, describe, reading_rows
 
-    cfg, _, tok = load_checkpoint_dir(a.init, with_params=False)
+    cfg, _, tok = load_checkpoint_dir(a.model, with_params=False)
     cfg = apply_overrides(cfg, list(a.set or MODEL_SET))
     dcfg = D.DataConfig(data_dir=os.path.abspath(a.data_dir), corpus=a.corpus, seq_len=512, batch_size=a.batch_size)
     t0 = time.perf_counter()
@@ -132,7 +132,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     q = sub.add_parser("prepare", help="the recipe's rows, compactly (.npz)")
-    q.add_argument("--init", required=True, help="the `m3jax convert` model dir of the base")
+    q.add_argument("--model", required=True, help="the `m3jax convert` model dir of the base")
     q.add_argument("--data-dir", required=True, help="where the corpus is prepared (as m3jax train --data-dir)")
     q.add_argument("--corpus", default=None, help="a JSONL corpus (default: the shipped Wikipedia leads)")
     q.add_argument("--set", action="append", default=[], help=f"model overrides (default {' '.join(MODEL_SET)})")

@@ -5,7 +5,8 @@
     load_gguf(file)   -> (ModelConfig, params, Tokenizer)  llama GGUF, any quantization (dequantized)
     save_checkpoint_dir / load_checkpoint_dir              the m3jax checkpoint directory
     save_adapter / load_adapter / save_adapter_dir         a LoRA adapter over named base weights
-    convert_main(argv)                                     `m3jax convert --from hf|gguf PATH --out DIR`
+    convert_checkpoint(source, path, out)                  `m3jax convert --from hf|gguf PATH --out DIR`
+    load_model(name_or_dir) -> (config, params, Tokenizer) the one loader (`m3jax.load_model`)
 
 Weight layouts. HF linear weights are (out, in); m3jax keeps (in, ...out) with the heads split out:
 `wq [L, D, N, H]` is `q_proj.weight.T` reshaped, query head n = kv_head * G + g (HF repeat_kv).
@@ -20,7 +21,6 @@ layer attends to the prefix).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import glob
 import json
@@ -711,8 +711,10 @@ def is_checkpoint_dir(directory: str) -> bool:
 
 def load_checkpoint_dir(directory: str, *, with_params: bool = True
                         ) -> tuple[ModelConfig, Params | None, Tokenizer | None]:
-    """Read a directory written by `save_checkpoint_dir`: (config, params, tokenizer or None);
-    params None with `with_params=False` (the config and tokenizer only)."""
+    """The model-directory format reader behind `load_model` (which is what to call: it also takes
+    shipped names and training runs, and requires a tokenizer): (config, params, tokenizer or
+    None) of a directory written by `save_checkpoint_dir` / `save_adapter_dir`; params None with
+    `with_params=False` (the config and tokenizer only)."""
     cfg_path = os.path.join(directory, _CONFIG_FILE)
     if not os.path.exists(cfg_path):
         left = glob.glob(glob.escape(os.path.abspath(directory)) + ".old-*")
@@ -771,19 +773,35 @@ SHIPPED_MODELS = {"smollm2-135m-memory": "SmolLM2-135M-Instruct taught to read e
 
 
 def model_dir(name_or_dir: str) -> str:
-    """The directory of a model: a path, or the name of a model shipped with m3jax
-    (`SHIPPED_MODELS`, under m3jax/models/)."""
-    if os.path.isdir(name_or_dir):
-        return name_or_dir
-    if name_or_dir in SHIPPED_MODELS:
-        return os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", name_or_dir)
-    raise ConvertError(f"{name_or_dir}: not a model directory nor a shipped model ({sorted(SHIPPED_MODELS)})")
+    """The model directory of `name_or_dir`: a model directory itself (`is_checkpoint_dir`), a
+    training run holding one in `model/` (`m3jax train --out`), or the name of a model shipped with
+    m3jax (`SHIPPED_MODELS`, under m3jax/models/). Raises ConvertError, naming what is missing."""
+    path = str(name_or_dir)
+    if path in SHIPPED_MODELS and not os.path.exists(path):
+        return os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", path)
+    if path.startswith("file://"):
+        path = path[len("file://"):]
+    if not os.path.isdir(path):
+        raise ConvertError(f"{path}: no such directory, nor a shipped model ({', '.join(sorted(SHIPPED_MODELS))})")
+    if is_checkpoint_dir(path):
+        return path
+    sub = os.path.join(path, "model")
+    if is_checkpoint_dir(sub):
+        return sub
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        raise ConvertError(f"{path} is a training run without a finished model ({sub} is missing): run its "
+                           "`m3jax train` command again to finish it")
+    left = glob.glob(glob.escape(os.path.abspath(path)) + ".old-*")
+    hint = f"; a save was interrupted: the previous model is in {left[0]}" if left else ""
+    raise ConvertError(f"{path} is not a model directory (config.json with params.safetensors or an adapter, "
+                       f"as written by `m3jax convert --out` or `m3jax train`){hint}")
 
 
 def load_model(name_or_dir: str) -> tuple[ModelConfig, Params, Tokenizer]:
-    """(config, params, tokenizer) of a model directory (`m3jax convert` / `m3jax train` output,
-    full params or an adapter over its base) or of a shipped model by name
-    ("smollm2-135m-memory")."""
+    """The one model loader (`m3jax.load_model`): (config, params, tokenizer) of a model directory
+    (`m3jax convert` / `m3jax train` output, full params or an adapter over its base), of a
+    training run (its `model/`) or of a shipped model by name ("smollm2-135m-memory").
+    Raises ConvertError (a ValueError) with a one-line message naming the file at fault."""
     directory = model_dir(name_or_dir)
     config, params, tok = load_checkpoint_dir(directory)
     if tok is None:
@@ -930,61 +948,55 @@ def _adapted_params(directory: str, config: ModelConfig) -> Params:
     return apply_adapter(params, config, adapter, info, where=os.path.join(directory, _ADAPTER_FILE))
 
 
-# ============================================================================ CLI
-def _parse_prefix(text: str | None) -> Any:
+# ============================================================================ `m3jax convert`
+def parse_reference_prefix(text: str | None) -> Any:
+    """A `--reference-prefix` value: None (not given), AUTO, "none" -> (), or token ids."""
     if text is None:
         return None
     if text.lower() == AUTO:
         return AUTO
     if text.lower() in ("none", "off", "plain"):
-        return None
+        return ()
     try:
         return tuple(int(t) for t in text.replace(",", " ").split())
     except ValueError:
-        raise SystemExit(f"--reference-prefix must be 'auto', 'none' or comma-separated ids, got {text!r}")
+        raise ConvertError(f"--reference-prefix must be 'auto', 'none' or comma-separated ids, got {text!r}") from None
 
 
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = parser or argparse.ArgumentParser(prog="m3jax convert",
-                                          description="Convert a HF Llama or GGUF checkpoint to an m3jax checkpoint.")
-    p.add_argument("--from", dest="source", choices=("hf", "gguf"), required=True,
-                   help="hf: a directory with config.json + *.safetensors; gguf: a llama .gguf file")
-    p.add_argument("path", help="the checkpoint to import")
-    p.add_argument("--out", required=True, help="output directory (m3jax checkpoint)")
-    p.add_argument("--memory-layers", type=int, default=None, help="memory layers (default: first half)")
-    p.add_argument("--reference-prefix", default=None,
-                   help="'auto' (the tokenizer's BOS + 'Reference:'; default for gguf), 'none' (plain "
-                        "Llama; default for hf) or comma-separated token ids")
-    p.add_argument("--dtype", default=None, choices=_FLOAT_DTYPES, help="activation dtype (default float32)")
-    p.add_argument("--param-dtype", default=None, choices=_FLOAT_DTYPES,
-                   help="parameter dtype (default: hf = the checkpoint's, gguf = float32)")
-    p.add_argument("--name", default=None, help="config name")
-    p.add_argument("--max-len", type=int, default=None, help="max context length (default from the source)")
-    return p
+def convert_checkpoint(source: str, path: str, out: str, *, memory_layers: int | None = None,
+                       reference_prefix: Any = None, dtype: str | None = None, param_dtype: str | None = None,
+                       name: str | None = None, max_len: int | None = None) -> str:
+    """Import a checkpoint (`source` "hf": a HF Llama directory, "gguf": a llama .gguf file) into
+    the m3jax model directory `out` (what `m3jax convert` runs). reference_prefix: None (the
+    source's default: AUTO for gguf, none for hf), AUTO (BOS + "Reference:"), () (none: a plain
+    Llama) or token ids. Returns a one-line summary of what was written."""
+    prefix = reference_prefix
+    if source == "gguf":
+        config, params, tok = load_gguf(path, memory_layers=memory_layers,
+                                        reference_prefix=AUTO if prefix is None else (prefix or None),
+                                        dtype=dtype or "float32", param_dtype=param_dtype or "float32",
+                                        name=name, max_len=max_len)
+    elif source == "hf":
+        config, params = load_hf(path, memory_layers=memory_layers, reference_prefix=AUTO,
+                                 dtype=dtype, param_dtype=param_dtype, name=name, max_len=max_len)
+        tok = load_hf_tokenizer(path, config)
+        if prefix is not None:
+            if prefix == AUTO:
+                if tok is None:
+                    raise ConvertError(f"--reference-prefix auto needs a tokenizer.json in {path}")
+                prefix = tok.reference_prefix()
+            config = dataclasses.replace(config, reference_prefix=prefix or None)
+    else:
+        raise ConvertError(f"unknown checkpoint source {source!r} (hf or gguf)")
+    save_checkpoint_dir(out, config, params, tok)
+    n = int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
+    return (f"wrote {out}: {config.name}, {config.num_layers} layers ({config.memory_layers} memory), "
+            f"{n / 1e6:.1f}M params ({config.param_dtype}), reference_prefix={config.reference_prefix}, "
+            f"tokenizer={'yes' if tok is not None else 'no'}")
 
 
 def convert_main(argv: Sequence[str] | None = None) -> int:
-    """`m3jax convert --from hf|gguf PATH --out DIR [options]`; returns the exit status."""
-    a = build_parser().parse_args(argv)
-    prefix = _parse_prefix(a.reference_prefix)
-    if a.source == "gguf":
-        config, params, tok = load_gguf(a.path, memory_layers=a.memory_layers,
-                                        reference_prefix=AUTO if a.reference_prefix is None else prefix,
-                                        dtype=a.dtype or "float32", param_dtype=a.param_dtype or "float32",
-                                        name=a.name, max_len=a.max_len)
-    else:
-        config, params = load_hf(a.path, memory_layers=a.memory_layers, reference_prefix=AUTO,
-                                 dtype=a.dtype, param_dtype=a.param_dtype, name=a.name, max_len=a.max_len)
-        tok = load_hf_tokenizer(a.path, config)
-        if a.reference_prefix is not None:
-            if prefix == AUTO:
-                if tok is None:
-                    raise SystemExit(f"--reference-prefix auto needs a tokenizer.json in {a.path}")
-                prefix = tok.reference_prefix()
-            config = dataclasses.replace(config, reference_prefix=prefix)
-    save_checkpoint_dir(a.out, config, params, tok)
-    n = int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
-    print(f"wrote {a.out}: {config.name}, {config.num_layers} layers ({config.memory_layers} memory), "
-          f"{n / 1e6:.1f}M params ({config.param_dtype}), reference_prefix={config.reference_prefix}, "
-          f"tokenizer={'yes' if tok is not None else 'no'}")
-    return 0
+    """Deprecated: `m3jax.cli.main(["convert", *argv])` (the `m3jax convert` command)."""
+    from m3jax.cli import main
+
+    return main(["convert", *(argv or [])])

@@ -42,7 +42,6 @@ Metrics:
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import math
@@ -792,84 +791,11 @@ def evaluate(params: Params, config: ModelConfig, *, tokenizer: Any, retriever: 
     return res
 
 
-# =============================================================================== CLI
-def load_model(directory: str) -> tuple[ModelConfig, Params, Any]:
-    """Loader (small, replaceable): a model directory or shipped model name -> (config, params,
-    tokenizer) (`m3jax.convert.load_model`; errors end the command with their one-line message)."""
-    from m3jax.convert import ConvertError
-    from m3jax.convert import load_model as _load
-
-    try:
-        return _load(directory)
-    except ConvertError as e:
-        raise SystemExit(str(e)) from None
-
-
+# =============================================================================== loaders
 def load_retriever(directory: str, config: ModelConfig, params: Params, tokenizer: Any) -> Any:
-    """Loader (small, replaceable): a knowledge-base directory (`m3jax build-memory` output) ->
-    Retriever serving memories written by these weights."""
+    """A knowledge-base directory (`m3jax build-memory` output) -> Retriever serving memories
+    written by these weights, with the evaluation's leakage threshold (`m3jax eval --kb`)."""
     from m3jax.memory.build import open_knowledge_base
 
     kb = open_knowledge_base(directory, config, params)
     return kb.retriever(tokenizer=tokenizer, k=config.memories_per_chunk, threshold=EVAL_THRESHOLD)
-
-
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = parser or argparse.ArgumentParser(
-        prog="m3jax eval", description="Evaluate a model with explicit memory, RAG and without memory.")
-    p.add_argument("--checkpoint", required=True, help="m3jax checkpoint directory (with tokenizer/)")
-    p.add_argument("--bank", default=None, help="knowledge-base directory (needed by the memory and rag modes)")
-    p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of memory,rag,none")
-    p.add_argument("--n-ppl", type=int, default=100, help="held-out texts for perplexity (-1: all)")
-    p.add_argument("--n-qa", type=int, default=100, help="held-out knowledge-QA items (-1: all)")
-    p.add_argument("--n-fanoutqa", type=int, default=-1, help="FanOutQA items (-1: all)")
-    p.add_argument("--no-fanoutqa", action="store_true", help="skip FanOutQA")
-    p.add_argument("--mc", action="append", default=[], metavar="JSONL",
-                   help="a multiple-choice JSONL file (repeatable)")
-    p.add_argument("--heldout-fraction", type=float, default=None,
-                   help="held-out fraction the model was trained with (default: the data default)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-tokens", type=int, default=None, help="truncate perplexity texts to this many tokens")
-    p.add_argument("--max-new-tokens", type=int, default=16, help="generated tokens per answer (0: no exact match)")
-    p.add_argument("--decode", action="append", default=[], metavar="KEY=VALUE",
-                   help="DecodeConfig override for answer generation (repeatable)")
-    p.add_argument("--out", default=None, help="write the metrics as JSON here")
-    p.add_argument("--no-progress", action="store_true")
-    return p
-
-
-def eval_main(argv: Sequence[str] | None = None, *,
-              model_loader: Callable[[str], tuple[ModelConfig, Params, Any]] = load_model,
-              retriever_loader: Callable[[str, ModelConfig, Params, Any], Any] = load_retriever) -> int:
-    """`m3jax eval --checkpoint DIR [--bank DIR] [options]`; prints (and writes) the metrics JSON."""
-    from m3jax.config import apply_overrides
-
-    a = build_parser().parse_args(argv)
-    modes = tuple(m.strip() for m in a.modes.split(",") if m.strip())
-    bad = [m for m in modes if m not in MODES]
-    if bad or not modes:
-        raise SystemExit(f"--modes must be a comma-separated subset of {','.join(MODES)}, got {a.modes!r}")
-    if a.bank is None and any(m != "none" for m in modes):
-        raise SystemExit("the memory and rag modes need --bank (a knowledge-base directory); "
-                         "or pass --modes none")
-    try:
-        dc = apply_overrides(DecodeConfig(), a.decode)  # validates the overrides
-    except (TypeError, ValueError) as e:
-        raise SystemExit(f"--decode: {e}") from None
-    gen_kw = {o.split("=", 1)[0]: getattr(dc, o.split("=", 1)[0]) for o in a.decode}
-    config, params, tokenizer = model_loader(a.checkpoint)
-    retriever = retriever_loader(a.bank, config, params, tokenizer) if a.bank is not None else None
-    n = lambda v: None if v is None or v < 0 else v  # noqa: E731
-    metrics = evaluate(params, config, tokenizer=tokenizer, retriever=retriever,
-                       heldout_articles=heldout_split(fraction=a.heldout_fraction), modes=modes,
-                       n_ppl=n(a.n_ppl), n_qa=n(a.n_qa), fanoutqa=not a.no_fanoutqa,
-                       n_fanoutqa=n(a.n_fanoutqa), mc_paths=a.mc, batch_size=a.batch_size,
-                       max_tokens=a.max_tokens, max_new_tokens=a.max_new_tokens, generator_kwargs=gen_kw,
-                       progress=not a.no_progress, log=lambda s: print(s, file=sys.stderr))
-    text = json.dumps(metrics, indent=1)
-    print(text)
-    if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-    return 0

@@ -6,9 +6,9 @@
 Everything (distributed start-up, process 0 preparing while the others wait, per-host data
 shards, reference pairing, Orbax checkpoints, the model directory) lives in
 `m3jax.train.run` behind `m3jax train`. The old flags map onto the new ones:
-`--global-batch` -> `--batch-size`, `--init-params` -> `--init`, `--warmup-steps N` /
+`--global-batch` -> `--batch-size`, `--init-params` -> `--model`, `--warmup-steps N` /
 `--log-every N` / `--checkpoint-every N` -> `--train-set warmup_steps=N` / `log_every=N` /
-`checkpoint_every=N`; without `--preset` or `--init` the preset is `demo`, without `--stage`
+`checkpoint_every=N`; without `--preset` or `--model` the preset is `demo`, without `--stage`
 the stage is `warmup` (the launcher's defaults). `--pairs` and `--bank` remain as `m3jax
 train`'s expert overrides of the reference pairing.
 """
@@ -21,7 +21,7 @@ from typing import Sequence
 from m3jax.train.pairs import bank_reference_fn  # noqa: F401  (their former home)
 from m3jax.train.run import local_path  # noqa: F401
 
-_RENAMED = {"--global-batch": "--batch-size", "--init-params": "--init"}
+_RENAMED = {"--global-batch": "--batch-size", "--init-params": "--model"}
 _TRAIN_SET = {"--warmup-steps": "warmup_steps", "--log-every": "log_every", "--checkpoint-every": "checkpoint_every"}
 
 

@@ -373,7 +373,7 @@ def test_mc_scoring_equals_hand_computation():
 
 
 # ------------------------------------------------------------------------------ end to end
-def test_evaluate_all_modes_and_cli(tmp_path, capsys):
+def test_evaluate_all_modes_and_cli(tmp_path, capsys, monkeypatch):
     p, ret = _params(), _stub()
     mc = _write(tmp_path, [{"ctx": "Snow is", "endings": ["white", "hot"], "label": 0}], "toy.jsonl")
     res = ev.evaluate(p, CFG, tokenizer=TOK, retriever=ret, heldout_articles=ARTS, n_ppl=2, n_qa=2,
@@ -385,12 +385,24 @@ def test_evaluate_all_modes_and_cli(tmp_path, capsys):
     assert set(res["fanoutqa"]["exact_match"]) == set(ev.MODES)
     assert res["mc"]["toy"]["n"] == 1 and set(res["mc"]["toy"]["accuracy"]) == set(ev.MODES)
     out = tmp_path / "m.json"
-    rc = ev.eval_main(["--checkpoint", "ckpt", "--modes", "none", "--n-ppl", "2", "--n-qa", "2",
-                       "--max-tokens", "48", "--no-fanoutqa", "--max-new-tokens", "0", "--out", str(out), "--no-progress"],
-                      model_loader=lambda d: (CFG, p, TOK), retriever_loader=None)
+    # the command (`m3jax eval`), with the model loader replaced by these params
+    from m3jax import cli, convert
+
+    monkeypatch.setattr(convert, "load_model", lambda d: (CFG, p, TOK))
+    rc = cli.main(["eval", "--model", "ckpt", "--modes", "none", "--n-ppl", "2", "--n-qa", "2",
+                   "--max-tokens", "48", "--tasks", "ppl,qa", "--max-new-tokens", "0", "--out", str(out),
+                   "--no-progress"])
     assert rc == 0
     saved = json.loads(out.read_text())
     assert set(saved["ppl"]) == {"none"} and saved["counts"]["qa"] == 2
-    assert saved["qa_exact_match"]["none"] is None
-    with pytest.raises(SystemExit, match="need --bank"):
-        ev.eval_main(["--checkpoint", "ckpt"], model_loader=lambda d: (CFG, p, TOK))
+    assert saved["qa_exact_match"]["none"] is None and "fanoutqa" not in saved and "mc" not in saved
+    assert saved["seconds"]["compile"] >= 0 and saved["tasks"] == ["ppl", "qa"]
+    # --mc alone scores only the multiple-choice file (not the whole suite)
+    assert cli.main(["eval", "--model", "ckpt", "--modes", "none", "--mc", mc, "--out", str(out),
+                     "--no-progress"]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["tasks"] == ["mc"] and saved["mc"]["toy"]["n"] == 1 and "fanoutqa" not in saved
+    assert saved["ppl"] == {} and saved["counts"]["qa"] == 0 and saved["counts"]["ppl_texts"] == 0
+    with pytest.raises(SystemExit) as e:  # a usage error: argparse's message, exit status 2
+        cli.main(["eval", "--model", "ckpt"])
+    assert e.value.code == 2 and "need --kb" in capsys.readouterr().err

@@ -328,7 +328,7 @@ def test_add_killed_anywhere_resumes_to_one_copy(setup, tmp_path, monkeypatch, s
 # ---------------------------------------------------------------------------------------- CLI
 def test_cli_kb_add_delete_info(setup, tmp_path, monkeypatch, capsys):
     from m3jax.convert import save_checkpoint_dir
-    from m3jax.eval import load_model
+    from m3jax import load_model
 
     docs, tok, cfg, params = setup
     save_checkpoint_dir(str(tmp_path / "model"), cfg, params, tok)

@@ -108,7 +108,7 @@ def test_lora_train_resume_and_adapter_dir(tiny_model, tmp_path):
     from m3jax.convert import ConvertError, load_model
 
     out = str(tmp_path / "run")
-    common = ["train", "--stage", "continual", "--init", tiny_model, "--out", out, "--recipe", "reading",
+    common = ["train", "--stage", "continual", "--model", tiny_model, "--out", out, "--recipe", "reading",
               "--mix", "facts=60", "--mix", "qa=16", "--mix", "text=16", "--mix", "chunks=4", "--limit", "80",
               "--batch-size", "2", "--lr", "1e-2", "--devices", "1", "--train-set", "lora_rank=4",
               "--train-set", "checkpoint_every=2", "--train-set", "log_every=1", "--no-progress"]

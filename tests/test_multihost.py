@@ -91,7 +91,7 @@ def _setup(tmp: str) -> dict:
 
 
 def _train_cmd(s: dict, out: str, steps: int) -> list[str]:
-    return [sys.executable, "-m", "m3jax.cli", "train", "--init", s["model_dir"],
+    return [sys.executable, "-m", "m3jax.cli", "train", "--model", s["model_dir"],
             "--data-dir", "file://" + s["data_dir"], "--corpus", s["corpus"], "--stage", "continual",
             "--bank", s["bank"], "--pairs", s["pairs"], "--steps", str(steps), "--batch-size", "8",
             "--seq-len", str(s["seq_len"]), "--mesh", "1,2,2", "--lr", str(LR), "--train-set", "warmup_steps=1",
@@ -111,7 +111,7 @@ def test_launch_flags_map_onto_train():
     from m3jax.launch import translate
 
     assert translate(["--global-batch", "8", "--init-params=R", "--warmup-steps", "1", "--log-every=2"]) == [
-        "train", "--stage", "warmup", "--batch-size", "8", "--init=R", "--train-set", "warmup_steps=1",
+        "train", "--stage", "warmup", "--batch-size", "8", "--model=R", "--train-set", "warmup_steps=1",
         "--train-set", "log_every=2"]
     assert translate(["--stage", "warmup", "--out", "X"]) == ["train", "--preset", "demo", "--stage", "warmup",
                                                              "--out", "X"]

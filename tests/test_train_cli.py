@@ -71,7 +71,7 @@ def _mtimes(*dirs: str) -> dict[str, int]:
 
 
 def test_warmup_then_continual_writes_a_usable_model_dir(warmup, corpus, tmp_path, capsys):
-    from m3jax.eval import load_model
+    from m3jax import load_model
 
     for f in ("metrics.jsonl", "loss.png", "checkpoints", "model/config.json", "model/params.safetensors",
               "model/tokenizer/tokenizer.json", "tokenizer/tokenizer.json", "data"):

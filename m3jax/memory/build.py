@@ -541,6 +541,23 @@ class KnowledgeBase:
         return out.tolist()
 
     # ------------------------------------------------------------------ reading
+    def describe(self, reference_ids: Any, tokenizer, *, chars: int = 160) -> list[dict[str, Any]]:
+        """What a user needs to see which text an answer read: for each distinct reference id (in
+        first-seen order; -1 skipped), {"id", "doc_id", "title", "snippet"}, the snippet being the
+        first `chars` characters of the reference's text (decoded from its stored tokens)."""
+        flat = [int(i) for i in np.asarray(reference_ids).reshape(-1) if int(i) >= 0]
+        ids = np.asarray(list(dict.fromkeys(flat)), np.int64)
+        if not len(ids):
+            return []
+        docs, titles = self.doc_ids(ids), self.titles(ids)
+        meta = self.bank.metadata(ids)
+        out = []
+        for j, rid in enumerate(ids):
+            text = " ".join(tokenizer.decode(meta.tokens[j, : meta.lengths[j]].tolist()).split())
+            out.append({"id": int(rid), "doc_id": int(docs[j]), "title": titles[j],
+                        "snippet": text if len(text) <= chars else text[: chars - 3].rstrip() + "..."})
+        return out
+
     def retriever(self, embedder: Embedder | None = None, *, tokenizer=None, k: int | None = None,
                   threshold: float = EVAL_THRESHOLD, cache_size: int = 4096) -> Retriever:
         """A Retriever over the committed references that never returns a deleted one."""

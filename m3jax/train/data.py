@@ -222,6 +222,16 @@ class M3jaxText(tfds.core.GeneratorBasedBuilder):
             license="CC BY-SA 4.0 (Wikipedia text)" if self.builder_config.corpus is None else None,
         )
 
+    # TFDS prints "Downloading and preparing dataset ..." and "... downloaded and prepared" to
+    # stdout for every builder (dataset_builder._log_download_bytes/_done); this one downloads
+    # nothing, so one log record each instead (m3jax prints its own "data: ..." line).
+    def _log_download_bytes(self) -> None:
+        log.info("preparing %s (%s) in %s", self.name, self.builder_config.corpus or "shipped Wikipedia leads",
+                 self.data_dir)
+
+    def _log_download_done(self) -> None:
+        log.info("prepared %s in %s", self.name, self.data_dir)
+
     def _documents(self) -> list[dict[str, Any]]:
         cfg = self.builder_config
         if cfg.corpus is None:

@@ -1,14 +1,14 @@
 """`m3jax train`: one command for both training stages, on one host or on every host of a pod.
 
     m3jax train --stage warmup --preset demo --out runs/warmup                 # from scratch
-    m3jax train --stage continual --init runs/warmup --out runs/continual      # + memory
-    m3jax train --stage continual --init smollm2 --corpus docs.jsonl --out runs/smol
+    m3jax train --stage continual --model runs/warmup --out runs/continual      # + memory
+    m3jax train --stage continual --model smollm2 --corpus docs.jsonl --out runs/smol
 
 What one run does (every step is cached on disk, so the same command run again after a kill
 resumes where it stopped and ends with the params of an uninterrupted run):
 
   1. model: `--preset` (random init; the tokenizer is `--tokenizer DIR` or a byte-level BPE
-     trained on the training split into `OUT/tokenizer`) or `--init DIR` (a model directory:
+     trained on the training split into `OUT/tokenizer`) or `--model DIR` (a model directory:
      `m3jax convert --out` or a previous `m3jax train` run, whose `OUT/model` is taken), with
      `--set key=value` ModelConfig overrides.
   2. data (`m3jax.train.data`): the corpus (`--corpus FILE.jsonl`, default the shipped Wikipedia
@@ -28,7 +28,7 @@ resumes where it stopped and ends with the params of an uninterrupted run):
      and reconstructions, description -> title items and text of the training documents with
      their nearest neighbours (`--mix key=value` sets `ReadingMix` fields; `--seq-len` is then
      the model's chunk_size). Combine it with LoRA (`--train-set lora_rank=16`) to train a small
-     part of the model: `OUT/model` then holds the adapter and names its base (`--init`).
+     part of the model: `OUT/model` then holds the adapter and names its base (`--model`).
   4. `m3jax.train.loop.train`: Orbax checkpoints in `OUT/checkpoints` (data iterator state
      included), `OUT/metrics.jsonl`, `OUT/loss.png`, TensorBoard events in `OUT/tb`.
   5. `OUT/model`: config.json + params.safetensors + tokenizer/ (`m3jax.convert`), written to a
@@ -181,26 +181,14 @@ def first_on_process_0(name: str, fn: Callable[[], Any]) -> Any:
 
 # ------------------------------------------------------------------------------ model source
 def resolve_model_dir(path: str) -> str:
-    """The model directory of `--init`: a model dir itself, or a run dir holding `model/`."""
-    from m3jax.convert import SHIPPED_MODELS, is_checkpoint_dir
-    from m3jax.convert import model_dir as shipped_dir
+    """The model directory of `--model` / `--init` (`m3jax.convert.model_dir`: a model dir, a run
+    dir holding `model/`, or a shipped model's name), as an absolute path."""
+    from m3jax.convert import ConvertError, model_dir
 
-    if path in SHIPPED_MODELS and not os.path.exists(path):
-        return shipped_dir(path)
-    path = local_path(path, "--init")
-    if not os.path.isdir(path):
-        raise TrainError(f"--init {path}: no such directory")
-    path = os.path.abspath(path)
-    if is_checkpoint_dir(path):
-        return path
-    sub = os.path.join(path, "model")
-    if is_checkpoint_dir(sub):
-        return sub
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        raise TrainError(f"--init {path} is a training run without a finished model ({sub} is missing): run "
-                         "its `m3jax train` command again to finish it")
-    raise TrainError(f"--init {path} is not a model directory (config.json + params.safetensors + tokenizer/, "
-                     "as written by `m3jax convert --out` or `m3jax train`)")
+    try:
+        return os.path.abspath(model_dir(local_path(path, "--model")))
+    except ConvertError as e:
+        raise TrainError(f"--model {e}") from None
 
 
 def checkpoint_stage(out: str) -> tuple[int, str] | None:
@@ -218,12 +206,12 @@ def _check_spec(spec: TrainRun) -> None:
     if spec.stage not in STAGES:
         raise TrainError(f"--stage must be one of {STAGES}, got {spec.stage!r}")
     if (spec.preset is None) == (spec.init is None):
-        raise TrainError("give the model: --preset NAME (from scratch) or --init DIR (a model directory), "
+        raise TrainError("give the model: --preset NAME (from scratch) or --model DIR (a model directory), "
                          "one of them")
     if spec.init is not None and spec.tokenizer is not None:
-        raise TrainError("--tokenizer goes with --preset; a model from --init brings its own tokenizer/")
+        raise TrainError("--tokenizer goes with --preset; a model from --model brings its own tokenizer/")
     if spec.stage == "continual" and spec.init is None:
-        raise TrainError("the continual stage starts from trained weights: give --init (the --out of a "
+        raise TrainError("the continual stage starts from trained weights: give --model (the --out of a "
                          "`m3jax train --stage warmup` run, or a model directory from `m3jax convert`)")
     if spec.stage == "warmup" and (spec.pairs or spec.bank):
         raise TrainError("--pairs and --bank belong to the continual stage")
@@ -433,7 +421,7 @@ def run(spec: TrainRun, *, embedder=None, log: Callable[[str], None] = _print) -
     done = checkpoint_stage(out)
     if done is not None and done[1] != spec.stage:
         raise TrainError(f"{out} holds a {done[1]} run (checkpoint of step {done[0]}), not {spec.stage}: a new "
-                         f"stage needs its own --out (with --init {spec.out})")
+                         f"stage needs its own --out (with --model {spec.out})")
 
     # ------------------------------------------------------------ model and tokenizer
     model_dir = resolve_model_dir(spec.init) if spec.init is not None else None
@@ -442,7 +430,7 @@ def run(spec: TrainRun, *, embedder=None, log: Callable[[str], None] = _print) -
 
         base_cfg, _, init_tok = load_checkpoint_dir(model_dir, with_params=False)
         if init_tok is None:
-            raise TrainError(f"--init {model_dir}: the model directory has no tokenizer/")
+            raise TrainError(f"--model {model_dir}: the model directory has no tokenizer/")
         model_cfg = apply_overrides(base_cfg, list(spec.model_set))
     else:
         init_tok = None
