@@ -50,8 +50,9 @@ def render_chat(tokenizer, messages: list[dict[str, str]]) -> str:
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = raise_exception
-        bos = tokenizer.tk.id_to_token(tokenizer.bos_id) or ""
-        eos = tokenizer.tk.id_to_token(tokenizer.eos_id) or ""
+        tk = getattr(tokenizer, "tk", None)
+        bos = (tk.id_to_token(tokenizer.bos_id) if tk is not None else None) or ""
+        eos = (tk.id_to_token(tokenizer.eos_id) if tk is not None else None) or ""
         try:
             text = env.from_string(template).render(messages=messages, add_generation_prompt=True,
                                                     bos_token=bos, eos_token=eos)

@@ -284,7 +284,13 @@ class Engine:
         self._seeds = np.random.default_rng()
         self.rounds = 0
         self.tokens_out = 0
-        self.max_ref_tokens = 128  # references are cut to <= 128 tokens (memory/references)
+        self.max_ref_tokens = 0  # the longest reference: what RAG may prepend per reference
+        self._measure_references()
+
+    def _measure_references(self) -> None:
+        if self.kb is not None and self.kb.references:
+            meta = self.kb.bank.metadata(np.arange(self.kb.references))
+            self.max_ref_tokens = int(np.max(meta.lengths))
 
     # ---------------------------------------------------------------- modes and sizes
     def check_mode(self, mode: str) -> None:
@@ -365,6 +371,7 @@ class Engine:
             # a retriever over the new index (the old one searches the index it was made with)
             self.retriever = self.kb.retriever(self.embedder, tokenizer=self.tokenizer,
                                                k=self.config.memories_per_chunk)
+            self._measure_references()
             return recs
         return self._knowledge_op(op)
 
