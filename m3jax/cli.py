@@ -10,6 +10,7 @@
     m3jax kb info --kb KB                    counts, deleted, codec, bytes
     m3jax generate --model DIR [--kb KB] --prompt TEXT [--mode memory|rag|none]
     m3jax generate --model DIR --kb KB --prompts-file prompts.txt --out answers.jsonl
+    m3jax serve --model DIR --kb KB [--host 127.0.0.1 --port 8000]   OpenAI-compatible server
     m3jax eval --checkpoint DIR --bank KB    perplexity / QA in the three modes
     m3jax convert --from hf|gguf PATH --out DIR
     m3jax presets                            list model presets with their sizes
@@ -210,6 +211,16 @@ def _generate(args: argparse.Namespace) -> int:
     s = res.stats
     print(f"\n[{args.mode}: {s.new_tokens} tokens in {s.total_s:.2f} s, {s.tokens_per_s:.1f} tokens/s, "
           f"{s.memory_swaps} memory swaps, retrieval {1000 * s.retrieval_s:.0f} ms]", file=sys.stderr)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from m3jax.serve import ServeConfig, run
+
+    sc = ServeConfig(slots=args.slots, groups=args.groups, cache_len=args.max_cache_len,
+                     min_cache_len=min(256, args.max_cache_len), queue_size=args.queue_size,
+                     request_timeout_s=args.request_timeout)
+    run(args.model, args.kb, host=args.host, port=args.port, serve_config=sc, drain_s=args.drain)
     return 0
 
 
@@ -416,6 +427,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(fn=_generate)
+    v = sub.add_parser("serve", help="OpenAI-compatible HTTP server with explicit memory (needs the serve extra)",
+                       parents=[common])
+    v.add_argument("--model", required=True)
+    v.add_argument("--kb", help="knowledge base dir (for memory and rag modes; live add/delete write to it)")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=_positive_int, default=8000)
+    v.add_argument("--slots", type=_positive_int, default=16, help="rows per decode round")
+    v.add_argument("--groups", type=_positive_int, default=2, help="groups of slots taking turns on the device")
+    v.add_argument("--max-cache-len", type=_positive_int, default=1024, help="context per request (tokens)")
+    v.add_argument("--queue-size", type=_positive_int, default=256, help="waiting requests before 429")
+    v.add_argument("--request-timeout", type=float, default=300.0, help="seconds before a request is ended")
+    v.add_argument("--drain", type=float, default=30.0, help="seconds running requests get at shutdown")
+    v.set_defaults(fn=_serve)
     _add_train_parser(sub, common)
     for name, fn, helptext in (("eval", _eval, "evaluate (see `m3jax eval --help`)"),
                                ("convert", _convert, "import HF / GGUF checkpoints (see `m3jax convert --help`)")):
