@@ -226,3 +226,31 @@ def test_cancelled_stream_frees_its_slot(server):
             break
         time.sleep(0.05)
     assert h["busy"] == 0 and h["status"] == "ok"
+
+
+def test_full_queue_answers_429(server):
+    """With the queue full, a request is refused with 429 + Retry-After; the queued one still runs."""
+    import dataclasses
+
+    eng, c = server["engine"], server["client"]
+    old = eng.serve_config
+    eng._admit = lambda: None  # hold admissions: the first request stays queued
+    eng.serve_config = dataclasses.replace(old, queue_size=1)
+    out = {}
+    th = threading.Thread(target=lambda: out.setdefault("r", c.completions.create(
+        model=MODEL, prompt="ka lo", max_tokens=3, temperature=0, extra_body={"mode": "none"})))
+    try:
+        th.start()
+        for _ in range(200):
+            if len(eng.queue) == 1:
+                break
+            time.sleep(0.02)
+        with pytest.raises(openai.RateLimitError) as e:
+            c.completions.create(model=MODEL, prompt="ka lo", max_tokens=3, extra_body={"mode": "none"})
+        assert e.value.response.headers["retry-after"] == str(old.retry_after_s)
+        assert e.value.body["type"] == "rate_limit_error"
+    finally:
+        eng.serve_config = old
+        del eng._admit
+    th.join(timeout=60)
+    assert out["r"].usage.completion_tokens == 3

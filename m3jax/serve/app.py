@@ -78,6 +78,7 @@ class _Common(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     mode: Literal["memory", "rag", "none"] = "memory"
+    ignore_eos: bool = False  # as vLLM's: generate max_tokens tokens (benchmarks)
 
 
 class CompletionBody(_Common):
@@ -147,7 +148,7 @@ class _Choice:
         self.error: dict | None = None
 
     def add(self, tokenizer, eos_id: int, payload: dict) -> None:
-        toks = [t for t in payload["tokens"] if t != eos_id]
+        toks = [t for t in payload["tokens"] if t != eos_id or self.req.ignore_eos]
         self.tokens.extend(toks)
         self.references.append({"chunk": payload["chunk"], "references": payload["references"]})
         self.text = tokenizer.decode(self.tokens)
@@ -233,7 +234,8 @@ def create_app(engine: Engine, model_name: str, *, metrics: ServeMetrics | None 
                     i = len(choices)
                     hook = lambda kind, payload, i=i: loop.call_soon_threadsafe(queue.put_nowait, (i, kind, payload))  # noqa: E731
                     req = Request(p, mode=body.mode, max_tokens=max_tokens, temperature=body.temperature,
-                                  top_p=body.top_p, seed=None if body.seed is None else body.seed + j, on_event=hook)
+                                  top_p=body.top_p, seed=None if body.seed is None else body.seed + j,
+                                  ignore_eos=body.ignore_eos, on_event=hook)
                     choices.append(_Choice(i, req, stops))
                     engine.submit(req)
         except (QueueFull, EngineStopped, ValueError) as e:

@@ -103,7 +103,7 @@ def sample_rows(logits_BV: jax.Array, keys_B: jax.Array, temperature_B: jax.Arra
 
 @functools.partial(jax.jit, static_argnums=(1,), donate_argnums=(3,))
 def _round(params: Params, config: ModelConfig, prefix, cache: KVCache, memory: ChunkMemory | None,
-           logits_BV, keys_B, step_B, done_B, budget_B, temperature_B, top_p_B, stop_S):
+           logits_BV, keys_B, step_B, done_B, budget_B, temperature_B, top_p_B, ignore_eos_B, stop_S):
     """One round: up to chunk_size tokens per row (decode's `_decode_chunk` with per-row sampling
     and keys). Finished rows neither sample nor grow their cache. Returns (tokens [B, chunk_size],
     steps run, cache, logits, done, budget)."""
@@ -124,7 +124,7 @@ def _round(params: Params, config: ModelConfig, prefix, cache: KVCache, memory: 
         lengths = cache.lengths
         lo, cache = extend(params, config, tok[:, None], cache, memory=memory, prefix=prefix)
         cache = cache.replace(lengths=jnp.where(done, lengths, cache.lengths))  # free rows stay put
-        done = done | jnp.any(tok[:, None] == stop_S[None, :], axis=-1) | (budget <= 0)
+        done = done | (jnp.any(tok[:, None] == stop_S[None, :], axis=-1) & ~ignore_eos_B) | (budget <= 0)
         return i + 1, out, cache, lo[:, 0].astype(logits_BV.dtype), done, budget
 
     i, out, cache, logits, done, budget = jax.lax.while_loop(
@@ -181,6 +181,7 @@ class Request:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
+    ignore_eos: bool = False  # generate max_tokens whatever is sampled (benchmarks)
     on_event: Callable[[str, dict], None] = lambda kind, payload: None
     id: int = field(default_factory=itertools.count().__next__)
     t_submit: float = 0.0
@@ -429,7 +430,9 @@ class Engine:
                           if not req.cancelled else {"message": req.cancelled, "type": "cancelled"})
                 continue
             need = self.need(len(req.prompt), req.max_tokens, req.mode)
-            fits = [g for g in self.groups if not g.draining and g.free and g.S >= need and not g.empty]
+            # a group whose joiners' retrieval has started takes more at its next turn
+            fits = [g for g in self.groups
+                    if not g.draining and g.free and g.S >= need and not g.empty and g.join_future is None]
             if not fits:  # an empty group takes the cache size this request needs
                 fits = [g for g in self.groups if g.empty][:1]
                 for g in fits:
@@ -489,7 +492,8 @@ class Engine:
         return {"cache": cache, "logits": jnp.zeros((B, c.vocab_size), jnp.float32), "memory": memory,
                 "done": jnp.ones((B,), bool), "budget": jnp.zeros((B,), jnp.int32),
                 "keys": jnp.zeros((B, 2), jnp.uint32), "step": jnp.zeros((B,), jnp.int32),
-                "temperature": jnp.zeros((B,), jnp.float32), "top_p": jnp.ones((B,), jnp.float32)}
+                "temperature": jnp.zeros((B,), jnp.float32), "top_p": jnp.ones((B,), jnp.float32),
+                "ignore_eos": jnp.zeros((B,), bool)}
 
     def _insert_joiners(self, g: _Group) -> None:
         """Prefill the reserved requests of `g` (their prompt retrieval done) and write them into
@@ -530,7 +534,7 @@ class Engine:
             tok = np.full((J, P), c.pad_id, np.int32)
             tok[:, 0] = c.bos_id
             idx = np.full(J, g.slots, np.int32)  # padding rows are dropped
-            temp, top_p = np.zeros(J, np.float32), np.ones(J, np.float32)
+            temp, top_p, ignore = np.zeros(J, np.float32), np.ones(J, np.float32), np.zeros(J, bool)
             budget = np.zeros(J, np.int32)
             keys = np.zeros((J, 2), np.uint32)
             last = np.zeros(J, np.int32)
@@ -539,6 +543,7 @@ class Engine:
                 tok[j, : len(prompt)] = prompt
                 lengths[j] = len(prompt)
                 idx[j], temp[j], top_p[j], budget[j] = slot, req.temperature, req.top_p, req.max_tokens
+                ignore[j] = req.ignore_eos
                 keys[j] = np.asarray(jax.random.PRNGKey(req.seed))
                 last[j] = (len(prompt) - 1) // c.chunk_size
                 if kind == "memory":
@@ -552,7 +557,8 @@ class Engine:
             logits, cache = _prefill(self.params, c, self.prefix, jnp.asarray(tok), cache, jnp.asarray(lengths), mem)
             rows = {"cache": cache, "logits": logits.astype(jnp.float32), "done": jnp.zeros((J,), bool),
                     "budget": jnp.asarray(budget), "keys": jnp.asarray(keys), "step": jnp.zeros((J,), jnp.int32),
-                    "temperature": jnp.asarray(temp), "top_p": jnp.asarray(top_p), "memory": None}
+                    "temperature": jnp.asarray(temp), "top_p": jnp.asarray(top_p), "ignore_eos": jnp.asarray(ignore),
+                    "memory": None}
             if g.state["memory"] is not None:
                 rows["memory"] = (_last_chunk_memory(mem, P // c.chunk_size, jnp.asarray(last)) if mem is not None
                                   else ChunkMemory.empty(c, J, 1, dtype=jnp.dtype(c.dtype)))
@@ -576,7 +582,7 @@ class Engine:
         g.t_dispatch = time.perf_counter()
         out, ran, st["cache"], st["logits"], st["done"], st["budget"] = _round(
             self.params, self.config, self.prefix, st["cache"], st["memory"], st["logits"], st["keys"], st["step"],
-            st["done"], st["budget"], st["temperature"], st["top_p"], self.stop_S)
+            st["done"], st["budget"], st["temperature"], st["top_p"], st["ignore_eos"], self.stop_S)
         st["step"] = st["step"] + ran
         g.out = (out, ran)
 
@@ -601,7 +607,7 @@ class Engine:
             toks, reason = [], None
             for t in out_np[s, :ran]:
                 toks.append(int(t))
-                if int(t) == c.eos_id:
+                if int(t) == c.eos_id and not req.ignore_eos:
                     reason = "stop"
                     break
                 if len(row.generated) + len(toks) >= req.max_tokens:
@@ -609,6 +615,7 @@ class Engine:
                     break
             row.generated.extend(toks)
             new_tokens += len(toks)
+            self.tokens_out += len(toks)  # before the events: a client that hears "done" sees the count
             req.completion_tokens = len(row.generated)
             if req.t_first is None:
                 req.t_first = now
@@ -633,7 +640,6 @@ class Engine:
                 queries[s] = row.generated[-c.chunk_size:]
         if free_rows:
             g.state["done"] = g.state["done"].at[jnp.asarray(free_rows)].set(True)
-        self.tokens_out += new_tokens
         if self.metrics is not None:
             self.metrics.round(new_tokens, time.perf_counter() - g.t_dispatch)
         if swap.any():
@@ -658,24 +664,44 @@ class Engine:
                 busy = [g for g in self.groups if g.active or g.joining]
                 ready = sorted((g for g in busy if g.out is None), key=lambda g: g.last_turn)
                 if not ready and not inflight:
-                    with self._cv:
-                        if not self.queue and not self._stopping:
-                            self._cv.wait(timeout=0.05)
+                    with self._cv:  # idle (or the queue's head waits for a group to drain)
+                        if not self._stopping:
+                            self._cv.wait(timeout=0.05 if not self.queue else 0.005)
                     continue
                 if ready:
                     g = ready[0]
                     g.last_turn = time.monotonic()
-                    self._prepare(g)
-                    if g.active:
-                        self._dispatch(g)
-                        inflight.append(g)
+                    try:
+                        self._prepare(g)
+                        if g.active:
+                            self._dispatch(g)
+                            inflight.append(g)
+                    except Exception as e:  # noqa: BLE001 - this group's requests fail, the others go on
+                        self._fail_group(g, e)
                 if inflight and (len(inflight) >= min(2, len(busy)) or not ready):
-                    self._collect(inflight.popleft())
+                    g = inflight.popleft()
+                    try:
+                        self._collect(g)
+                    except Exception as e:  # noqa: BLE001
+                        self._fail_group(g, e)
         except BaseException as e:  # noqa: BLE001 - the loop dies: every request gets told
             self.error = e
             log.exception("engine loop failed")
         finally:
             self._fail_all("the server is shutting down" if self.error is None else f"engine failed: {self.error}")
+
+    def _fail_group(self, g: _Group, e: Exception) -> None:
+        """A round, retrieval or prefill of `g` failed: end its requests with the error and start
+        the group afresh (the other groups and the queue are untouched)."""
+        log.exception("group %d failed", g.index, exc_info=e)
+        msg = f"generation failed: {type(e).__name__}: {e}"
+        for s, row in enumerate(g.rows):
+            if row is not None:
+                self._end(row.req, "error", {"message": msg, "type": "server_error"})
+        for _, req in g.joining:
+            self._end(req, "error", {"message": msg, "type": "server_error"})
+        fresh = _Group(g.index, g.slots)
+        g.__dict__.update(fresh.__dict__)
 
     def _fail_all(self, message: str) -> None:
         with self._cv:
