@@ -42,8 +42,9 @@ def server(tmp_path_factory):
     save_model_dir(str(tmp / MODEL), cfg, params, tok)
     build_knowledge_base(str(tmp / "kb"), params, cfg, tok, docs, embedder=EMB, codec="bf16", batch_size=8,
                          show_progress=False, log=lambda *a: None)
-    app, engine = build_app(str(tmp / MODEL), str(tmp / "kb"), ServeConfig(slots=4, groups=2, cache_len=256,
-                                                                           min_cache_len=128), embedder=EMB)
+    # one cache size (256) and two slots per group: few shapes to compile
+    app, engine = build_app(str(tmp / MODEL), str(tmp / "kb"), ServeConfig(slots=2, groups=2, cache_len=256,
+                                                                           min_cache_len=256), embedder=EMB)
     port = _free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     th = threading.Thread(target=srv.run, daemon=True)

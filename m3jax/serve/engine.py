@@ -456,24 +456,29 @@ class Engine:
             if g.joining and g.join_future is None:
                 g.join_future = self._pool.submit(self._join_retrieval, [r for _, r in g.joining])
 
-    def _join_retrieval(self, reqs: list[Request]):
-        """Prompt retrieval for joiners: memory rows retrieve per prompt chunk (one call), RAG rows
-        search with their first chunk."""
+    def _join_retrieval(self, reqs: list[Request]) -> dict:
+        """The prompt retrieval of a group's joiners, in one go: RAG rows search with their first
+        chunk and get the references prepended; then every memory row's prompt chunks retrieve
+        their memories (one call; the other rows' chunks are empty queries: masked blocks)."""
         c = self.config
-        out: dict[int, Any] = {}
-        mem_reqs = [r for r in reqs if r.mode == "memory"]
-        if mem_reqs:
-            J = _pow2_at_least(len(mem_reqs), 1, self.serve_config.slots)
-            P = self._bucket(max(len(r.prompt) for r in mem_reqs))
-            chunks = P // c.chunk_size
-            queries: list[list[int]] = []  # row-major: J rows x chunks (padding rows: empty, no references)
+        prompts = [r.prompt for r in reqs]
+        rag = [i for i, r in enumerate(reqs) if r.mode == "rag"]
+        rag_refs: dict[int, list] = {}
+        if rag:
+            toks, described = self._rag_search([reqs[i].prompt[: c.chunk_size] for i in rag])
+            for n, i in enumerate(rag):
+                prompts[i] = [c.bos_id] + [t for ref in toks[n] for t in ref] + reqs[i].prompt[1:]
+                rag_refs[i] = described[n]
+        J = _pow2_at_least(len(reqs), 1, self.serve_config.slots)
+        P = self._bucket(max(len(p) for p in prompts))
+        chunks = P // c.chunk_size
+        out = {"prompts": prompts, "J": J, "P": P, "rag_refs": rag_refs, "memory": None, "mem_refs": None}
+        if any(r.mode == "memory" for r in reqs):
+            queries = []  # row-major: J rows x chunks
             for j in range(J):
-                p = mem_reqs[j].prompt if j < len(mem_reqs) else []
+                p = prompts[j] if j < len(reqs) and reqs[j].mode == "memory" else []
                 queries.extend(p[i * c.chunk_size:(i + 1) * c.chunk_size] for i in range(chunks))
-            out["memory"] = (P, J, *self._retrieve(queries, J, chunks))
-        rag_reqs = [r for r in reqs if r.mode == "rag"]
-        if rag_reqs:
-            out["rag"] = self._rag_search([r.prompt[: c.chunk_size] for r in rag_reqs])
+            out["memory"], out["mem_refs"] = self._retrieve(queries, J, chunks)
         return out
 
     def _bucket(self, n: int) -> int:
@@ -496,73 +501,51 @@ class Engine:
                 "ignore_eos": jnp.zeros((B,), bool)}
 
     def _insert_joiners(self, g: _Group) -> None:
-        """Prefill the reserved requests of `g` (their prompt retrieval done) and write them into
-        their slots. Memory rows prefill together (one call); the others together."""
+        """Prefill the reserved requests of `g` (their prompt retrieval done) in one call and
+        write them into their slots. Rows that read no memory get an all-masked block."""
         c = self.config
         joining, fut = g.joining, g.join_future
         g.joining, g.join_future = [], None
         found = fut.result()
         if g.state is None or g.state["cache"].max_len != g.S:
             g.state = self._new_state(g)
-        rag_i = 0
-        groups: dict[str, list] = {"memory": [], "plain": []}
-        for slot, req in joining:
+        J, P, chunks = found["J"], found["P"], found["P"] // c.chunk_size
+        tok = np.full((J, P), c.pad_id, np.int32)
+        tok[:, 0] = c.bos_id
+        lengths = np.ones(J, np.int32)
+        idx = np.full(J, g.slots, np.int32)  # padding rows (and cancelled requests) are dropped
+        temp, top_p, ignore = np.zeros(J, np.float32), np.ones(J, np.float32), np.zeros(J, bool)
+        budget, keys, last = np.zeros(J, np.int32), np.zeros((J, 2), np.uint32), np.zeros(J, np.int32)
+        for j, (slot, req) in enumerate(joining):
             if req.cancelled:
                 self._end(req, "error", {"message": req.cancelled, "type": "cancelled"})
                 continue
-            prompt, refs = req.prompt, []
+            prompt = found["prompts"][j]
+            tok[j, : len(prompt)] = prompt
+            lengths[j], last[j] = len(prompt), (len(prompt) - 1) // c.chunk_size
+            idx[j], temp[j], top_p[j], budget[j] = slot, req.temperature, req.top_p, req.max_tokens
+            ignore[j] = req.ignore_eos
+            keys[j] = np.asarray(jax.random.PRNGKey(req.seed))
+            refs: list = []
             if req.mode == "rag":
-                toks, described = found["rag"][0][rag_i], found["rag"][1][rag_i]
-                rag_i += 1
-                prompt = [c.bos_id] + [t for r in toks for t in r] + req.prompt[1:]
-                refs = described
-                req.prompt_references = [{"chunk": "prompt", "references": described}]
-            groups["memory" if req.mode == "memory" else "plain"].append((slot, req, prompt, refs))
-        for kind, items in groups.items():
-            if not items:
-                continue
-            mem = None
-            if kind == "memory":
-                P, J, mem, described = found["memory"]
-                # rows in the order of the memory requests that joined (cancelled ones are skipped)
-                order = [r for _, r in joining if r.mode == "memory"]
-                pos = {id(r): j for j, r in enumerate(order)}
-            else:
-                P = self._bucket(max(len(p) for _, _, p, _ in items))
-                J = _pow2_at_least(len(items), 1, g.slots)
-            lengths = np.ones(J, np.int32)
-            tok = np.full((J, P), c.pad_id, np.int32)
-            tok[:, 0] = c.bos_id
-            idx = np.full(J, g.slots, np.int32)  # padding rows are dropped
-            temp, top_p, ignore = np.zeros(J, np.float32), np.ones(J, np.float32), np.zeros(J, bool)
-            budget = np.zeros(J, np.int32)
-            keys = np.zeros((J, 2), np.uint32)
-            last = np.zeros(J, np.int32)
-            for n, (slot, req, prompt, refs) in enumerate(items):
-                j = pos[id(req)] if kind == "memory" else n
-                tok[j, : len(prompt)] = prompt
-                lengths[j] = len(prompt)
-                idx[j], temp[j], top_p[j], budget[j] = slot, req.temperature, req.top_p, req.max_tokens
-                ignore[j] = req.ignore_eos
-                keys[j] = np.asarray(jax.random.PRNGKey(req.seed))
-                last[j] = (len(prompt) - 1) // c.chunk_size
-                if kind == "memory":
-                    chunks = P // c.chunk_size
-                    per_chunk = described[j * chunks:(j + 1) * chunks][: last[j] + 1]
-                    req.prompt_references = [{"chunk": f"prompt:{i}", "references": r} for i, r in enumerate(per_chunk)]
-                    refs = per_chunk[-1]
-                row = _Row(req, prompt, refs)
-                g.rows[slot] = row
-            cache = init_cache(c, J, g.S)
-            logits, cache = _prefill(self.params, c, self.prefix, jnp.asarray(tok), cache, jnp.asarray(lengths), mem)
-            rows = {"cache": cache, "logits": logits.astype(jnp.float32), "done": jnp.zeros((J,), bool),
-                    "budget": jnp.asarray(budget), "keys": jnp.asarray(keys), "step": jnp.zeros((J,), jnp.int32),
-                    "temperature": jnp.asarray(temp), "top_p": jnp.asarray(top_p), "ignore_eos": jnp.asarray(ignore),
-                    "memory": None}
-            if g.state["memory"] is not None:
-                rows["memory"] = (_last_chunk_memory(mem, P // c.chunk_size, jnp.asarray(last)) if mem is not None
-                                  else ChunkMemory.empty(c, J, 1, dtype=jnp.dtype(c.dtype)))
-            g.state = _insert_rows(g.state, rows, jnp.asarray(idx))
+                refs = found["rag_refs"][j]
+                req.prompt_references = [{"chunk": "prompt", "references": refs}]
+            elif req.mode == "memory":
+                per_chunk = found["mem_refs"][j * chunks:(j + 1) * chunks][: last[j] + 1]
+                req.prompt_references = [{"chunk": f"prompt:{i}", "references": r} for i, r in enumerate(per_chunk)]
+                refs = per_chunk[-1]  # the first generated chunk reads the last prompt chunk's memories
+            g.rows[slot] = _Row(req, prompt, refs)
+        mem = None
+        if g.state["memory"] is not None:
+            mem = found["memory"] if found["memory"] is not None else ChunkMemory.empty(
+                c, J, chunks, dtype=jnp.dtype(c.dtype))
+        logits, cache = _prefill(self.params, c, self.prefix, jnp.asarray(tok), init_cache(c, J, g.S),
+                                 jnp.asarray(lengths), mem)
+        rows = {"cache": cache, "logits": logits.astype(jnp.float32), "done": jnp.zeros((J,), bool),
+                "budget": jnp.asarray(budget), "keys": jnp.asarray(keys), "step": jnp.zeros((J,), jnp.int32),
+                "temperature": jnp.asarray(temp), "top_p": jnp.asarray(top_p), "ignore_eos": jnp.asarray(ignore),
+                "memory": None if mem is None else _last_chunk_memory(mem, chunks, jnp.asarray(last))}
+        g.state = _insert_rows(g.state, rows, jnp.asarray(idx))
 
     # ---------------------------------------------------------------- rounds
     def _prepare(self, g: _Group) -> None:
