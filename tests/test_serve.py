@@ -255,3 +255,16 @@ def test_full_queue_answers_429(server):
         del eng._admit
     th.join(timeout=60)
     assert out["r"].usage.completion_tokens == 3
+
+
+def test_cli_serve_flags(monkeypatch):
+    import m3jax.serve
+    from m3jax import cli
+
+    got = {}
+    monkeypatch.setattr(m3jax.serve, "run", lambda model, kb, **kw: got.update(model=model, kb=kb, **kw))
+    assert cli.main(["serve", "--model", "M", "--kb", "K", "--port", "9001", "--slots", "4",
+                     "--max-cache-len", "512", "--queue-size", "3"]) == 0
+    sc = got["serve_config"]
+    assert (got["model"], got["kb"], got["host"], got["port"]) == ("M", "K", "127.0.0.1", 9001)
+    assert (sc.slots, sc.groups, sc.cache_len, sc.queue_size) == (4, 2, 512, 3)

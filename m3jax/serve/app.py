@@ -344,9 +344,9 @@ def create_app(engine: Engine, model_name: str, *, metrics: ServeMetrics | None 
                         continue
                     text = c.delta()
                     refs = c.references[sent_refs[i]:]
-                    sent_refs[i] = len(c.references)
-                    if not chat and sent_refs[i] == len(refs):  # the first event: the prompt's references too
+                    if not chat and sent_refs[i] == 0:  # its first event: the prompt's references too
                         refs = c.req.prompt_references + refs
+                    sent_refs[i] = len(c.references)
                     ch = {"index": i, "finish_reason": c.finish_reason, "references": refs}
                     if chat:
                         ch["delta"] = {"content": text} if text else {}
