@@ -270,3 +270,19 @@ def test_cli_serve_flags(monkeypatch):
     sc = got["serve_config"]
     assert (got["model"], got["kb"], got["host"], got["port"]) == ("M", "K", "127.0.0.1", 9001)
     assert (sc.slots, sc.groups, sc.cache_len, sc.queue_size) == (4, 2, 512, 3)
+
+
+def test_timed_out_request_is_ended(server):
+    """A request past its timeout is ended (504, OpenAI error body) and holds no slot."""
+    import dataclasses
+
+    eng, c = server["engine"], server["client"]
+    old = eng.serve_config
+    eng.serve_config = dataclasses.replace(old, request_timeout_s=1e-6)
+    try:
+        with pytest.raises(openai.APIStatusError) as e:
+            c.completions.create(model=MODEL, prompt="ka lo", max_tokens=3, extra_body={"mode": "none"})
+    finally:
+        eng.serve_config = old
+    assert e.value.status_code == 504 and e.value.body["code"] == "timeout"
+    assert json.loads(_http(server["url"] + "/health")[1])["busy"] == 0
