@@ -54,7 +54,7 @@ def server(tmp_path_factory):
             break
         time.sleep(0.05)
     url = f"http://127.0.0.1:{port}"
-    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
     gen = Generator(params, cfg, tok, open_knowledge_base(str(tmp / "kb"), cfg, params).retriever(EMB, tokenizer=tok),
                     DecodeConfig(max_cache_len=256, prompt_bucket=cfg.chunk_size))
     yield {"url": url, "client": client, "docs": docs, "tok": tok, "cfg": cfg, "gen": gen, "engine": engine,
@@ -67,7 +67,7 @@ def server(tmp_path_factory):
 def _http(url, method="GET", body: bytes | None = None):
     req = urllib.request.Request(url, data=body, method=method, headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=60) as r:
+        with urllib.request.urlopen(req, timeout=600) as r:
             return r.status, r.read(), dict(r.headers)
     except urllib.error.HTTPError as e:
         return e.code, e.read(), dict(e.headers)

@@ -444,7 +444,8 @@ class Engine:
                 g.joining.append((g.free[0], req))
                 taken.append(req)
                 continue
-            if not blocked and not any(g.draining for g in self.groups):  # drain one group for it
+            too_big = all(g.S < need for g in self.groups if not g.empty)  # not only a lack of free slots
+            if too_big and not blocked and not any(g.draining for g in self.groups):  # drain one group for it
                 min(self.groups, key=lambda g: g.active + len(g.joining)).draining = True
             blocked = True
         if taken:
