@@ -11,6 +11,7 @@
     m3jax kb info --kb KB                    counts, deleted, codec, bytes
     m3jax generate --model M [--kb KB] --prompt TEXT [--mode memory|rag|none]
     m3jax generate --model M --kb KB --prompts-file prompts.txt --out answers.jsonl
+    m3jax serve --model M --kb KB [--host 127.0.0.1 --port 8000]   OpenAI-compatible server
     m3jax eval --model M [--kb KB] [--mc FILE.jsonl]       perplexity / QA / multiple choice, 3 modes
     m3jax presets                            list model presets with their sizes
 
@@ -376,6 +377,32 @@ def _references(kb, tok, retrieved) -> list[dict[str, Any]]:
     return kb.describe(np.concatenate(ids) if ids else np.zeros(0, np.int64), tok)
 
 
+def _add_serve_parser(sub, common) -> None:
+    v = sub.add_parser("serve", help="OpenAI-compatible HTTP server with explicit memory (needs the serve extra)",
+                       parents=[common])
+    _model_flag(v)
+    _kb_flag(v, help="knowledge base directory (for the memory and rag modes; live add/delete write to it)")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=_positive_int, default=8000)
+    v.add_argument("--slots", type=_positive_int, default=16, help="rows per decode round")
+    v.add_argument("--groups", type=_positive_int, default=2, help="groups of slots taking turns on the device")
+    v.add_argument("--max-cache-len", type=_positive_int, default=1024, help="context per request (tokens)")
+    v.add_argument("--queue-size", type=_positive_int, default=256, help="waiting requests before 429")
+    v.add_argument("--request-timeout", type=float, default=300.0, help="seconds before a request is ended")
+    v.add_argument("--drain", type=float, default=30.0, help="seconds running requests get at shutdown")
+    v.set_defaults(fn=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from m3jax.serve import ServeConfig, run
+
+    sc = ServeConfig(slots=args.slots, groups=args.groups, cache_len=args.max_cache_len,
+                     min_cache_len=min(256, args.max_cache_len), queue_size=args.queue_size,
+                     request_timeout_s=args.request_timeout)
+    run(args.model, args.kb, host=args.host, port=args.port, serve_config=sc, drain_s=args.drain)
+    return 0
+
+
 def _read_prompts(path: str) -> list[str]:
     """Prompts from a text file (one per non-empty line) or JSONL (a "prompt" or "text" field)."""
     if not os.path.exists(path):
@@ -653,7 +680,7 @@ def _train(args: argparse.Namespace) -> int:
 # ============================================================================ the parser
 SUBCOMMANDS: tuple[Callable[[Any, argparse.ArgumentParser], None], ...] = (
     _add_demo_parser, _add_presets_parser, _add_train_parser, _add_convert_parser, _add_build_memory_parser,
-    _add_kb_parser, _add_generate_parser, _add_eval_parser)
+    _add_kb_parser, _add_generate_parser, _add_serve_parser, _add_eval_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -126,8 +126,9 @@ class Retriever:
 
     def search(self, queries: Sequence[Any], *, filter_tokens: Sequence[Sequence[int]] | None = None,
                threshold: float | None = None, k: int | None = None,
-               prepared: Callable[[], np.ndarray] | None = None) -> np.ndarray:
-        """Top-k reference ids [n, k] (-1 where fewer than k survive the leakage filter).
+               prepared: Callable[[], np.ndarray] | None = None, with_scores: bool = False):
+        """Top-k reference ids [n, k] (-1 where fewer than k survive the leakage filter); with
+        `with_scores`, (ids, scores [n, k] float32: the index's inner product, nan where id -1).
 
         filter_tokens[i]: the text reference i must not leak (default: the query's own tokens,
         for text queries their tokenization). threshold None -> the retriever's; > 1 disables.
@@ -138,6 +139,7 @@ class Retriever:
         threshold = self.threshold if threshold is None else threshold
         n = len(queries)
         out = np.full((n, k), -1, np.int64)
+        out_scores = np.full((n, k), np.nan, np.float32)
         rows = [i for i, q in enumerate(queries) if len(q)]
         if filter_tokens is not None and len(filter_tokens) != n:
             raise ValueError(f"{len(filter_tokens)} filter texts for {n} queries")
@@ -151,13 +153,13 @@ class Retriever:
         self.stats.calls += 1
         self.stats.queries += n
         if not rows:
-            return out
+            return (out, out_scores) if with_scores else out
         queries = [queries[i] for i in rows]
         if filter_tokens is not None:
             filter_tokens = [filter_tokens[i] for i in rows]
         n = len(rows)
         t1 = time.perf_counter()
-        cand_ids = self._candidates(vecs, max(self.candidates, k))
+        cand_ids, cand_scores = self._candidates(vecs, max(self.candidates, k))
         t2 = time.perf_counter()
         keep = np.ones(cand_ids.shape, bool)
         if threshold <= 1.0:
@@ -174,19 +176,21 @@ class Retriever:
         for i, row in enumerate(rows):
             kept = cand_ids[i][keep[i]][:k]
             out[row, : len(kept)] = kept
+            out_scores[row, : len(kept)] = cand_scores[i][keep[i]][:k]
         self.stats.embed_s += t1 - t0
         self.stats.search_s += t2 - t1
         self.stats.filter_s += t3 - t2
-        return out
+        return (out, out_scores) if with_scores else out
 
-    def _candidates(self, vecs: np.ndarray, want: int) -> np.ndarray:
-        """ids [n, want] of the nearest `want` references that `exclude` lets through (-1 where
-        fewer exist). Searches `want` neighbours, then twice as many while a row lacks live ones."""
+    def _candidates(self, vecs: np.ndarray, want: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, scores) [n, want] of the nearest `want` references that `exclude` lets through
+        (-1 where fewer exist). Searches `want` neighbours, then twice as many while a row lacks
+        live ones."""
         n_index = len(self.index)
         cand = min(want, n_index)
-        ids, _ = self.index.search(vecs, cand)
+        ids, scores = self.index.search(vecs, cand)
         if self.exclude is None:
-            return ids
+            return ids, scores
         while True:
             valid = ids >= 0
             dead = np.zeros(ids.shape, bool)
@@ -195,13 +199,15 @@ class Retriever:
             if cand >= n_index or int(live.sum(1).min()) >= min(want, n_index):
                 break
             cand = min(n_index, 2 * cand)
-            ids, _ = self.index.search(vecs, cand)
+            ids, scores = self.index.search(vecs, cand)
         self.stats.excluded += int(dead.sum())
         out = np.full((len(ids), min(want, n_index)), -1, np.int64)
+        out_scores = np.full(out.shape, np.nan, np.float32)
         for i in range(len(ids)):
             row = ids[i][live[i]][: out.shape[1]]
             out[i, : len(row)] = row
-        return out
+            out_scores[i, : len(row)] = scores[i][live[i]][: out.shape[1]]
+        return out, out_scores
 
     def memories(self, ids: np.ndarray) -> MemoryKV:
         """ids [n, k] (-1 = none) -> MemoryKV of n * k memories (masked where id == -1).
