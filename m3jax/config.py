@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 Score = Literal["softmax", "exp", "value_norm"]
 GroupReduce = Literal["sum", "max"]
+RopeType = Literal["default", "llama3"]
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -33,6 +34,12 @@ def _check(cond: bool, msg: str) -> None:
 class ModelConfig:
     """A Llama-style decoder with Memory3 explicit-memory attention.
 
+    Families differ by small switches, not classes: `qkv_bias` (Qwen2/2.5: biases on the q, k, v
+    projections), `qk_norm` (Qwen3: an RMSNorm over head_dim on every query and key head before
+    RoPE) and `rope_type` with its parameters (`"llama3"`: Llama 3.1+ frequency scaling by
+    `rope_factor` between `rope_low_freq_factor` and `rope_high_freq_factor` wavelengths of
+    `rope_original_max_len`). Their defaults are the plain Llama.
+
     Shape letters used across m3jax: B batch, T query length, S key length, D hidden (`hidden`),
     N query heads, K kv heads, G = N // K query heads per kv head, H head dim, F mlp width,
     V vocab, L layers, C chunks, M memory tokens visible to a chunk, R reference length.
@@ -47,6 +54,14 @@ class ModelConfig:
     hidden: int = 64
     mlp_dim: int = 128
     rope_theta: float = 1e4
+    # RoPE frequency scaling: "default" (none) or "llama3" (Llama 3.1+; the four fields below)
+    rope_type: RopeType = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
+    qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2/2.5)
+    qk_norm: bool = False  # per-head RMSNorm of queries and keys before RoPE (Qwen3)
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     max_len: int = 2048  # longest context (excluding the reference prefix and memory window)
@@ -94,6 +109,18 @@ class ModelConfig:
                f"ModelConfig.group_reduce must be one of {typing.get_args(GroupReduce)}, "
                f"got {self.group_reduce!r}")
         _check(self.rope_theta > 0, f"ModelConfig.rope_theta must be > 0, got {self.rope_theta}")
+        _check(self.rope_type in typing.get_args(RopeType),
+               f"ModelConfig.rope_type must be one of {typing.get_args(RopeType)}, got {self.rope_type!r}")
+        if self.rope_type == "llama3":
+            _check(self.rope_factor >= 1, f"ModelConfig.rope_factor must be >= 1, got {self.rope_factor}")
+            _check(0 < self.rope_low_freq_factor < self.rope_high_freq_factor,
+                   "ModelConfig.rope_low_freq_factor must be > 0 and < rope_high_freq_factor, got "
+                   f"{self.rope_low_freq_factor} and {self.rope_high_freq_factor}")
+            _check(isinstance(self.rope_original_max_len, int) and self.rope_original_max_len > 0,
+                   f"ModelConfig.rope_original_max_len must be a positive int, got {self.rope_original_max_len!r}")
+        for f in ("qkv_bias", "qk_norm"):
+            _check(isinstance(getattr(self, f), bool), f"ModelConfig.{f} must be true or false, got "
+                                                       f"{getattr(self, f)!r}")
         _check(self.norm_eps > 0, f"ModelConfig.norm_eps must be > 0, got {self.norm_eps}")
         for f in ("dtype", "param_dtype"):
             _check(getattr(self, f) in _DTYPES,
@@ -141,6 +168,10 @@ class ModelConfig:
         """Parameter count; non-embedding only unless `embedding=True` (then embed + lm head too)."""
         d, h = self.hidden, self.head_dim
         attn = d * self.num_heads * h * 2 + d * self.num_kv_heads * h * 2
+        if self.qkv_bias:
+            attn += (self.num_heads + 2 * self.num_kv_heads) * h
+        if self.qk_norm:
+            attn += 2 * h
         mlp = 3 * d * self.mlp_dim
         per_layer = attn + mlp + 2 * d
         n = self.num_layers * per_layer + d  # + final norm

@@ -41,8 +41,12 @@ from m3jax.tokenizer import Tokenizer, gguf_field, open_gguf
 Params = dict[str, Any]
 AUTO = "auto"
 _FLOAT_DTYPES = ("float32", "bfloat16", "float16")
-_HF_MODEL_TYPES = ("llama", "mistral")
-_HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+# model_type -> architecture of the families m3jax imports (one decoder, switches in ModelConfig)
+_HF_FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                "qwen3": "Qwen3ForCausalLM"}
+_HF_MODEL_TYPES = tuple(_HF_FAMILIES)
+_HF_ARCHITECTURES = tuple(_HF_FAMILIES.values())
+_ROPE_TYPES = ("default", "llama3")
 # Memory geometry that save_hf records under "m3jax" in config.json and load_hf reads back.
 _M3_FIELDS = ("memory_layers", "tokens_per_memory", "memories_per_chunk", "chunk_size", "reference_len",
               "reference_prefix", "score", "group_reduce", "dtype", "name")
@@ -54,24 +58,32 @@ class ConvertError(ValueError):
 
 
 # ============================================================================ HF tensor names
-def _hf_layer_names(i: int) -> dict[str, str]:
+def _hf_layer_names(i: int, config: ModelConfig) -> dict[str, str]:
+    """m3jax per-layer parameter name -> HF tensor name of layer i (biases and q/k norms when the
+    config's family has them)."""
     p = f"model.layers.{i}."
-    return {"wq": p + "self_attn.q_proj.weight", "wk": p + "self_attn.k_proj.weight",
-            "wv": p + "self_attn.v_proj.weight", "wo": p + "self_attn.o_proj.weight",
-            "w_gate": p + "mlp.gate_proj.weight", "w_up": p + "mlp.up_proj.weight",
-            "w_down": p + "mlp.down_proj.weight", "attn_norm": p + "input_layernorm.weight",
-            "mlp_norm": p + "post_attention_layernorm.weight"}
+    names = {"wq": p + "self_attn.q_proj.weight", "wk": p + "self_attn.k_proj.weight",
+             "wv": p + "self_attn.v_proj.weight", "wo": p + "self_attn.o_proj.weight",
+             "w_gate": p + "mlp.gate_proj.weight", "w_up": p + "mlp.up_proj.weight",
+             "w_down": p + "mlp.down_proj.weight", "attn_norm": p + "input_layernorm.weight",
+             "mlp_norm": p + "post_attention_layernorm.weight"}
+    if config.qkv_bias:
+        names.update(bq=p + "self_attn.q_proj.bias", bk=p + "self_attn.k_proj.bias", bv=p + "self_attn.v_proj.bias")
+    if config.qk_norm:
+        names.update(q_norm=p + "self_attn.q_norm.weight", k_norm=p + "self_attn.k_norm.weight")
+    return names
 
 
 def hf_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor of the HF Llama layout of `config`, with its (out, in) shape."""
+    """Every tensor of the HF layout of `config`, with its (out, in) shape."""
     D, N, K, H, F, V = (config.hidden, config.num_heads, config.num_kv_heads, config.head_dim,
                         config.mlp_dim, config.vocab_size)
     per_layer = {"wq": (N * H, D), "wk": (K * H, D), "wv": (K * H, D), "wo": (D, N * H),
-                 "w_gate": (F, D), "w_up": (F, D), "w_down": (D, F), "attn_norm": (D,), "mlp_norm": (D,)}
+                 "w_gate": (F, D), "w_up": (F, D), "w_down": (D, F), "attn_norm": (D,), "mlp_norm": (D,),
+                 "bq": (N * H,), "bk": (K * H,), "bv": (K * H,), "q_norm": (H,), "k_norm": (H,)}
     out = {"model.embed_tokens.weight": (V, D)}
     for i in range(config.num_layers):
-        for k, name in _hf_layer_names(i).items():
+        for k, name in _hf_layer_names(i, config).items():
             out[name] = per_layer[k]
     out["model.norm.weight"] = (D,)
     if not config.tie_embeddings:
@@ -90,6 +102,8 @@ def _hf_to_m3(key: str, w: np.ndarray, c: ModelConfig) -> np.ndarray:
         return w.T.reshape(N, H, D)
     if key in ("w_gate", "w_up", "w_down"):
         return w.T
+    if key in ("bq", "bk", "bv"):
+        return w.reshape(-1, H)
     return w  # norms
 
 
@@ -101,6 +115,8 @@ def _m3_to_hf(key: str, w: np.ndarray, c: ModelConfig) -> np.ndarray:
         return np.ascontiguousarray(w.reshape(-1, D).T)
     if key in ("w_gate", "w_up", "w_down"):
         return np.ascontiguousarray(w.T)
+    if key in ("bq", "bk", "bv"):
+        return np.ascontiguousarray(w.reshape(-1))
     return np.ascontiguousarray(w)
 
 
@@ -122,7 +138,7 @@ def _check_tensors(tensors: dict[str, np.ndarray], config: ModelConfig, where: s
     not_float = [f"{k} has dtype {tensors[k].dtype}" for k in want
                  if k in tensors and np.dtype(tensors[k].dtype).name not in _FLOAT_DTYPES]
     if missing or unexpected or bad or not_float:
-        msg = [f"{where}: the tensors do not match a Llama of config {config.name!r}:"]
+        msg = [f"{where}: the tensors do not match the {hf_family(config)} layout of config {config.name!r}:"]
         if missing:
             msg.append(f"missing tensors {_short(missing)};")
         if unexpected:
@@ -147,7 +163,7 @@ def params_from_hf_tensors(tensors: dict[str, np.ndarray], config: ModelConfig, 
     params: Params = {"embed": jnp.asarray(tensors["model.embed_tokens.weight"], dt)}
     start = 0
     for stack, L in stack_sizes(config).items():
-        layers = [_hf_layer_names(i) for i in range(start, start + L)]
+        layers = [_hf_layer_names(i, config) for i in range(start, start + L)]
         params[stack] = {k: jnp.asarray(np.stack([_hf_to_m3(k, tensors[n[k]], config) for n in layers]), dt)
                          for k in layers[0]}
         start += L
@@ -166,7 +182,7 @@ def hf_tensors_from_params(params: Params, config: ModelConfig) -> dict[str, np.
     for stack, L in stack_sizes(config).items():
         host = {k: np.asarray(v) for k, v in params[stack].items()}
         for j in range(L):
-            for k, name in _hf_layer_names(start + j).items():
+            for k, name in _hf_layer_names(start + j, config).items():
                 out[name] = _m3_to_hf(k, host[k][j], config)
         start += L
     out["model.norm.weight"] = np.ascontiguousarray(np.asarray(params["final_norm"]))
@@ -228,6 +244,50 @@ def _resolve_memory(config_kw: dict[str, Any], num_layers: int, memory_layers: i
             config_kw[k] = stored[k]
 
 
+def rope_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
+    """The ModelConfig RoPE fields of a HF config of either generation: transformers 5 keeps
+    `rope_parameters: {rope_theta, rope_type, ...}`, earlier ones a top-level `rope_theta` and
+    `rope_scaling: {rope_type | type, ...}`. Types other than default and llama3 are refused."""
+    rp = hf.get("rope_parameters")
+    if rp is None:
+        rp = hf.get("rope_scaling") or {}
+        key = "rope_scaling"
+    else:
+        key = "rope_parameters"
+    if not isinstance(rp, dict):
+        raise ConvertError(f"{where}: {key} must be an object, got {rp!r}")
+    if any(isinstance(v, dict) for v in rp.values()):
+        raise ConvertError(f"{where}: {key} holds per-layer-type RoPE parameters {sorted(rp)}, which are not "
+                           "supported (one RoPE for every layer only)")
+    kind = rp.get("rope_type", rp.get("type", "default"))
+    if kind not in _ROPE_TYPES:
+        raise ConvertError(f"{where}: {key} rope_type={kind!r} is not supported (m3jax runs {list(_ROPE_TYPES)} RoPE)")
+    partial = rp.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise ConvertError(f"{where}: partial_rotary_factor={partial!r} is not supported (RoPE on the whole head)")
+    theta = rp.get("rope_theta", hf.get("rope_theta"))
+    out: dict[str, Any] = {"rope_theta": 1e4 if theta is None else _float_field(theta, f"{key}.rope_theta", where),
+                           "rope_type": kind}
+    if kind == "llama3":
+        def need(k: str, kind: Callable[..., Any]) -> Any:
+            if rp.get(k) is None:
+                raise ConvertError(f"{where}: {key}.{k} is missing (required by rope_type 'llama3')")
+            return kind(rp[k], f"{key}.{k}", where)
+
+        out.update(rope_factor=need("factor", _float_field), rope_low_freq_factor=need("low_freq_factor", _float_field),
+                   rope_high_freq_factor=need("high_freq_factor", _float_field),
+                   rope_original_max_len=need("original_max_position_embeddings", _int_field))
+    return out
+
+
+def hf_family(config: ModelConfig) -> str:
+    """The HF model_type whose layout `config` has: qwen3 (q/k norms), qwen2 (q/k/v biases) or
+    llama. A config with both switches has no HF family (ConvertError)."""
+    if config.qk_norm and config.qkv_bias:
+        raise ConvertError(f"config {config.name!r}: q/k norms with q/k/v biases match no HF family")
+    return "qwen3" if config.qk_norm else "qwen2" if config.qkv_bias else "llama"
+
+
 def config_from_hf(hf: dict[str, Any], *, memory_layers: int | None = None, reference_prefix: Any = AUTO,
                    dtype: str | None = None, param_dtype: str = "float32", name: str | None = None,
                    max_len: int | None = None, default_name: str = "hf-llama",
@@ -256,11 +316,11 @@ def config_from_hf(hf: dict[str, Any], *, memory_layers: int | None = None, refe
     if bad_arch:
         raise ConvertError(f"{where}: architectures {bad_arch} are not supported; m3jax imports "
                            f"{_HF_ARCHITECTURES}")
-    if not isinstance(hf.get("rope_scaling"), (dict, type(None))) or hf.get("rope_scaling"):
-        raise ConvertError(f"{where}: rope_scaling={hf['rope_scaling']!r} is not supported (plain RoPE only)")
-    for key in ("attention_bias", "mlp_bias"):
+    for key in ("mlp_bias",) + (("attention_bias",) if mt != "qwen2" else ()):
+        # Llama's and Qwen3's attention_bias adds an o_proj bias too, which m3jax does not have
         if hf.get(key):
-            raise ConvertError(f"{where}: {key}=true is not supported (bias-free projections only)")
+            raise ConvertError(f"{where}: {key}=true is not supported for model_type={mt!r} (bias-free "
+                               "projections; only Qwen2's q/k/v biases are)")
     act = hf.get("hidden_act", "silu")
     if act not in ("silu", "swish"):
         raise ConvertError(f"{where}: hidden_act={act!r} is not supported (gated SiLU MLP only)")
@@ -269,6 +329,10 @@ def config_from_hf(hf: dict[str, Any], *, memory_layers: int | None = None, refe
     if sw is not None and _opt(hf, "use_sliding_window", where, _bool_field, True) and sw < n_pos:
         raise ConvertError(f"{where}: sliding_window={sw} < max_position_embeddings={n_pos} is not "
                            "supported (full causal attention only)")
+    layer_types = hf.get("layer_types") or []
+    if not isinstance(layer_types, list) or any(t != "full_attention" for t in layer_types):
+        raise ConvertError(f"{where}: layer_types={layer_types!r} is not supported (full causal attention "
+                           "in every layer only)")
     hidden = need("hidden_size")
     heads = need("num_attention_heads")
     kv = _opt(hf, "num_key_value_heads", where, _int_field, heads)
@@ -291,7 +355,7 @@ def config_from_hf(hf: dict[str, Any], *, memory_layers: int | None = None, refe
                  or default_name),
         vocab_size=vocab, num_layers=need("num_hidden_layers"), num_heads=heads, num_kv_heads=kv,
         head_dim=head_dim, hidden=hidden, mlp_dim=need("intermediate_size"),
-        rope_theta=_opt(hf, "rope_theta", where, _float_field, 1e4),
+        **rope_from_hf(hf, where), qkv_bias=mt == "qwen2", qk_norm=mt == "qwen3",
         norm_eps=_opt(hf, "rms_norm_eps", where, _float_field, 1e-6),
         tie_embeddings=_opt(hf, "tie_word_embeddings", where, _bool_field, False), max_len=max_len or n_pos,
         bos_id=bos if bos is not None else defaults.bos_id,
@@ -312,20 +376,31 @@ def _make_config(kw: dict[str, Any], memory_layers: int | None, reference_prefix
 
 
 def config_to_hf(config: ModelConfig) -> dict[str, Any]:
-    """The HF LlamaForCausalLM config.json dict of `config` (memory geometry kept under "m3jax")."""
+    """The transformers-5 config.json dict of `config` (Llama, Qwen2 or Qwen3 by `hf_family`;
+    RoPE under "rope_parameters"; memory geometry kept under "m3jax")."""
     c = config
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+    family = hf_family(c)
+    rope: dict[str, Any] = {"rope_theta": c.rope_theta, "rope_type": c.rope_type}
+    if c.rope_type == "llama3":
+        rope.update(factor=c.rope_factor, low_freq_factor=c.rope_low_freq_factor,
+                    high_freq_factor=c.rope_high_freq_factor, original_max_position_embeddings=c.rope_original_max_len)
+    out = {
+        "architectures": [_HF_FAMILIES[family]], "model_type": family,
         "hidden_size": c.hidden, "intermediate_size": c.mlp_dim, "num_hidden_layers": c.num_layers,
         "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim,
         "hidden_act": "silu", "max_position_embeddings": c.max_len, "rms_norm_eps": c.norm_eps,
-        "rope_theta": c.rope_theta, "rope_scaling": None, "attention_bias": False, "mlp_bias": False,
-        "attention_dropout": 0.0, "initializer_range": 0.02, "vocab_size": c.vocab_size,
+        "rope_parameters": rope, "attention_dropout": 0.0, "initializer_range": 0.02, "vocab_size": c.vocab_size,
         "tie_word_embeddings": c.tie_embeddings, "bos_token_id": c.bos_id, "eos_token_id": c.eos_id,
-        "pad_token_id": c.pad_id, "torch_dtype": c.param_dtype, "use_cache": True,
-        "m3jax": {k: (list(v) if isinstance(v, tuple) else v)
-                  for k, v in ((f, getattr(c, f)) for f in _M3_FIELDS)},
+        "pad_token_id": c.pad_id, "dtype": c.param_dtype, "use_cache": True,
     }
+    if family == "llama":
+        out.update(attention_bias=False, mlp_bias=False)
+    else:
+        out.update(use_sliding_window=False, sliding_window=None, layer_types=["full_attention"] * c.num_layers)
+        if family == "qwen3":
+            out["attention_bias"] = False
+    out["m3jax"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in ((f, getattr(c, f)) for f in _M3_FIELDS)}
+    return out
 
 
 # ============================================================================ HF files

@@ -216,10 +216,14 @@ def test_import_export_bit_exact(tmp_path, case, dtype, shards):
         assert a[k][2] == b[k][2], f"{k} bytes differ"
     with open(tmp_path / "out" / "config.json") as f:
         out_cfg = json.load(f)
+    # written in the transformers-5 form: RoPE under rope_parameters, "dtype" for torch_dtype
+    renamed = {"rope_theta", "rope_scaling", "torch_dtype", "pad_token_id"}
     for k, v in cfg.items():
-        if k != "pad_token_id":  # null in the source; exported as the eos id it resolved to
+        if k not in renamed:
             assert out_cfg[k] == v, k
-    assert out_cfg["pad_token_id"] == 2
+    assert out_cfg["rope_parameters"] == {"rope_theta": cfg["rope_theta"], "rope_type": "default"}
+    assert out_cfg["dtype"] == cfg["torch_dtype"] and "rope_theta" not in out_cfg
+    assert out_cfg["pad_token_id"] == 2  # null in the source; exported as the eos id it resolved to
     if "head_dim" not in cfg:
         assert out_cfg["head_dim"] == cfg["hidden_size"] // cfg["num_attention_heads"]
     # and back again: the same config (memory geometry is kept under "m3jax") and params
@@ -292,12 +296,17 @@ def test_tied_with_different_head_is_rejected(tmp_path):
 
 
 @pytest.mark.parametrize("change,needle", [
-    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling"),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_type='linear'"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}}, "rope_parameters rope_type='yarn'"),
+    ({"rope_parameters": {"full_attention": {"rope_type": "default"}}}, "per-layer-type"),
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}}, "low_freq_factor"),
+    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+    ({"layer_types": ["full_attention", "sliding_attention", "full_attention"]}, "layer_types"),
     ({"attention_bias": True}, "attention_bias"),
     ({"mlp_bias": True}, "mlp_bias"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"model_type": "gpt2"}, "model_type"),
-    ({"architectures": ["Qwen2ForCausalLM"]}, "Qwen2ForCausalLM"),
+    ({"architectures": ["GPT2LMHeadModel"]}, "GPT2LMHeadModel"),
     ({"model_type": "mistral", "sliding_window": 16}, "sliding_window"),
     ({"num_hidden_layers": None}, "num_hidden_layers"),
     ({"num_attention_heads": 3}, "num_heads"),  # 3 heads with 2 kv heads
