@@ -215,12 +215,14 @@ _PRESETS: dict[str, ModelConfig] = {
         name="demo", vocab_size=4096, num_layers=4, num_heads=6, num_kv_heads=2, head_dim=32,
         hidden=192, mlp_dim=512, max_len=1024, memory_layers=2, tokens_per_memory=8,
         memories_per_chunk=5, chunk_size=64, reference_len=128, reference_prefix=(1, 2, 3)),
-    # SmolLM2-135M(-Instruct) shapes; prefix = BOS + tokens of "Reference:" in its tokenizer.
+    # SmolLM2-135M(-Instruct) shapes; documents start with <|endoftext|> (id 0, its pretraining
+    # separator; the Instruct GGUF's BOS id 1 is the chat-turn token <|im_start|>); prefix = that
+    # start + tokens of "Reference:".
     "smollm2-135m": ModelConfig(
         name="smollm2-135m", vocab_size=49152, num_layers=30, num_heads=9, num_kv_heads=3,
         head_dim=64, hidden=576, mlp_dim=1536, rope_theta=1e5, norm_eps=1e-5,
-        tie_embeddings=True, max_len=2048, bos_id=1, eos_id=2, pad_id=2, memory_layers=15,
-        reference_prefix=(1, 23682, 42)),
+        tie_embeddings=True, max_len=2048, bos_id=0, eos_id=2, pad_id=2, memory_layers=15,
+        reference_prefix=(0, 23682, 42)),
     # The paper's 2.4B model (Yang et al. 2024, Table 1 and section 3). Its tokenizer is not
     # public: the prefix ids below have the length of "BOS Reference:" in a typical BPE (3 ids)
     # and are otherwise arbitrary; replace them with your tokenizer's ids.

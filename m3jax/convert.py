@@ -540,10 +540,15 @@ def permute_gguf_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
 _GGUF_LAYER = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
                "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
                "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
-               "ffn_norm": "post_attention_layernorm"}
+               "ffn_norm": "post_attention_layernorm", "attn_q_norm": "self_attn.q_norm",
+               "attn_k_norm": "self_attn.k_norm"}
 _GGUF_TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
              "output.weight": "lm_head.weight"}
-_GGUF_BLK = re.compile(r"blk\.(\d+)\.([a-z_]+)\.weight")
+_GGUF_BLK = re.compile(r"blk\.(\d+)\.([a-z_]+)\.(weight|bias)")
+# general.architecture -> the ModelConfig switches of that family. llama.cpp writes Mistral and
+# Llama 1-3 (SmolLM included) as "llama", with q/k rows permuted for its interleaved RoPE; Qwen2
+# and Qwen3 keep the HF row order (NEOX RoPE).
+_GGUF_ARCHS = {"llama": {}, "qwen2": {"qkv_bias": True}, "qwen3": {"qk_norm": True}}
 
 
 def _gguf_to_hf_name(name: str) -> str | None:
@@ -551,14 +556,18 @@ def _gguf_to_hf_name(name: str) -> str | None:
         return _GGUF_TOP[name]
     m = _GGUF_BLK.fullmatch(name)
     if m and m.group(2) in _GGUF_LAYER:
-        return f"model.layers.{m.group(1)}.{_GGUF_LAYER[m.group(2)]}.weight"
+        return f"model.layers.{m.group(1)}.{_GGUF_LAYER[m.group(2)]}.{m.group(3)}"
     return None
 
 
-def _check_gguf_architecture(reader: Any, where: str) -> None:
+def gguf_architecture(reader: Any, where: str) -> str:
+    """general.architecture of a GGUF, checked to be one m3jax imports (before anything else is
+    read: another architecture keeps its sizes under other keys)."""
     arch = gguf_field(reader, "general.architecture")
-    if arch != "llama":
-        raise ConvertError(f"{where}: general.architecture={arch!r} is not supported (only 'llama')")
+    if arch not in _GGUF_ARCHS:
+        raise ConvertError(f"{where}: general.architecture={arch!r} is not supported (m3jax imports "
+                           f"{sorted(_GGUF_ARCHS)})")
+    return arch
 
 
 _REQUIRED = object()
@@ -576,105 +585,130 @@ def _gguf_int(reader: Any, key: str, where: str, default: Any = _REQUIRED, low: 
 
 def config_from_gguf(reader: Any, *, memory_layers: int | None = None, reference_prefix: Any = None,
                      dtype: str = "float32", param_dtype: str = "float32", name: str | None = None,
-                     max_len: int | None = None, tied: bool = True, where: str = "gguf") -> ModelConfig:
-    _check_gguf_architecture(reader, where)
+                     max_len: int | None = None, tied: bool = True, bos_id: int | None = None,
+                     where: str = "gguf") -> ModelConfig:
+    """The ModelConfig of a llama / qwen2 / qwen3 GGUF from its metadata alone (no tensor read).
+    bos_id: the document start (default tokenizer.ggml.bos_token_id)."""
+    arch = gguf_architecture(reader, where)
 
     def need(key: str) -> int:
-        return _gguf_int(reader, f"llama.{key}", where)
+        return _gguf_int(reader, f"{arch}.{key}", where)
 
-    scaling = gguf_field(reader, "llama.rope.scaling.type")
+    scaling = gguf_field(reader, f"{arch}.rope.scaling.type")
     if scaling not in (None, "none"):
-        raise ConvertError(f"{where}: llama.rope.scaling.type={scaling!r} is not supported (plain RoPE only)")
-    if _gguf_int(reader, "llama.expert_count", where, default=0, low=0):
-        raise ConvertError(f"{where}: mixture-of-experts (llama.expert_count) is not supported")
+        raise ConvertError(f"{where}: {arch}.rope.scaling.type={scaling!r} is not supported (plain RoPE only)")
+    if any(t.name == "rope_freqs.weight" for t in reader.tensors):
+        raise ConvertError(f"{where}: per-frequency RoPE factors (tensor rope_freqs.weight, Llama 3.1+ scaling) "
+                           "are not supported in GGUF files: import the HF safetensors checkpoint instead")
+    if _gguf_int(reader, f"{arch}.expert_count", where, default=0, low=0):
+        raise ConvertError(f"{where}: mixture-of-experts ({arch}.expert_count) is not supported")
     hidden, heads = need("embedding_length"), need("attention.head_count")
-    kv = _gguf_int(reader, "llama.attention.head_count_kv", where, default=heads)
-    head_dim = _gguf_int(reader, "llama.attention.key_length", where, default=max(1, hidden // heads))
+    kv = _gguf_int(reader, f"{arch}.attention.head_count_kv", where, default=heads)
+    head_dim = _gguf_int(reader, f"{arch}.attention.key_length", where, default=max(1, hidden // heads))
     for key in ("attention.value_length", "rope.dimension_count"):
-        v = _gguf_int(reader, f"llama.{key}", where, default=head_dim)
+        v = _gguf_int(reader, f"{arch}.{key}", where, default=head_dim)
         if v != head_dim:
-            raise ConvertError(f"{where}: llama.{key}={v} differs from the head dim {head_dim} (partial RoPE "
+            raise ConvertError(f"{where}: {arch}.{key}={v} differs from the head dim {head_dim} (partial RoPE "
                                "or unequal key/value dims are not supported)")
+    sw = _gguf_int(reader, f"{arch}.attention.sliding_window", where, default=0, low=0)
+    n_ctx = _gguf_int(reader, f"{arch}.context_length", where, default=2048)
+    if sw and sw < n_ctx:
+        raise ConvertError(f"{where}: {arch}.attention.sliding_window={sw} < context_length={n_ctx} is not "
+                           "supported (full causal attention only)")
     tokens = gguf_field(reader, "tokenizer.ggml.tokens")
     n_tokens = len(tokens) if isinstance(tokens, list) else 0
-    vocab = _gguf_int(reader, "llama.vocab_size", where, default=n_tokens, low=0)
+    vocab = _gguf_int(reader, f"{arch}.vocab_size", where, default=n_tokens, low=0)
     if vocab <= 0:
-        raise ConvertError(f"{where}: neither llama.vocab_size nor tokenizer.ggml.tokens gives the vocab size")
+        raise ConvertError(f"{where}: neither {arch}.vocab_size nor tokenizer.ggml.tokens gives the vocab size")
     eos = _gguf_int(reader, "tokenizer.ggml.eos_token_id", where, default=None, low=0)
-    bos = _gguf_int(reader, "tokenizer.ggml.bos_token_id", where, default=None, low=0)
+    bos = bos_id if bos_id is not None else _gguf_int(reader, "tokenizer.ggml.bos_token_id", where, default=None, low=0)
     pad = _gguf_int(reader, "tokenizer.ggml.padding_token_id", where, default=eos, low=0)
     defaults = ModelConfig()
     if name is None:
         base, size = gguf_field(reader, "general.basename"), gguf_field(reader, "general.size_label")
-        name = (f"{base}-{size}".lower() if base and size else gguf_field(reader, "general.name")) or "gguf-llama"
-    eps = gguf_field(reader, "llama.attention.layer_norm_rms_epsilon")
+        name = (f"{base}-{size}".lower() if base and size else gguf_field(reader, "general.name")) or f"gguf-{arch}"
+    eps = gguf_field(reader, f"{arch}.attention.layer_norm_rms_epsilon")
     if eps is None:
-        raise ConvertError(f"{where}: metadata 'llama.attention.layer_norm_rms_epsilon' is missing")
-    eps = _float_field(eps, "llama.attention.layer_norm_rms_epsilon", where)
-    freq = gguf_field(reader, "llama.rope.freq_base")
+        raise ConvertError(f"{where}: metadata '{arch}.attention.layer_norm_rms_epsilon' is missing")
+    eps = _float_field(eps, f"{arch}.attention.layer_norm_rms_epsilon", where)
+    freq = gguf_field(reader, f"{arch}.rope.freq_base")
     kw: dict[str, Any] = dict(
         name=str(name), vocab_size=vocab, num_layers=need("block_count"), num_heads=heads, num_kv_heads=kv,
         head_dim=head_dim, hidden=hidden, mlp_dim=need("feed_forward_length"),
-        rope_theta=1e4 if freq is None else _float_field(freq, "llama.rope.freq_base", where),
+        rope_theta=1e4 if freq is None else _float_field(freq, f"{arch}.rope.freq_base", where),
         # GGUF stores eps as float32 (1e-5 reads back 9.9999997e-06): keep its shortest decimal form.
         norm_eps=float(np.format_float_positional(np.float32(eps), unique=True)),
-        tie_embeddings=tied, max_len=max_len or _gguf_int(reader, "llama.context_length", where, default=2048),
+        tie_embeddings=tied, max_len=max_len or n_ctx,
         bos_id=bos if bos is not None else defaults.bos_id,
         eos_id=eos if eos is not None else defaults.eos_id,
-        pad_id=pad if pad is not None else defaults.pad_id, dtype=dtype, param_dtype=param_dtype)
+        pad_id=pad if pad is not None else defaults.pad_id, dtype=dtype, param_dtype=param_dtype,
+        **_GGUF_ARCHS[arch])
     return _make_config(kw, memory_layers, reference_prefix, {}, where)
 
 
 def read_gguf_tensors(reader: Any, *, where: str = "gguf") -> dict[str, np.ndarray]:
-    """Every tensor of a llama GGUF, dequantized to float32 (out, in), renamed to the HF layout,
-    with the q/k permutation undone. Unknown tensors raise ConvertError."""
+    """Every tensor of a llama / qwen2 / qwen3 GGUF, dequantized to float32 (out, in), renamed to
+    the HF layout, with llama's q/k permutation undone. Unknown tensors raise ConvertError."""
     from gguf.quants import dequantize
 
-    _check_gguf_architecture(reader, where)
-    heads = _gguf_int(reader, "llama.attention.head_count", where)
-    kv = _gguf_int(reader, "llama.attention.head_count_kv", where, default=heads)
+    arch = gguf_architecture(reader, where)
+    heads = _gguf_int(reader, f"{arch}.attention.head_count", where)
+    kv = _gguf_int(reader, f"{arch}.attention.head_count_kv", where, default=heads)
+    unknown = [t.name for t in reader.tensors if _gguf_to_hf_name(t.name) is None]
+    if unknown:  # before any tensor is dequantized
+        raise ConvertError(f"{where}: unsupported GGUF tensors {_short(unknown)} (not a plain {arch})")
     out: dict[str, np.ndarray] = {}
-    unknown = []
     for t in reader.tensors:
         hf_name = _gguf_to_hf_name(t.name)
-        if hf_name is None:
-            unknown.append(t.name)
-            continue
         try:
             w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
             shape = tuple(int(s) for s in reversed(list(t.shape)))  # ggml [in, out] -> (out, in)
             w = w.reshape(shape)
-            if t.name.endswith("attn_q.weight"):
+            if arch == "llama" and t.name.endswith("attn_q.weight"):
                 w = unpermute_gguf_qk(w, heads)
-            elif t.name.endswith("attn_k.weight"):
+            elif arch == "llama" and t.name.endswith("attn_k.weight"):
                 w = unpermute_gguf_qk(w, kv)
         except Exception as e:  # noqa: BLE001 - dequantize / reshape of damaged data fail in many ways
             raise ConvertError(f"{where}: tensor {t.name!r} is damaged or does not fit the header "
                                f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
         out[hf_name] = w
-    if unknown:
-        raise ConvertError(f"{where}: unsupported GGUF tensors {_short(unknown)} (not a plain llama)")
     return out
+
+
+def with_document_start(tokenizer: Tokenizer) -> Tokenizer:
+    """`tokenizer` with `bos_id` set to the model's document start (`Tokenizer.document_start_id`):
+    the BOS of a base model, the pretraining separator of a chat model whose BOS is a turn marker."""
+    start = tokenizer.document_start_id()
+    if start == tokenizer.bos_id:
+        return tokenizer
+    return Tokenizer(tokenizer.tk, bos_id=start, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                     chat_template=tokenizer.chat_template, add_bos=tokenizer.add_bos)
 
 
 def load_gguf(path: str, *, memory_layers: int | None = None, reference_prefix: Any = AUTO,
               dtype: str = "float32", param_dtype: str = "float32", name: str | None = None,
               max_len: int | None = None) -> tuple[ModelConfig, Params, Tokenizer]:
-    """Import a llama GGUF (any quantization the `gguf` package dequantizes) with its tokenizer.
+    """Import a llama / qwen2 / qwen3 GGUF (any quantization the `gguf` package dequantizes) with
+    its tokenizer.
 
-    reference_prefix: "auto" (default) = the rebuilt tokenizer's `reference_prefix()` (BOS +
-    "Reference:", (1, 23682, 42) for SmolLM2), None = plain Llama (exactly the source model), or a
-    sequence of ids. memory_layers: default first half. max_len: default llama.context_length.
+    The document start (config and tokenizer `bos_id`) is `Tokenizer.document_start_id`: the
+    GGUF's BOS, except for a chat model whose BOS is a chat-turn marker (SmolLM2-Instruct's
+    `<|im_start|>`, id 1), which starts documents with its pretraining separator `<|endoftext|>`
+    (id 0; Wikipedia perplexity 14.5 against 16.8 with id 1).
+    reference_prefix: "auto" (default) = that start + the tokens of "Reference:" ((0, 23682, 42)
+    for SmolLM2), None = plain model (exactly the source), or a sequence of ids.
+    memory_layers: default first half. max_len: default {arch}.context_length.
     """
     reader = open_gguf(path)
-    _check_gguf_architecture(reader, path)  # first: another architecture's keys are not llama.*
-    tok = Tokenizer.from_gguf(reader)
+    gguf_architecture(reader, path)  # first: another architecture's keys are not ours
+    tok = with_document_start(Tokenizer.from_gguf(reader))
     if reference_prefix == AUTO:
         reference_prefix = tok.reference_prefix()
     # the config (checked) before any tensor is read; tensors are then checked against it
     config = config_from_gguf(reader, memory_layers=memory_layers, reference_prefix=reference_prefix,
                               dtype=dtype, param_dtype=param_dtype, name=name, max_len=max_len,
-                              tied=not any(t.name == "output.weight" for t in reader.tensors), where=path)
+                              tied=not any(t.name == "output.weight" for t in reader.tensors),
+                              bos_id=tok.bos_id, where=path)
     check_tokenizer(tok, config, where=path)
     tensors = read_gguf_tensors(reader, where=path)
     return config, params_from_hf_tensors(tensors, config, where=path), tok

@@ -516,9 +516,10 @@ def test_smollm2_config_and_tokenizer(smollm2):
     config, params, tok = smollm2
     want = preset("smollm2-135m")
     assert dataclasses.replace(config, max_len=want.max_len) == want  # the file says 8192 positions
-    assert config.reference_prefix == tok.reference_prefix() == (1, 23682, 42)
-    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (1, 2, 2, 49152)
-    assert tok.encode("<|im_start|>user\n") == [1, 4093, 198]
+    # the document start is <|endoftext|> (id 0), not the GGUF's BOS <|im_start|> (a chat-turn token)
+    assert config.reference_prefix == tok.reference_prefix() == (0, 23682, 42)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (0, 2, 2, 49152)
+    assert tok.encode("<|im_start|>user\n") == [1, 4093, 198] and tok.encode("<|endoftext|>") == [0]
     assert "<|im_start|>" in tok.chat_template
     text = "Memory3 stores 1,234 references — café!"
     assert tok.decode(tok.encode(text)) == text
