@@ -85,13 +85,13 @@ class Tokenizer:
 
     def encode_chat(self, messages: Sequence[Mapping[str, str]], *, system_prompt: str | None = None) -> list[int]:
         """Token ids of a conversation with the generation prompt, without a leading document
-        start (`Generator` puts the model's own `bos_id` first; a BOS the template writes itself
-        is dropped so it is not there twice)."""
-        ids = self.encode(self.apply_chat_template(messages, system_prompt=system_prompt))
+        start: `Generator` puts the model's own `bos_id` first, so a BOS that the template writes
+        itself (`{{ bos_token }}`, as Llama 3's does) is dropped rather than doubled."""
+        text = self.apply_chat_template(messages, system_prompt=system_prompt)
         bos = self.token_text(self.bos_id)
-        while ids and (ids[0] == self.bos_id or self.token_text(ids[0]) == bos):
-            ids = ids[1:]
-        return ids
+        if bos and "bos_token" in (self.chat_template or "") and text.startswith(bos):
+            text = text[len(bos):]
+        return self.encode(text)
 
     # ------------------------------------------------------------------ GGUF
     @classmethod

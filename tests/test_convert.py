@@ -371,13 +371,17 @@ def _tiny_gguf_vocab():
     return tokens, types, merges
 
 
-def write_tiny_gguf(path: str, cfg: dict, W: dict[str, np.ndarray]) -> None:
+def write_tiny_gguf(path: str, cfg: dict, W: dict[str, np.ndarray], arch: str = "llama",
+                    chat_template: str = "{{ 'chatml' }}") -> None:
+    """A GGUF as llama.cpp writes one with the `gguf` package: `arch` metadata keys, tiny vocab;
+    llama q/k rows permuted for interleaved RoPE (qwen2/qwen3 keep HF order), Qwen2 biases,
+    Qwen3 q/k norms."""
     import gguf
 
     tokens, types, merges = _tiny_gguf_vocab()
     N, K = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     H = cfg.get("head_dim") or cfg["hidden_size"] // N
-    w = gguf.GGUFWriter(path, "llama")
+    w = gguf.GGUFWriter(path, arch)
     w.add_name("tiny test")
     w.add_block_count(cfg["num_hidden_layers"])
     w.add_context_length(cfg["max_position_embeddings"])
@@ -398,23 +402,29 @@ def write_tiny_gguf(path: str, cfg: dict, W: dict[str, np.ndarray]) -> None:
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_add_bos_token(False)
-    w.add_chat_template("{{ 'chatml' }}")
-    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
-             "post_attention_layernorm": "ffn_norm"}
-    w.add_tensor("token_embd.weight", W["model.embed_tokens.weight"])
+    w.add_chat_template(chat_template)
+    names = {"self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+             "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+             "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+             "mlp.down_proj.weight": "ffn_down.weight", "input_layernorm.weight": "attn_norm.weight",
+             "post_attention_layernorm.weight": "ffn_norm.weight", "self_attn.q_proj.bias": "attn_q.bias",
+             "self_attn.k_proj.bias": "attn_k.bias", "self_attn.v_proj.bias": "attn_v.bias",
+             "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight"}
+    w.add_tensor("token_embd.weight", np.asarray(W["model.embed_tokens.weight"], np.float32))
     for i in range(cfg["num_hidden_layers"]):
         for hf_name, g in names.items():
-            t = W[f"model.layers.{i}.{hf_name}.weight"]
-            if g == "attn_q":
+            t = W.get(f"model.layers.{i}.{hf_name}")
+            if t is None:
+                continue
+            t = np.asarray(t, np.float32)
+            if arch == "llama" and g == "attn_q.weight":
                 t = convert.permute_gguf_qk(t, N)
-            elif g == "attn_k":
+            elif arch == "llama" and g == "attn_k.weight":
                 t = convert.permute_gguf_qk(t, K)
-            w.add_tensor(f"blk.{i}.{g}.weight", np.ascontiguousarray(t))
-    w.add_tensor("output_norm.weight", W["model.norm.weight"])
+            w.add_tensor(f"blk.{i}.{g}", np.ascontiguousarray(t))
+    w.add_tensor("output_norm.weight", np.asarray(W["model.norm.weight"], np.float32))
     if "lm_head.weight" in W:
-        w.add_tensor("output.weight", W["lm_head.weight"])
+        w.add_tensor("output.weight", np.asarray(W["lm_head.weight"], np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
