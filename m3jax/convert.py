@@ -1,11 +1,16 @@
 """Import and export of external checkpoints: Hugging Face Llama safetensors and GGUF (llama.cpp).
 
     load_hf(dir)      -> (ModelConfig, params)             config.json + *.safetensors (sharded or not)
-    save_hf(config, params, dir)                           the same layout back, bit-exact round trip
-    load_gguf(file)   -> (ModelConfig, params, Tokenizer)  llama GGUF, any quantization (dequantized)
+                                                           of Llama 1-3.x, Mistral, Qwen2/2.5, Qwen3
+    save_hf(config, params, dir[, tokenizer])              the transformers-5 layout back, bit-exact round trip
+    load_gguf(file)   -> (ModelConfig, params, Tokenizer)  llama / qwen2 / qwen3 GGUF, any quantization
     save_checkpoint_dir / load_checkpoint_dir              the m3jax checkpoint directory
     save_adapter / load_adapter / save_adapter_dir         a LoRA adapter over named base weights
-    convert_main(argv)                                     `m3jax convert --from hf|gguf PATH --out DIR`
+    convert_main(argv)                                     `m3jax convert --from hf|gguf|m3jax PATH [--to hf] --out DIR`
+
+Families are switches of the one ModelConfig (`qkv_bias` for Qwen2, `qk_norm` for Qwen3,
+`rope_type="llama3"` with its factors), read from either config generation: transformers 5's
+`rope_parameters` or the older top-level `rope_theta` + `rope_scaling`.
 
 Weight layouts. HF linear weights are (out, in); m3jax keeps (in, ...out) with the heads split out:
 `wq [L, D, N, H]` is `q_proj.weight.T` reshaped, query head n = kv_head * G + g (HF repeat_kv).
@@ -489,30 +494,58 @@ def load_hf(path: str, *, memory_layers: int | None = None, reference_prefix: An
     return config, params_from_hf_tensors(tensors, config, where=path)
 
 
-def save_hf(config: ModelConfig, params: Params, path: str) -> None:
-    """Export as a HF Llama directory: config.json + model.safetensors (tensors in the params' dtype)."""
+def save_hf(config: ModelConfig, params: Params, path: str, tokenizer: Tokenizer | None = None) -> None:
+    """Export in the transformers layout that transformers 5 loads (`AutoModelForCausalLM`):
+    config.json (`config_to_hf`: Llama, Qwen2 or Qwen3) + model.safetensors (tensors in the
+    params' dtype; `load_hf` reads them back bit-exact) and, with a tokenizer, tokenizer.json +
+    tokenizer_config.json (special tokens, chat template)."""
     from safetensors.numpy import save_file
 
     tensors = hf_tensors_from_params(params, config)
+    if tokenizer is not None:
+        check_tokenizer(tokenizer, config, where=path)
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
         json.dump(config_to_hf(config), f, indent=2)
+    if tokenizer is not None:
+        tokenizer.tk.save(os.path.join(path, "tokenizer.json"))
+        tc = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tokenizer.token_text(config.bos_id),
+              "eos_token": tokenizer.token_text(config.eos_id), "pad_token": tokenizer.token_text(config.pad_id),
+              "add_bos_token": tokenizer.add_bos, "model_max_length": config.max_len}
+        if tokenizer.chat_template:
+            tc["chat_template"] = tokenizer.chat_template
+        with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump(tc, f, indent=2)
+
+
+def _hf_chat_template(path: str) -> str | None:
+    """The chat template of a HF directory: chat_template.jinja (as transformers 5 saves it), else
+    tokenizer_config.json's `chat_template` (a string, or named templates: the "default" one)."""
+    jinja = os.path.join(path, "chat_template.jinja")
+    if os.path.isfile(jinja):
+        with open(jinja, encoding="utf-8") as f:
+            return f.read()
+    tc = os.path.join(path, "tokenizer_config.json")
+    if not os.path.exists(tc):
+        return None
+    t = _read_json(tc)
+    t = t.get("chat_template") if isinstance(t, dict) else None
+    if isinstance(t, list):  # [{"name": ..., "template": ...}]
+        named = {d.get("name"): d.get("template") for d in t if isinstance(d, dict)}
+        t = named.get("default")
+    return t if isinstance(t, str) else None
 
 
 def load_hf_tokenizer(path: str, config: ModelConfig) -> Tokenizer | None:
-    """The `tokenizer.json` of a HF directory (special ids from the config), or None if absent."""
+    """The `tokenizer.json` of a HF directory (special ids from the config, chat template from
+    chat_template.jinja or tokenizer_config.json), or None if absent."""
     file = os.path.join(path, "tokenizer.json")
     if not os.path.exists(file):
         return None
     from tokenizers import Tokenizer as HFTokenizer
 
-    template = None
-    tc = os.path.join(path, "tokenizer_config.json")
-    if os.path.exists(tc):
-        t = _read_json(tc)
-        t = t.get("chat_template") if isinstance(t, dict) else None
-        template = t if isinstance(t, str) else None
+    template = _hf_chat_template(path)
     try:
         hf_tok = HFTokenizer.from_file(file)
     except Exception as e:  # noqa: BLE001 - the Rust library raises its own type on bad files
@@ -1055,15 +1088,20 @@ def _parse_prefix(text: str | None) -> Any:
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="m3jax convert",
-                                          description="Convert a HF Llama or GGUF checkpoint to an m3jax checkpoint.")
-    p.add_argument("--from", dest="source", choices=("hf", "gguf"), required=True,
-                   help="hf: a directory with config.json + *.safetensors; gguf: a llama .gguf file")
-    p.add_argument("path", help="the checkpoint to import")
-    p.add_argument("--out", required=True, help="output directory (m3jax checkpoint)")
+                                          description="Import a HF (Llama, Mistral, Qwen2, Qwen3) or GGUF checkpoint as "
+                                                      "an m3jax model, or export an m3jax model to the transformers layout.")
+    p.add_argument("--from", dest="source", choices=("hf", "gguf", "m3jax"), required=True,
+                   help="hf: a directory with config.json + *.safetensors; gguf: a llama/qwen2/qwen3 .gguf file; "
+                        "m3jax: an m3jax model directory or shipped model name (with --to hf)")
+    p.add_argument("path", help="the checkpoint to convert")
+    p.add_argument("--to", dest="target", choices=("m3jax", "hf"), default="m3jax",
+                   help="m3jax (default): an m3jax model directory; hf: config.json + model.safetensors + tokenizer "
+                        "files that transformers 5 loads")
+    p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--memory-layers", type=int, default=None, help="memory layers (default: first half)")
     p.add_argument("--reference-prefix", default=None,
-                   help="'auto' (the tokenizer's BOS + 'Reference:'; default for gguf), 'none' (plain "
-                        "Llama; default for hf) or comma-separated token ids")
+                   help="'auto' (the tokenizer's document start + 'Reference:'; default for gguf), 'none' (plain "
+                        "model; default for hf) or comma-separated token ids")
     p.add_argument("--dtype", default=None, choices=_FLOAT_DTYPES, help="activation dtype (default float32)")
     p.add_argument("--param-dtype", default=None, choices=_FLOAT_DTYPES,
                    help="parameter dtype (default: hf = the checkpoint's, gguf = float32)")
@@ -1073,10 +1111,17 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def convert_main(argv: Sequence[str] | None = None) -> int:
-    """`m3jax convert --from hf|gguf PATH --out DIR [options]`; returns the exit status."""
+    """`m3jax convert --from hf|gguf|m3jax PATH [--to m3jax|hf] --out DIR [options]`; returns the exit status."""
     a = build_parser().parse_args(argv)
     prefix = _parse_prefix(a.reference_prefix)
-    if a.source == "gguf":
+    if a.source == "m3jax":
+        if a.target != "hf":
+            raise SystemExit("--from m3jax converts to the transformers layout: add --to hf")
+        config, params, tok = load_checkpoint_dir(model_dir(a.path))
+        if a.param_dtype:
+            params = jax.tree.map(lambda x: x.astype(a.param_dtype), params)
+            config = dataclasses.replace(config, param_dtype=a.param_dtype)
+    elif a.source == "gguf":
         config, params, tok = load_gguf(a.path, memory_layers=a.memory_layers,
                                         reference_prefix=AUTO if a.reference_prefix is None else prefix,
                                         dtype=a.dtype or "float32", param_dtype=a.param_dtype or "float32",
@@ -1085,15 +1130,21 @@ def convert_main(argv: Sequence[str] | None = None) -> int:
         config, params = load_hf(a.path, memory_layers=a.memory_layers, reference_prefix=AUTO,
                                  dtype=a.dtype, param_dtype=a.param_dtype, name=a.name, max_len=a.max_len)
         tok = load_hf_tokenizer(a.path, config)
+        if tok is not None:  # a chat model whose BOS is a turn marker starts documents with its separator
+            tok = with_document_start(tok)
+            config = dataclasses.replace(config, bos_id=tok.bos_id)
         if a.reference_prefix is not None:
             if prefix == AUTO:
                 if tok is None:
                     raise SystemExit(f"--reference-prefix auto needs a tokenizer.json in {a.path}")
                 prefix = tok.reference_prefix()
             config = dataclasses.replace(config, reference_prefix=prefix)
-    save_checkpoint_dir(a.out, config, params, tok)
+    if a.target == "hf":
+        save_hf(config, params, a.out, tok)
+    else:
+        save_checkpoint_dir(a.out, config, params, tok)
     n = int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
-    print(f"wrote {a.out}: {config.name}, {config.num_layers} layers ({config.memory_layers} memory), "
-          f"{n / 1e6:.1f}M params ({config.param_dtype}), reference_prefix={config.reference_prefix}, "
-          f"tokenizer={'yes' if tok is not None else 'no'}")
+    family = hf_family(config) if a.target == "hf" else f"{config.num_layers} layers ({config.memory_layers} memory)"
+    print(f"wrote {a.out} ({a.target}): {config.name}, {family}, {n / 1e6:.1f}M params ({config.param_dtype}), "
+          f"reference_prefix={config.reference_prefix}, tokenizer={'yes' if tok is not None else 'no'}")
     return 0

@@ -281,3 +281,34 @@ def test_chat_template_cannot_run_code():
     tk = Tokenizer(HFTokenizer(models.BPE()), bos_id=0, eos_id=0, pad_id=0, chat_template=refuse)
     with pytest.raises(ChatTemplateError, match="only user and assistant roles"):
         tk.apply_chat_template([{"role": "user", "content": "x"}])
+
+
+# ============================================================================ CLI
+def test_cli_export_to_hf(tmp_path, monkeypatch):
+    """`m3jax convert --from hf ... --out ck`, then `--from m3jax ck --to hf`: the same tensors and
+    config as the source; `--from gguf ... --to hf` also writes the tokenizer and chat template."""
+    import test_convert
+
+    src = os.path.join(FIXTURES, "qwen3")
+    assert convert.convert_main(["--from", "hf", src, "--out", str(tmp_path / "ck"), "--memory-layers", "1"]) == 0
+    assert convert.convert_main(["--from", "m3jax", str(tmp_path / "ck"), "--to", "hf",
+                                 "--out", str(tmp_path / "hf")]) == 0
+    c0, _ = convert.load_hf(src, memory_layers=1)
+    c1, _ = convert.load_hf(str(tmp_path / "hf"))
+    assert c1 == c0 and c1.qk_norm
+    a, b = _hf_tensors(src), _hf_tensors(str(tmp_path / "hf"))
+    assert sorted(a) == sorted(b) and all(a[k].tobytes() == b[k].tobytes() for k in a)
+    with pytest.raises(SystemExit, match="--to hf"):
+        convert.convert_main(["--from", "m3jax", str(tmp_path / "ck"), "--out", str(tmp_path / "x")])
+    # GGUF -> transformers layout with the tokenizer: the chat template travels along
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = dict(json.load(f), rope_theta=1e6)
+    monkeypatch.setattr(test_convert, "_tiny_gguf_vocab", lambda: _vocab(cfg["vocab_size"]))
+    template = "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
+    write_tiny_gguf(str(tmp_path / "m.gguf"), cfg, _hf_tensors(src), arch="qwen3", chat_template=template)
+    assert convert.convert_main(["--from", "gguf", str(tmp_path / "m.gguf"), "--to", "hf",
+                                 "--out", str(tmp_path / "hf2")]) == 0
+    c2, _ = convert.load_hf(str(tmp_path / "hf2"))
+    tok = convert.load_hf_tokenizer(str(tmp_path / "hf2"), c2)
+    assert tok.chat_template == template and c2.bos_id == 0  # BOS <|im_start|> is a turn marker: <|endoftext|>
+    assert c2.reference_prefix == (0, *tok.encode("Reference:"))
