@@ -205,8 +205,9 @@ def _generate(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         shown[0] = text
 
-    sys.stdout.write(args.prompt)
-    res = gen.generate([args.prompt], mode=args.mode, stream=stream)
+    prompt = _chat_prompt(args, args.prompt)
+    sys.stdout.write(tok.apply_chat_template(prompt) if args.chat else args.prompt)
+    res = gen.generate([prompt], mode=args.mode, stream=stream)
     s = res.stats
     print(f"\n[{args.mode}: {s.new_tokens} tokens in {s.total_s:.2f} s, {s.tokens_per_s:.1f} tokens/s, "
           f"{s.memory_swaps} memory swaps, retrieval {1000 * s.retrieval_s:.0f} ms]", file=sys.stderr)
@@ -234,6 +235,15 @@ def _read_prompts(path: str) -> list[str]:
     if not prompts:
         raise SystemExit(f"--prompts-file {path} has no prompts")
     return prompts
+
+
+def _chat_prompt(args: argparse.Namespace, text: str):
+    """With --chat: `text` as one user turn (after --system when given), which `Generator`
+    renders with the model's own chat template; else the text itself."""
+    if not args.chat:
+        return text
+    system = [{"role": "system", "content": args.system}] if args.system is not None else []
+    return system + [{"role": "user", "content": text}]
 
 
 def _generate_file(gen, args: argparse.Namespace) -> int:
@@ -269,7 +279,8 @@ def _generate_file(gen, args: argparse.Namespace) -> int:
                     bar.update(len(batches[j]))
                     written[0] += 1
 
-            gen.generate_many(batches, mode=args.mode, on_result=on_result)
+            gen.generate_many([[_chat_prompt(args, p) for p in b] for b in batches], mode=args.mode,
+                              on_result=on_result)
     finally:
         if out is not sys.stdout:
             out.close()
@@ -409,6 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=_positive_int, default=32, help="prompts per batch with --prompts-file")
     g.add_argument("--out", help="JSONL output with --prompts-file (default: stdout)")
     g.add_argument("--mode", default="memory", choices=["memory", "rag", "none"])
+    g.add_argument("--chat", action="store_true",
+                   help="ask --prompt as a user turn through the model's chat template (instruct models)")
+    g.add_argument("--system", default=None, help="with --chat: the system message (default: the template's own)")
     g.add_argument("--max-new-tokens", type=_positive_int, default=64)
     g.add_argument("--max-cache-len", type=_positive_int, default=1024)
     g.add_argument("--temperature", type=float, default=0.0)
