@@ -312,3 +312,31 @@ def test_cli_export_to_hf(tmp_path, monkeypatch):
     tok = convert.load_hf_tokenizer(str(tmp_path / "hf2"), c2)
     assert tok.chat_template == template and c2.bos_id == 0  # BOS <|im_start|> is a turn marker: <|endoftext|>
     assert c2.reference_prefix == (0, *tok.encode("Reference:"))
+
+
+def test_generator_reads_conversations():
+    """A conversation prompt is the chat template's rendering, with the model's BOS first."""
+    import tempfile
+
+    import test_convert
+    from m3jax.config import DecodeConfig
+    from m3jax.decode import Generator
+    from m3jax.tokenizer import load_gguf_tokenizer
+
+    config, params = _load("qwen3", param_dtype="float32")
+    with open(os.path.join(FIXTURES, "qwen3", "config.json")) as f:
+        cfg = dict(json.load(f), rope_theta=1e6)
+    template = "{% for m in messages %}<|im_start|>{{ m['role'] }}{{ m['content'] }}<|im_end|>{% endfor %}"
+    with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as mp:
+        mp.setattr(test_convert, "_tiny_gguf_vocab", lambda: _vocab(cfg["vocab_size"]))
+        write_tiny_gguf(os.path.join(tmp, "m.gguf"), cfg, _hf_tensors(os.path.join(FIXTURES, "qwen3")),
+                        arch="qwen3", chat_template=template)
+        tok = load_gguf_tokenizer(os.path.join(tmp, "m.gguf"))
+    gen = Generator(params, config, tok, None, DecodeConfig(max_new_tokens=4, max_cache_len=64, prompt_bucket=64))
+    conv = [{"role": "user", "content": "abc"}]
+    ids = tok.encode_chat(conv)
+    assert tok.decode(ids, skip_special=False) == "<|im_start|>userabc<|im_end|>"
+    a = gen.generate([conv], mode="none", ignore_eos=True)
+    b = gen.generate([[config.bos_id] + ids], mode="none", ignore_eos=True)
+    assert a.tokens == b.tokens and len(a.tokens[0]) == 4
+    assert gen.generate(conv, mode="none", ignore_eos=True).tokens == a.tokens  # one conversation, unbatched
