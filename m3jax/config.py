@@ -60,6 +60,9 @@ class ModelConfig:
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_len: int = 8192
+    # Per-frequency divisors of the H/2 rotary frequencies, as llama.cpp stores Llama 3.1+ scaling
+    # (GGUF tensor rope_freqs.weight); None = none. Applied after `rope_type`.
+    rope_freq_factors: tuple[float, ...] | None = None
     qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2/2.5)
     qk_norm: bool = False  # per-head RMSNorm of queries and keys before RoPE (Qwen3)
     norm_eps: float = 1e-5
@@ -118,6 +121,13 @@ class ModelConfig:
                    f"{self.rope_low_freq_factor} and {self.rope_high_freq_factor}")
             _check(isinstance(self.rope_original_max_len, int) and self.rope_original_max_len > 0,
                    f"ModelConfig.rope_original_max_len must be a positive int, got {self.rope_original_max_len!r}")
+        if self.rope_freq_factors is not None:
+            if not isinstance(self.rope_freq_factors, tuple):  # lists from JSON
+                object.__setattr__(self, "rope_freq_factors", tuple(float(x) for x in self.rope_freq_factors))
+            f = self.rope_freq_factors
+            _check(len(f) == self.head_dim // 2 and all(isinstance(x, (int, float)) and x > 0 for x in f),
+                   f"ModelConfig.rope_freq_factors must be {self.head_dim // 2} positive numbers (head_dim / 2), "
+                   f"got {len(f)}")
         for f in ("qkv_bias", "qk_norm"):
             _check(isinstance(getattr(self, f), bool), f"ModelConfig.{f} must be true or false, got "
                                                        f"{getattr(self, f)!r}")
@@ -189,8 +199,9 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        if d["reference_prefix"] is not None:
-            d["reference_prefix"] = list(d["reference_prefix"])
+        for k in ("reference_prefix", "rope_freq_factors"):
+            if d[k] is not None:
+                d[k] = list(d[k])
         return d
 
     @classmethod

@@ -385,6 +385,9 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     RoPE under "rope_parameters"; memory geometry kept under "m3jax")."""
     c = config
     family = hf_family(c)
+    if c.rope_freq_factors is not None:
+        raise ConvertError(f"config {c.name!r}: per-frequency RoPE factors (from a GGUF rope_freqs tensor) have no "
+                           "transformers config field; export the model imported from its HF checkpoint instead")
     rope: dict[str, Any] = {"rope_theta": c.rope_theta, "rope_type": c.rope_type}
     if c.rope_type == "llama3":
         rope.update(factor=c.rope_factor, low_freq_factor=c.rope_low_freq_factor,
@@ -616,6 +619,23 @@ def _gguf_int(reader: Any, key: str, where: str, default: Any = _REQUIRED, low: 
     return _int_field(v, key, where, low=low)
 
 
+def _gguf_rope_freqs(reader: Any, *, where: str) -> tuple[float, ...] | None:
+    """The per-frequency RoPE divisors of tensor rope_freqs.weight (llama.cpp's form of Llama 3.1+
+    scaling: frequency i is divided by factor i), or None when the file has none."""
+    from gguf.quants import dequantize
+
+    t = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if t is None:
+        return None
+    try:
+        f = np.asarray(dequantize(t.data, t.tensor_type), np.float32).reshape(-1)
+    except Exception as e:  # noqa: BLE001 - damaged data fails in many ways
+        raise ConvertError(f"{where}: tensor 'rope_freqs.weight' is damaged ({type(e).__name__})") from None
+    if not np.all(np.isfinite(f)) or np.any(f <= 0):
+        raise ConvertError(f"{where}: tensor 'rope_freqs.weight' must hold positive finite factors")
+    return tuple(float(x) for x in f)
+
+
 def config_from_gguf(reader: Any, *, memory_layers: int | None = None, reference_prefix: Any = None,
                      dtype: str = "float32", param_dtype: str = "float32", name: str | None = None,
                      max_len: int | None = None, tied: bool = True, bos_id: int | None = None,
@@ -630,9 +650,7 @@ def config_from_gguf(reader: Any, *, memory_layers: int | None = None, reference
     scaling = gguf_field(reader, f"{arch}.rope.scaling.type")
     if scaling not in (None, "none"):
         raise ConvertError(f"{where}: {arch}.rope.scaling.type={scaling!r} is not supported (plain RoPE only)")
-    if any(t.name == "rope_freqs.weight" for t in reader.tensors):
-        raise ConvertError(f"{where}: per-frequency RoPE factors (tensor rope_freqs.weight, Llama 3.1+ scaling) "
-                           "are not supported in GGUF files: import the HF safetensors checkpoint instead")
+    freq_factors = _gguf_rope_freqs(reader, where=where)
     if _gguf_int(reader, f"{arch}.expert_count", where, default=0, low=0):
         raise ConvertError(f"{where}: mixture-of-experts ({arch}.expert_count) is not supported")
     hidden, heads = need("embedding_length"), need("attention.head_count")
@@ -675,7 +693,7 @@ def config_from_gguf(reader: Any, *, memory_layers: int | None = None, reference
         bos_id=bos if bos is not None else defaults.bos_id,
         eos_id=eos if eos is not None else defaults.eos_id,
         pad_id=pad if pad is not None else defaults.pad_id, dtype=dtype, param_dtype=param_dtype,
-        **_GGUF_ARCHS[arch])
+        rope_freq_factors=freq_factors, **_GGUF_ARCHS[arch])
     return _make_config(kw, memory_layers, reference_prefix, {}, where)
 
 
@@ -687,12 +705,15 @@ def read_gguf_tensors(reader: Any, *, where: str = "gguf") -> dict[str, np.ndarr
     arch = gguf_architecture(reader, where)
     heads = _gguf_int(reader, f"{arch}.attention.head_count", where)
     kv = _gguf_int(reader, f"{arch}.attention.head_count_kv", where, default=heads)
-    unknown = [t.name for t in reader.tensors if _gguf_to_hf_name(t.name) is None]
+    unknown = [t.name for t in reader.tensors
+               if _gguf_to_hf_name(t.name) is None and t.name != "rope_freqs.weight"]  # that one is config
     if unknown:  # before any tensor is dequantized
         raise ConvertError(f"{where}: unsupported GGUF tensors {_short(unknown)} (not a plain {arch})")
     out: dict[str, np.ndarray] = {}
     for t in reader.tensors:
         hf_name = _gguf_to_hf_name(t.name)
+        if hf_name is None:  # rope_freqs.weight: read into the config by config_from_gguf
+            continue
         try:
             w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
             shape = tuple(int(s) for s in reversed(list(t.shape)))  # ggml [in, out] -> (out, in)

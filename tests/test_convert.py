@@ -425,6 +425,8 @@ def write_tiny_gguf(path: str, cfg: dict, W: dict[str, np.ndarray], arch: str = 
     w.add_tensor("output_norm.weight", np.asarray(W["model.norm.weight"], np.float32))
     if "lm_head.weight" in W:
         w.add_tensor("output.weight", np.asarray(W["lm_head.weight"], np.float32))
+    if "rope_freqs.weight" in W:  # llama.cpp's per-frequency RoPE factors (Llama 3.1+)
+        w.add_tensor("rope_freqs.weight", np.asarray(W["rope_freqs.weight"], np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

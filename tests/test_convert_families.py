@@ -171,7 +171,26 @@ def _vocab(n: int):
     return tokens, [3, 3, 3] + [1] * (n - 3), ["a b"]
 
 
-_GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2_tied_sharded": "qwen2", "qwen3": "qwen3"}
+_GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2_tied_sharded": "qwen2", "qwen3": "qwen3",
+              "llama3_v5": "llama"}
+
+
+def _llama_cpp_rope_freqs(rope: dict, head_dim: int) -> np.ndarray:
+    """The factors llama.cpp's converter writes as rope_freqs.weight for Llama 3.1+ scaling: 1 for
+    short wavelengths, `factor` for long ones, 1 / ((1 - s) / factor + s) between."""
+    old, lo, hi, factor = (rope["original_max_position_embeddings"], rope["low_freq_factor"],
+                           rope["high_freq_factor"], rope["factor"])
+    out = []
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * np.pi * rope["rope_theta"] ** (i / head_dim)
+        if wavelen < old / hi:
+            out.append(1.0)
+        elif wavelen > old / lo:
+            out.append(factor)
+        else:
+            s = (old / wavelen - lo) / (hi - lo)
+            out.append(1 / ((1 - s) / factor + s))
+    return np.asarray(out, np.float32)
 
 
 @pytest.mark.parametrize("case", sorted(_GGUF_ARCH))
@@ -183,11 +202,23 @@ def test_gguf_imports_like_safetensors(tmp_path, case, monkeypatch):
         cfg = json.load(f)
     cfg["rope_theta"] = cfg["rope_parameters"]["rope_theta"]
     W = _hf_tensors(src)
+    llama3 = cfg["rope_parameters"]["rope_type"] == "llama3"
+    if llama3:  # llama.cpp keeps Llama 3.1+ scaling as per-frequency factors in a tensor
+        W["rope_freqs.weight"] = _llama_cpp_rope_freqs(cfg["rope_parameters"], cfg["head_dim"])
     monkeypatch.setattr(test_convert, "_tiny_gguf_vocab", lambda: _vocab(cfg["vocab_size"]))
     write_tiny_gguf(str(tmp_path / "m.gguf"), cfg, W, arch=_GGUF_ARCH[case])
     c_g, p_g, tok = convert.load_gguf(str(tmp_path / "m.gguf"), reference_prefix=None)
     c_h, p_h = _load(case, param_dtype="float32")
     same = ("name", "bos_id", "eos_id", "pad_id", "max_len")
+    if llama3:  # the same rotary, in llama.cpp's form: factors instead of the four llama3 fields
+        assert c_g.rope_type == "default" and c_g.rope_freq_factors is not None
+        same += ("rope_type", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                 "rope_original_max_len", "rope_freq_factors")
+        from m3jax.model.layers import rope_inv_freq
+
+        np.testing.assert_allclose(rope_inv_freq(c_g), rope_inv_freq(c_h), rtol=1e-6)
+        with pytest.raises(convert.ConvertError, match="per-frequency RoPE factors"):
+            convert.save_hf(c_g, p_g, str(tmp_path / "hf"))
     assert dataclasses.replace(c_g, **{k: getattr(c_h, k) for k in same}) == c_h
     for a, b in zip(jax.tree_util.tree_leaves(p_h), jax.tree_util.tree_leaves(p_g)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -24,7 +24,8 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
     """The H/2 rotary frequencies (float32) of `config`: theta^(-2i/H), rescaled for
     `rope_type="llama3"` (Llama 3.1+): wavelengths longer than original_max_len / low_freq_factor
     are slowed by `rope_factor`, shorter than original_max_len / high_freq_factor kept, and the
-    band between interpolated smoothly."""
+    band between interpolated smoothly; then divided by `rope_freq_factors` when given (llama.cpp's
+    form of the same scaling)."""
     H = config.head_dim
     inv = 1.0 / config.rope_theta ** (np.arange(0, H, 2, dtype=np.float32) / np.float32(H))
     inv = inv.astype(np.float32)
@@ -38,6 +39,8 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
         inv = np.where(medium, mixed, scaled).astype(np.float32)
     elif config.rope_type != "default":
         raise ValueError(f"unknown rope_type {config.rope_type!r}")
+    if config.rope_freq_factors is not None:
+        inv = (inv / np.asarray(config.rope_freq_factors, np.float32)).astype(np.float32)
     return inv
 
 
