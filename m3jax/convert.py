@@ -271,7 +271,8 @@ def rope_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
     if partial != 1.0:
         raise ConvertError(f"{where}: partial_rotary_factor={partial!r} is not supported (RoPE on the whole head)")
     theta = rp.get("rope_theta", hf.get("rope_theta"))
-    out: dict[str, Any] = {"rope_theta": 1e4 if theta is None else _float_field(theta, f"{key}.rope_theta", where),
+    label = f"{key}.rope_theta" if "rope_theta" in rp else "rope_theta"
+    out: dict[str, Any] = {"rope_theta": 1e4 if theta is None else _float_field(theta, label, where),
                            "rope_type": kind}
     if kind == "llama3":
         def need(k: str, kind: Callable[..., Any]) -> Any:
