@@ -243,6 +243,31 @@ def _string_list(v: Any, key: str, where: str) -> list[str]:
     return v
 
 
+# The text splits of the byte-level BPEs that llama.cpp names in tokenizer.ggml.pre, as the models'
+# own tokenizer.json files define them (then GPT-2 byte level without its own regex).
+_LETTERS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
+_REST = r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_GGUF_PRE_SPLIT = {"llama-bpe": _LETTERS + r"\p{N}{1,3}" + _REST,  # Llama 3: numbers in groups of 3
+                   "qwen2": _LETTERS + r"\p{N}" + _REST}  # Qwen2/2.5/3: digits one by one
+
+
+def gguf_pre_tokenizer(pre: Any, where: str) -> Any:
+    """The `tokenizers` pre-tokenizer of a GGUF's tokenizer.ggml.pre: SmolLM's ("smollm", or
+    absent: digits one by one, then GPT-2 byte level), Llama 3's ("llama-bpe") or Qwen2's ("qwen2").
+    Others are refused: a wrong split would tokenize text silently differently from the model."""
+    if pre in (None, "smollm"):
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    if pre in _GGUF_PRE_SPLIT:
+        from tokenizers import Regex
+
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_GGUF_PRE_SPLIT[pre]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    raise ValueError(f"{where}: tokenizer.ggml.pre={pre!r} is not supported (m3jax rebuilds "
+                     f"{['smollm', *_GGUF_PRE_SPLIT]})")
+
+
 def load_gguf_tokenizer(path_or_reader: Any) -> Tokenizer:
     """Rebuild the byte-level BPE ("gpt2" tokenizer model) of a GGUF file from its vocab and merges.
 
@@ -281,10 +306,7 @@ def load_gguf_tokenizer(path_or_reader: Any) -> Tokenizer:
         tk = HFTokenizer(models.BPE(vocab, pairs, fuse_unk=False))
     except Exception as e:  # noqa: BLE001 - the Rust library raises its own type (e.g. a merge of unknown tokens)
         raise ValueError(f"{where}: the GGUF vocabulary does not form a BPE ({e})") from None
-    tk.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False),
-    ])
+    tk.pre_tokenizer = gguf_pre_tokenizer(gguf_field(reader, "tokenizer.ggml.pre"), where)
     tk.decoder = decoders.ByteLevel()
     special = [AddedToken(t, special=True, normalized=False)
                for t, ty in zip(tokens, types) if ty == _GGUF_CONTROL]

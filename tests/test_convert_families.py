@@ -371,3 +371,18 @@ def test_generator_reads_conversations():
     b = gen.generate([[config.bos_id] + ids], mode="none", ignore_eos=True)
     assert a.tokens == b.tokens and len(a.tokens[0]) == 4
     assert gen.generate(conv, mode="none", ignore_eos=True).tokens == a.tokens  # one conversation, unbatched
+
+
+def test_gguf_pre_tokenizers():
+    """tokenizer.ggml.pre picks the text split of the model's own tokenizer.json: numbers by 3
+    (Llama 3) or digit by digit (Qwen2, SmolLM); newlines kept together except by SmolLM's."""
+    from m3jax.tokenizer import gguf_pre_tokenizer
+
+    def split(pre):
+        return [t for t, _ in gguf_pre_tokenizer(pre, "m.gguf").pre_tokenize_str("I've 12345 apples\n\nok")]
+
+    assert split("llama-bpe") == ["I", "'ve", "Ġ", "123", "45", "Ġapples", "ĊĊ", "ok"]
+    assert split("qwen2") == ["I", "'ve", "Ġ", "1", "2", "3", "4", "5", "Ġapples", "ĊĊ", "ok"]
+    assert split("smollm") == split(None) == ["I", "'ve", "Ġ", "1", "2", "3", "4", "5", "Ġapples", "Ċ", "Ċ", "ok"]
+    with pytest.raises(ValueError, match="m.gguf: tokenizer.ggml.pre='deepseek-llm' is not supported"):
+        gguf_pre_tokenizer("deepseek-llm", "m.gguf")
