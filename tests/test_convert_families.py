@@ -386,3 +386,31 @@ def test_gguf_pre_tokenizers():
     assert split("smollm") == split(None) == ["I", "'ve", "Ġ", "1", "2", "3", "4", "5", "Ġapples", "Ċ", "Ċ", "ok"]
     with pytest.raises(ValueError, match="m.gguf: tokenizer.ggml.pre='deepseek-llm' is not supported"):
         gguf_pre_tokenizer("deepseek-llm", "m.gguf")
+
+
+@pytest.mark.slow  # builds a knowledge base and compiles memory and rag decoding (minutes on a shared CPU)
+def test_conversations_in_memory_and_rag_modes(tmp_path):
+    """An instruct-style prompt (a conversation, rendered by the chat template) runs in every
+    mode and equals its rendered ids given directly."""
+    from test_kb_updates import EMB, _text, tiny_model
+
+    from m3jax.config import DecodeConfig
+    from m3jax.decode import Generator
+    from m3jax.memory.build import build_knowledge_base
+
+    rng = np.random.default_rng(0)
+    docs = [(i, _text(rng, int(rng.integers(20, 40))), f"T{i}") for i in range(6)]
+    tok, cfg, params = tiny_model(docs, 0)
+    kb = build_knowledge_base(str(tmp_path / "kb"), params, cfg, tok, docs, embedder=EMB, codec="bf16",
+                              batch_size=8, show_progress=False, log=lambda *a: None)
+    gen = Generator(params, cfg, tok, kb.retriever(EMB, tokenizer=tok),
+                    DecodeConfig(max_new_tokens=6, max_cache_len=256, prompt_bucket=cfg.chunk_size))
+    conv = [{"role": "user", "content": docs[2][1][:60] + " What is it?"}]
+    ids = [cfg.bos_id] + tok.encode_chat(conv)
+    assert tok.decode(ids[1:]).startswith("<|im_start|>user\n")  # ChatML when a tokenizer has no template
+    for mode in ("memory", "rag", "none"):
+        a = gen.generate([conv], mode=mode, ignore_eos=True)
+        b = gen.generate([ids], mode=mode, ignore_eos=True)
+        assert a.tokens == b.tokens and len(a.tokens[0]) == 6, mode
+        if mode != "none":
+            assert len(a.retrieved[0]) >= 1 and (np.asarray(a.retrieved[0][0]) >= 0).any(), mode
