@@ -414,3 +414,18 @@ def test_conversations_in_memory_and_rag_modes(tmp_path):
         assert a.tokens == b.tokens and len(a.tokens[0]) == 6, mode
         if mode != "none":
             assert len(a.retrieved[0]) >= 1 and (np.asarray(a.retrieved[0][0]) >= 0).any(), mode
+
+
+def test_configs_written_before_the_family_fields_still_match():
+    """A model dir, bank manifest or training checkpoint written before the family fields existed
+    reads them as their defaults (the plain Llama) and still matches; a Qwen config does not."""
+    from m3jax.config import ModelConfig, preset
+    from m3jax.train.loop import _config_diff
+
+    cfg = preset("tiny")
+    new = ("rope_type", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len",
+           "rope_freq_factors", "qkv_bias", "qk_norm")
+    old = {k: v for k, v in cfg.to_dict().items() if k not in new}
+    assert ModelConfig.from_dict(old) == cfg
+    assert _config_diff(old, cfg) == []
+    assert [d.split(":")[0] for d in _config_diff(old, dataclasses.replace(cfg, qkv_bias=True))] == ["qkv_bias"]
