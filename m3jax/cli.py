@@ -310,6 +310,9 @@ def _add_generate_parser(sub, common) -> None:
     g.add_argument("--batch-size", type=_positive_int, default=32, help="prompts per batch with --prompts-file")
     g.add_argument("--out", help="JSONL output with --prompts-file (default: stdout)")
     g.add_argument("--mode", default="memory", choices=["memory", "rag", "none"])
+    g.add_argument("--chat", action="store_true",
+                   help="ask --prompt as a user turn through the model's chat template (instruct models)")
+    g.add_argument("--system", default=None, help="with --chat: the system message (default: the template's own)")
     g.add_argument("--max-new-tokens", type=_positive_int, default=64)
     g.add_argument("--max-cache-len", type=_positive_int, default=1024)
     g.add_argument("--temperature", type=float, default=0.0)
@@ -348,9 +351,10 @@ def _generate(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         shown[0] = text
 
-    sys.stdout.write(args.prompt)
+    prompt = _chat_prompt(args, args.prompt)
+    sys.stdout.write(tok.apply_chat_template(prompt) if args.chat else args.prompt)
     with CompileMeter() as meter:
-        res = gen.generate([args.prompt], mode=args.mode, stream=stream)
+        res = gen.generate([prompt], mode=args.mode, stream=stream)
     s = res.stats
     print(f"\n[{args.mode}: {s.new_tokens} tokens in {s.total_s:.2f} s ({meter.describe()}), "
           f"{_rate(s.new_tokens, s.total_s, meter.seconds)}, {s.memory_swaps} memory swaps, "
@@ -427,6 +431,15 @@ def _read_prompts(path: str) -> list[str]:
     return prompts
 
 
+def _chat_prompt(args: argparse.Namespace, text: str):
+    """With --chat: `text` as one user turn (after --system when given), which `Generator`
+    renders with the model's own chat template; else the text itself."""
+    if not args.chat:
+        return text
+    system = [{"role": "system", "content": args.system}] if args.system is not None else []
+    return system + [{"role": "user", "content": text}]
+
+
 def _generate_file(gen, kb, prompts: list[str], args: argparse.Namespace) -> int:
     """Batched generation of a prompts file with `generate_many` (two batches in flight), one JSON
     line per prompt to --out (or stdout), in prompt order, written as batches finish: the text,
@@ -465,7 +478,8 @@ def _generate_file(gen, kb, prompts: list[str], args: argparse.Namespace) -> int
                     bar.update(len(batches[j]))
                     written[0] += 1
 
-            gen.generate_many(batches, mode=args.mode, on_result=on_result)
+            gen.generate_many([[_chat_prompt(args, p) for p in b] for b in batches], mode=args.mode,
+                              on_result=on_result)
     finally:
         if out is not sys.stdout:
             out.close()
@@ -572,16 +586,20 @@ _FLOAT_DTYPES = ("float32", "bfloat16", "float16")  # convert._FLOAT_DTYPES (not
 
 
 def _add_convert_parser(sub, common) -> None:
-    c = sub.add_parser("convert", help="import a HF Llama or GGUF checkpoint as an m3jax model directory",
-                       parents=[common])
-    c.add_argument("--from", dest="source", choices=("hf", "gguf"), required=True,
-                   help="hf: a directory with config.json + *.safetensors; gguf: a llama .gguf file")
-    c.add_argument("path", help="the checkpoint to import")
-    c.add_argument("--out", required=True, help="output model directory")
+    c = sub.add_parser("convert", help="import a HF (Llama, Mistral, Qwen2, Qwen3) or GGUF checkpoint as an m3jax "
+                                       "model, or export an m3jax model to the transformers layout", parents=[common])
+    c.add_argument("--from", dest="source", choices=("hf", "gguf", "m3jax"), required=True,
+                   help="hf: a directory with config.json + *.safetensors; gguf: a llama/qwen2/qwen3 .gguf file; "
+                        "m3jax: an m3jax model directory or shipped model name (with --to hf)")
+    c.add_argument("path", help="the checkpoint to convert")
+    c.add_argument("--to", dest="target", choices=("m3jax", "hf"), default="m3jax",
+                   help="m3jax (default): an m3jax model directory; hf: config.json + model.safetensors + tokenizer "
+                        "files that transformers 5 loads")
+    c.add_argument("--out", required=True, help="output directory")
     c.add_argument("--memory-layers", type=_non_negative_int, default=None,
                    help="memory layers (default: first half)")
     c.add_argument("--reference-prefix", default=None,
-                   help="'auto' (the tokenizer's BOS + 'Reference:'; default for gguf), 'none' (plain "
+                   help="'auto' (the document start + 'Reference:'; default for gguf), 'none' (plain "
                         "Llama; default for hf) or comma-separated token ids")
     c.add_argument("--dtype", default=None, choices=_FLOAT_DTYPES, help="activation dtype (default float32)")
     c.add_argument("--param-dtype", default=None, choices=_FLOAT_DTYPES,
@@ -594,7 +612,7 @@ def _add_convert_parser(sub, common) -> None:
 def _convert(args: argparse.Namespace) -> int:
     from m3jax.convert import convert_checkpoint, parse_reference_prefix
 
-    print(convert_checkpoint(args.source, args.path, args.out, memory_layers=args.memory_layers,
+    print(convert_checkpoint(args.source, args.path, args.out, target=args.target, memory_layers=args.memory_layers,
                              reference_prefix=parse_reference_prefix(args.reference_prefix), dtype=args.dtype,
                              param_dtype=args.param_dtype, name=args.name, max_len=args.max_len))
     return 0

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 Score = Literal["softmax", "exp", "value_norm"]
 GroupReduce = Literal["sum", "max"]
+RopeType = Literal["default", "llama3"]
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -33,6 +34,12 @@ def _check(cond: bool, msg: str) -> None:
 class ModelConfig:
     """A Llama-style decoder with Memory3 explicit-memory attention.
 
+    Families differ by small switches, not classes: `qkv_bias` (Qwen2/2.5: biases on the q, k, v
+    projections), `qk_norm` (Qwen3: an RMSNorm over head_dim on every query and key head before
+    RoPE) and `rope_type` with its parameters (`"llama3"`: Llama 3.1+ frequency scaling by
+    `rope_factor` between `rope_low_freq_factor` and `rope_high_freq_factor` wavelengths of
+    `rope_original_max_len`). Their defaults are the plain Llama.
+
     Shape letters used across m3jax: B batch, T query length, S key length, D hidden (`hidden`),
     N query heads, K kv heads, G = N // K query heads per kv head, H head dim, F mlp width,
     V vocab, L layers, C chunks, M memory tokens visible to a chunk, R reference length.
@@ -47,6 +54,17 @@ class ModelConfig:
     hidden: int = 64
     mlp_dim: int = 128
     rope_theta: float = 1e4
+    # RoPE frequency scaling: "default" (none) or "llama3" (Llama 3.1+; the four fields below)
+    rope_type: RopeType = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
+    # Per-frequency divisors of the H/2 rotary frequencies, as llama.cpp stores Llama 3.1+ scaling
+    # (GGUF tensor rope_freqs.weight); None = none. Applied after `rope_type`.
+    rope_freq_factors: tuple[float, ...] | None = None
+    qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2/2.5)
+    qk_norm: bool = False  # per-head RMSNorm of queries and keys before RoPE (Qwen3)
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     max_len: int = 2048  # longest context (excluding the reference prefix and memory window)
@@ -94,6 +112,25 @@ class ModelConfig:
                f"ModelConfig.group_reduce must be one of {typing.get_args(GroupReduce)}, "
                f"got {self.group_reduce!r}")
         _check(self.rope_theta > 0, f"ModelConfig.rope_theta must be > 0, got {self.rope_theta}")
+        _check(self.rope_type in typing.get_args(RopeType),
+               f"ModelConfig.rope_type must be one of {typing.get_args(RopeType)}, got {self.rope_type!r}")
+        if self.rope_type == "llama3":
+            _check(self.rope_factor >= 1, f"ModelConfig.rope_factor must be >= 1, got {self.rope_factor}")
+            _check(0 < self.rope_low_freq_factor < self.rope_high_freq_factor,
+                   "ModelConfig.rope_low_freq_factor must be > 0 and < rope_high_freq_factor, got "
+                   f"{self.rope_low_freq_factor} and {self.rope_high_freq_factor}")
+            _check(isinstance(self.rope_original_max_len, int) and self.rope_original_max_len > 0,
+                   f"ModelConfig.rope_original_max_len must be a positive int, got {self.rope_original_max_len!r}")
+        if self.rope_freq_factors is not None:
+            if not isinstance(self.rope_freq_factors, tuple):  # lists from JSON
+                object.__setattr__(self, "rope_freq_factors", tuple(float(x) for x in self.rope_freq_factors))
+            f = self.rope_freq_factors
+            _check(len(f) == self.head_dim // 2 and all(isinstance(x, (int, float)) and x > 0 for x in f),
+                   f"ModelConfig.rope_freq_factors must be {self.head_dim // 2} positive numbers (head_dim / 2), "
+                   f"got {len(f)}")
+        for f in ("qkv_bias", "qk_norm"):
+            _check(isinstance(getattr(self, f), bool), f"ModelConfig.{f} must be true or false, got "
+                                                       f"{getattr(self, f)!r}")
         _check(self.norm_eps > 0, f"ModelConfig.norm_eps must be > 0, got {self.norm_eps}")
         for f in ("dtype", "param_dtype"):
             _check(getattr(self, f) in _DTYPES,
@@ -141,6 +178,10 @@ class ModelConfig:
         """Parameter count; non-embedding only unless `embedding=True` (then embed + lm head too)."""
         d, h = self.hidden, self.head_dim
         attn = d * self.num_heads * h * 2 + d * self.num_kv_heads * h * 2
+        if self.qkv_bias:
+            attn += (self.num_heads + 2 * self.num_kv_heads) * h
+        if self.qk_norm:
+            attn += 2 * h
         mlp = 3 * d * self.mlp_dim
         per_layer = attn + mlp + 2 * d
         n = self.num_layers * per_layer + d  # + final norm
@@ -158,8 +199,9 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        if d["reference_prefix"] is not None:
-            d["reference_prefix"] = list(d["reference_prefix"])
+        for k in ("reference_prefix", "rope_freq_factors"):
+            if d[k] is not None:
+                d[k] = list(d[k])
         return d
 
     @classmethod
@@ -184,12 +226,14 @@ _PRESETS: dict[str, ModelConfig] = {
         name="demo", vocab_size=4096, num_layers=4, num_heads=6, num_kv_heads=2, head_dim=32,
         hidden=192, mlp_dim=512, max_len=1024, memory_layers=2, tokens_per_memory=8,
         memories_per_chunk=5, chunk_size=64, reference_len=128, reference_prefix=(1, 2, 3)),
-    # SmolLM2-135M(-Instruct) shapes; prefix = BOS + tokens of "Reference:" in its tokenizer.
+    # SmolLM2-135M(-Instruct) shapes; documents start with <|endoftext|> (id 0, its pretraining
+    # separator; the Instruct GGUF's BOS id 1 is the chat-turn token <|im_start|>); prefix = that
+    # start + tokens of "Reference:".
     "smollm2-135m": ModelConfig(
         name="smollm2-135m", vocab_size=49152, num_layers=30, num_heads=9, num_kv_heads=3,
         head_dim=64, hidden=576, mlp_dim=1536, rope_theta=1e5, norm_eps=1e-5,
-        tie_embeddings=True, max_len=2048, bos_id=1, eos_id=2, pad_id=2, memory_layers=15,
-        reference_prefix=(1, 23682, 42)),
+        tie_embeddings=True, max_len=2048, bos_id=0, eos_id=2, pad_id=2, memory_layers=15,
+        reference_prefix=(0, 23682, 42)),
     # The paper's 2.4B model (Yang et al. 2024, Table 1 and section 3). Its tokenizer is not
     # public: the prefix ids below have the length of "BOS Reference:" in a typical BPE (3 ids)
     # and are otherwise arbitrary; replace them with your tokenizer's ids.

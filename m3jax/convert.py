@@ -1,12 +1,17 @@
 """Import and export of external checkpoints: Hugging Face Llama safetensors and GGUF (llama.cpp).
 
     load_hf(dir)      -> (ModelConfig, params)             config.json + *.safetensors (sharded or not)
-    save_hf(config, params, dir)                           the same layout back, bit-exact round trip
-    load_gguf(file)   -> (ModelConfig, params, Tokenizer)  llama GGUF, any quantization (dequantized)
+                                                           of Llama 1-3.x, Mistral, Qwen2/2.5, Qwen3
+    save_hf(config, params, dir[, tokenizer])              the transformers-5 layout back, bit-exact round trip
+    load_gguf(file)   -> (ModelConfig, params, Tokenizer)  llama / qwen2 / qwen3 GGUF, any quantization
     save_checkpoint_dir / load_checkpoint_dir              the m3jax checkpoint directory
     save_adapter / load_adapter / save_adapter_dir         a LoRA adapter over named base weights
-    convert_checkpoint(source, path, out)                  `m3jax convert --from hf|gguf PATH --out DIR`
+    convert_checkpoint(source, path, out, target=)         `m3jax convert --from hf|gguf|m3jax PATH [--to hf] --out DIR`
     load_model(name_or_dir) -> (config, params, Tokenizer) the one loader (`m3jax.load_model`)
+
+Families are switches of the one ModelConfig (`qkv_bias` for Qwen2, `qk_norm` for Qwen3,
+`rope_type="llama3"` with its factors), read from either config generation: transformers 5's
+`rope_parameters` or the older top-level `rope_theta` + `rope_scaling`.
 
 Weight layouts. HF linear weights are (out, in); m3jax keeps (in, ...out) with the heads split out:
 `wq [L, D, N, H]` is `q_proj.weight.T` reshaped, query head n = kv_head * G + g (HF repeat_kv).
@@ -41,8 +46,12 @@ from m3jax.tokenizer import Tokenizer, gguf_field, open_gguf
 Params = dict[str, Any]
 AUTO = "auto"
 _FLOAT_DTYPES = ("float32", "bfloat16", "float16")
-_HF_MODEL_TYPES = ("llama", "mistral")
-_HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+# model_type -> architecture of the families m3jax imports (one decoder, switches in ModelConfig)
+_HF_FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                "qwen3": "Qwen3ForCausalLM"}
+_HF_MODEL_TYPES = tuple(_HF_FAMILIES)
+_HF_ARCHITECTURES = tuple(_HF_FAMILIES.values())
+_ROPE_TYPES = ("default", "llama3")
 # Memory geometry that save_hf records under "m3jax" in config.json and load_hf reads back.
 _M3_FIELDS = ("memory_layers", "tokens_per_memory", "memories_per_chunk", "chunk_size", "reference_len",
               "reference_prefix", "score", "group_reduce", "dtype", "name")
@@ -54,24 +63,32 @@ class ConvertError(ValueError):
 
 
 # ============================================================================ HF tensor names
-def _hf_layer_names(i: int) -> dict[str, str]:
+def _hf_layer_names(i: int, config: ModelConfig) -> dict[str, str]:
+    """m3jax per-layer parameter name -> HF tensor name of layer i (biases and q/k norms when the
+    config's family has them)."""
     p = f"model.layers.{i}."
-    return {"wq": p + "self_attn.q_proj.weight", "wk": p + "self_attn.k_proj.weight",
-            "wv": p + "self_attn.v_proj.weight", "wo": p + "self_attn.o_proj.weight",
-            "w_gate": p + "mlp.gate_proj.weight", "w_up": p + "mlp.up_proj.weight",
-            "w_down": p + "mlp.down_proj.weight", "attn_norm": p + "input_layernorm.weight",
-            "mlp_norm": p + "post_attention_layernorm.weight"}
+    names = {"wq": p + "self_attn.q_proj.weight", "wk": p + "self_attn.k_proj.weight",
+             "wv": p + "self_attn.v_proj.weight", "wo": p + "self_attn.o_proj.weight",
+             "w_gate": p + "mlp.gate_proj.weight", "w_up": p + "mlp.up_proj.weight",
+             "w_down": p + "mlp.down_proj.weight", "attn_norm": p + "input_layernorm.weight",
+             "mlp_norm": p + "post_attention_layernorm.weight"}
+    if config.qkv_bias:
+        names.update(bq=p + "self_attn.q_proj.bias", bk=p + "self_attn.k_proj.bias", bv=p + "self_attn.v_proj.bias")
+    if config.qk_norm:
+        names.update(q_norm=p + "self_attn.q_norm.weight", k_norm=p + "self_attn.k_norm.weight")
+    return names
 
 
 def hf_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor of the HF Llama layout of `config`, with its (out, in) shape."""
+    """Every tensor of the HF layout of `config`, with its (out, in) shape."""
     D, N, K, H, F, V = (config.hidden, config.num_heads, config.num_kv_heads, config.head_dim,
                         config.mlp_dim, config.vocab_size)
     per_layer = {"wq": (N * H, D), "wk": (K * H, D), "wv": (K * H, D), "wo": (D, N * H),
-                 "w_gate": (F, D), "w_up": (F, D), "w_down": (D, F), "attn_norm": (D,), "mlp_norm": (D,)}
+                 "w_gate": (F, D), "w_up": (F, D), "w_down": (D, F), "attn_norm": (D,), "mlp_norm": (D,),
+                 "bq": (N * H,), "bk": (K * H,), "bv": (K * H,), "q_norm": (H,), "k_norm": (H,)}
     out = {"model.embed_tokens.weight": (V, D)}
     for i in range(config.num_layers):
-        for k, name in _hf_layer_names(i).items():
+        for k, name in _hf_layer_names(i, config).items():
             out[name] = per_layer[k]
     out["model.norm.weight"] = (D,)
     if not config.tie_embeddings:
@@ -90,6 +107,8 @@ def _hf_to_m3(key: str, w: np.ndarray, c: ModelConfig) -> np.ndarray:
         return w.T.reshape(N, H, D)
     if key in ("w_gate", "w_up", "w_down"):
         return w.T
+    if key in ("bq", "bk", "bv"):
+        return w.reshape(-1, H)
     return w  # norms
 
 
@@ -101,6 +120,8 @@ def _m3_to_hf(key: str, w: np.ndarray, c: ModelConfig) -> np.ndarray:
         return np.ascontiguousarray(w.reshape(-1, D).T)
     if key in ("w_gate", "w_up", "w_down"):
         return np.ascontiguousarray(w.T)
+    if key in ("bq", "bk", "bv"):
+        return np.ascontiguousarray(w.reshape(-1))
     return np.ascontiguousarray(w)
 
 
@@ -122,7 +143,7 @@ def _check_tensors(tensors: dict[str, np.ndarray], config: ModelConfig, where: s
     not_float = [f"{k} has dtype {tensors[k].dtype}" for k in want
                  if k in tensors and np.dtype(tensors[k].dtype).name not in _FLOAT_DTYPES]
     if missing or unexpected or bad or not_float:
-        msg = [f"{where}: the tensors do not match a Llama of config {config.name!r}:"]
+        msg = [f"{where}: the tensors do not match the {hf_family(config)} layout of config {config.name!r}:"]
         if missing:
             msg.append(f"missing tensors {_short(missing)};")
         if unexpected:
@@ -147,7 +168,7 @@ def params_from_hf_tensors(tensors: dict[str, np.ndarray], config: ModelConfig, 
     params: Params = {"embed": jnp.asarray(tensors["model.embed_tokens.weight"], dt)}
     start = 0
     for stack, L in stack_sizes(config).items():
-        layers = [_hf_layer_names(i) for i in range(start, start + L)]
+        layers = [_hf_layer_names(i, config) for i in range(start, start + L)]
         params[stack] = {k: jnp.asarray(np.stack([_hf_to_m3(k, tensors[n[k]], config) for n in layers]), dt)
                          for k in layers[0]}
         start += L
@@ -166,7 +187,7 @@ def hf_tensors_from_params(params: Params, config: ModelConfig) -> dict[str, np.
     for stack, L in stack_sizes(config).items():
         host = {k: np.asarray(v) for k, v in params[stack].items()}
         for j in range(L):
-            for k, name in _hf_layer_names(start + j).items():
+            for k, name in _hf_layer_names(start + j, config).items():
                 out[name] = _m3_to_hf(k, host[k][j], config)
         start += L
     out["model.norm.weight"] = np.ascontiguousarray(np.asarray(params["final_norm"]))
@@ -228,6 +249,51 @@ def _resolve_memory(config_kw: dict[str, Any], num_layers: int, memory_layers: i
             config_kw[k] = stored[k]
 
 
+def rope_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
+    """The ModelConfig RoPE fields of a HF config of either generation: transformers 5 keeps
+    `rope_parameters: {rope_theta, rope_type, ...}`, earlier ones a top-level `rope_theta` and
+    `rope_scaling: {rope_type | type, ...}`. Types other than default and llama3 are refused."""
+    rp = hf.get("rope_parameters")
+    if rp is None:
+        rp = hf.get("rope_scaling") or {}
+        key = "rope_scaling"
+    else:
+        key = "rope_parameters"
+    if not isinstance(rp, dict):
+        raise ConvertError(f"{where}: {key} must be an object, got {rp!r}")
+    if any(isinstance(v, dict) for v in rp.values()):
+        raise ConvertError(f"{where}: {key} holds per-layer-type RoPE parameters {sorted(rp)}, which are not "
+                           "supported (one RoPE for every layer only)")
+    kind = rp.get("rope_type", rp.get("type", "default"))
+    if kind not in _ROPE_TYPES:
+        raise ConvertError(f"{where}: {key} rope_type={kind!r} is not supported (m3jax runs {list(_ROPE_TYPES)} RoPE)")
+    partial = rp.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise ConvertError(f"{where}: partial_rotary_factor={partial!r} is not supported (RoPE on the whole head)")
+    theta = rp.get("rope_theta", hf.get("rope_theta"))
+    label = f"{key}.rope_theta" if "rope_theta" in rp else "rope_theta"
+    out: dict[str, Any] = {"rope_theta": 1e4 if theta is None else _float_field(theta, label, where),
+                           "rope_type": kind}
+    if kind == "llama3":
+        def need(k: str, kind: Callable[..., Any]) -> Any:
+            if rp.get(k) is None:
+                raise ConvertError(f"{where}: {key}.{k} is missing (required by rope_type 'llama3')")
+            return kind(rp[k], f"{key}.{k}", where)
+
+        out.update(rope_factor=need("factor", _float_field), rope_low_freq_factor=need("low_freq_factor", _float_field),
+                   rope_high_freq_factor=need("high_freq_factor", _float_field),
+                   rope_original_max_len=need("original_max_position_embeddings", _int_field))
+    return out
+
+
+def hf_family(config: ModelConfig) -> str:
+    """The HF model_type whose layout `config` has: qwen3 (q/k norms), qwen2 (q/k/v biases) or
+    llama. A config with both switches has no HF family (ConvertError)."""
+    if config.qk_norm and config.qkv_bias:
+        raise ConvertError(f"config {config.name!r}: q/k norms with q/k/v biases match no HF family")
+    return "qwen3" if config.qk_norm else "qwen2" if config.qkv_bias else "llama"
+
+
 def config_from_hf(hf: dict[str, Any], *, memory_layers: int | None = None, reference_prefix: Any = AUTO,
                    dtype: str | None = None, param_dtype: str = "float32", name: str | None = None,
                    max_len: int | None = None, default_name: str = "hf-llama",
@@ -256,11 +322,11 @@ def config_from_hf(hf: dict[str, Any], *, memory_layers: int | None = None, refe
     if bad_arch:
         raise ConvertError(f"{where}: architectures {bad_arch} are not supported; m3jax imports "
                            f"{_HF_ARCHITECTURES}")
-    if not isinstance(hf.get("rope_scaling"), (dict, type(None))) or hf.get("rope_scaling"):
-        raise ConvertError(f"{where}: rope_scaling={hf['rope_scaling']!r} is not supported (plain RoPE only)")
-    for key in ("attention_bias", "mlp_bias"):
+    for key in ("mlp_bias",) + (("attention_bias",) if mt != "qwen2" else ()):
+        # Llama's and Qwen3's attention_bias adds an o_proj bias too, which m3jax does not have
         if hf.get(key):
-            raise ConvertError(f"{where}: {key}=true is not supported (bias-free projections only)")
+            raise ConvertError(f"{where}: {key}=true is not supported for model_type={mt!r} (bias-free "
+                               "projections; only Qwen2's q/k/v biases are)")
     act = hf.get("hidden_act", "silu")
     if act not in ("silu", "swish"):
         raise ConvertError(f"{where}: hidden_act={act!r} is not supported (gated SiLU MLP only)")
@@ -269,6 +335,10 @@ def config_from_hf(hf: dict[str, Any], *, memory_layers: int | None = None, refe
     if sw is not None and _opt(hf, "use_sliding_window", where, _bool_field, True) and sw < n_pos:
         raise ConvertError(f"{where}: sliding_window={sw} < max_position_embeddings={n_pos} is not "
                            "supported (full causal attention only)")
+    layer_types = hf.get("layer_types") or []
+    if not isinstance(layer_types, list) or any(t != "full_attention" for t in layer_types):
+        raise ConvertError(f"{where}: layer_types={layer_types!r} is not supported (full causal attention "
+                           "in every layer only)")
     hidden = need("hidden_size")
     heads = need("num_attention_heads")
     kv = _opt(hf, "num_key_value_heads", where, _int_field, heads)
@@ -291,7 +361,7 @@ def config_from_hf(hf: dict[str, Any], *, memory_layers: int | None = None, refe
                  or default_name),
         vocab_size=vocab, num_layers=need("num_hidden_layers"), num_heads=heads, num_kv_heads=kv,
         head_dim=head_dim, hidden=hidden, mlp_dim=need("intermediate_size"),
-        rope_theta=_opt(hf, "rope_theta", where, _float_field, 1e4),
+        **rope_from_hf(hf, where), qkv_bias=mt == "qwen2", qk_norm=mt == "qwen3",
         norm_eps=_opt(hf, "rms_norm_eps", where, _float_field, 1e-6),
         tie_embeddings=_opt(hf, "tie_word_embeddings", where, _bool_field, False), max_len=max_len or n_pos,
         bos_id=bos if bos is not None else defaults.bos_id,
@@ -312,20 +382,34 @@ def _make_config(kw: dict[str, Any], memory_layers: int | None, reference_prefix
 
 
 def config_to_hf(config: ModelConfig) -> dict[str, Any]:
-    """The HF LlamaForCausalLM config.json dict of `config` (memory geometry kept under "m3jax")."""
+    """The transformers-5 config.json dict of `config` (Llama, Qwen2 or Qwen3 by `hf_family`;
+    RoPE under "rope_parameters"; memory geometry kept under "m3jax")."""
     c = config
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+    family = hf_family(c)
+    if c.rope_freq_factors is not None:
+        raise ConvertError(f"config {c.name!r}: per-frequency RoPE factors (from a GGUF rope_freqs tensor) have no "
+                           "transformers config field; export the model imported from its HF checkpoint instead")
+    rope: dict[str, Any] = {"rope_theta": c.rope_theta, "rope_type": c.rope_type}
+    if c.rope_type == "llama3":
+        rope.update(factor=c.rope_factor, low_freq_factor=c.rope_low_freq_factor,
+                    high_freq_factor=c.rope_high_freq_factor, original_max_position_embeddings=c.rope_original_max_len)
+    out = {
+        "architectures": [_HF_FAMILIES[family]], "model_type": family,
         "hidden_size": c.hidden, "intermediate_size": c.mlp_dim, "num_hidden_layers": c.num_layers,
         "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim,
         "hidden_act": "silu", "max_position_embeddings": c.max_len, "rms_norm_eps": c.norm_eps,
-        "rope_theta": c.rope_theta, "rope_scaling": None, "attention_bias": False, "mlp_bias": False,
-        "attention_dropout": 0.0, "initializer_range": 0.02, "vocab_size": c.vocab_size,
+        "rope_parameters": rope, "attention_dropout": 0.0, "initializer_range": 0.02, "vocab_size": c.vocab_size,
         "tie_word_embeddings": c.tie_embeddings, "bos_token_id": c.bos_id, "eos_token_id": c.eos_id,
-        "pad_token_id": c.pad_id, "torch_dtype": c.param_dtype, "use_cache": True,
-        "m3jax": {k: (list(v) if isinstance(v, tuple) else v)
-                  for k, v in ((f, getattr(c, f)) for f in _M3_FIELDS)},
+        "pad_token_id": c.pad_id, "dtype": c.param_dtype, "use_cache": True,
     }
+    if family == "llama":
+        out.update(attention_bias=False, mlp_bias=False)
+    else:
+        out.update(use_sliding_window=False, sliding_window=None, layer_types=["full_attention"] * c.num_layers)
+        if family == "qwen3":
+            out["attention_bias"] = False
+    out["m3jax"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in ((f, getattr(c, f)) for f in _M3_FIELDS)}
+    return out
 
 
 # ============================================================================ HF files
@@ -414,30 +498,58 @@ def load_hf(path: str, *, memory_layers: int | None = None, reference_prefix: An
     return config, params_from_hf_tensors(tensors, config, where=path)
 
 
-def save_hf(config: ModelConfig, params: Params, path: str) -> None:
-    """Export as a HF Llama directory: config.json + model.safetensors (tensors in the params' dtype)."""
+def save_hf(config: ModelConfig, params: Params, path: str, tokenizer: Tokenizer | None = None) -> None:
+    """Export in the transformers layout that transformers 5 loads (`AutoModelForCausalLM`):
+    config.json (`config_to_hf`: Llama, Qwen2 or Qwen3) + model.safetensors (tensors in the
+    params' dtype; `load_hf` reads them back bit-exact) and, with a tokenizer, tokenizer.json +
+    tokenizer_config.json (special tokens, chat template)."""
     from safetensors.numpy import save_file
 
     tensors = hf_tensors_from_params(params, config)
+    if tokenizer is not None:
+        check_tokenizer(tokenizer, config, where=path)
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
         json.dump(config_to_hf(config), f, indent=2)
+    if tokenizer is not None:
+        tokenizer.tk.save(os.path.join(path, "tokenizer.json"))
+        tc = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tokenizer.token_text(config.bos_id),
+              "eos_token": tokenizer.token_text(config.eos_id), "pad_token": tokenizer.token_text(config.pad_id),
+              "add_bos_token": tokenizer.add_bos, "model_max_length": config.max_len}
+        if tokenizer.chat_template:
+            tc["chat_template"] = tokenizer.chat_template
+        with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump(tc, f, indent=2)
+
+
+def _hf_chat_template(path: str) -> str | None:
+    """The chat template of a HF directory: chat_template.jinja (as transformers 5 saves it), else
+    tokenizer_config.json's `chat_template` (a string, or named templates: the "default" one)."""
+    jinja = os.path.join(path, "chat_template.jinja")
+    if os.path.isfile(jinja):
+        with open(jinja, encoding="utf-8") as f:
+            return f.read()
+    tc = os.path.join(path, "tokenizer_config.json")
+    if not os.path.exists(tc):
+        return None
+    t = _read_json(tc)
+    t = t.get("chat_template") if isinstance(t, dict) else None
+    if isinstance(t, list):  # [{"name": ..., "template": ...}]
+        named = {d.get("name"): d.get("template") for d in t if isinstance(d, dict)}
+        t = named.get("default")
+    return t if isinstance(t, str) else None
 
 
 def load_hf_tokenizer(path: str, config: ModelConfig) -> Tokenizer | None:
-    """The `tokenizer.json` of a HF directory (special ids from the config), or None if absent."""
+    """The `tokenizer.json` of a HF directory (special ids from the config, chat template from
+    chat_template.jinja or tokenizer_config.json), or None if absent."""
     file = os.path.join(path, "tokenizer.json")
     if not os.path.exists(file):
         return None
     from tokenizers import Tokenizer as HFTokenizer
 
-    template = None
-    tc = os.path.join(path, "tokenizer_config.json")
-    if os.path.exists(tc):
-        t = _read_json(tc)
-        t = t.get("chat_template") if isinstance(t, dict) else None
-        template = t if isinstance(t, str) else None
+    template = _hf_chat_template(path)
     try:
         hf_tok = HFTokenizer.from_file(file)
     except Exception as e:  # noqa: BLE001 - the Rust library raises its own type on bad files
@@ -465,10 +577,15 @@ def permute_gguf_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
 _GGUF_LAYER = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
                "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
                "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
-               "ffn_norm": "post_attention_layernorm"}
+               "ffn_norm": "post_attention_layernorm", "attn_q_norm": "self_attn.q_norm",
+               "attn_k_norm": "self_attn.k_norm"}
 _GGUF_TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
              "output.weight": "lm_head.weight"}
-_GGUF_BLK = re.compile(r"blk\.(\d+)\.([a-z_]+)\.weight")
+_GGUF_BLK = re.compile(r"blk\.(\d+)\.([a-z_]+)\.(weight|bias)")
+# general.architecture -> the ModelConfig switches of that family. llama.cpp writes Mistral and
+# Llama 1-3 (SmolLM included) as "llama", with q/k rows permuted for its interleaved RoPE; Qwen2
+# and Qwen3 keep the HF row order (NEOX RoPE).
+_GGUF_ARCHS = {"llama": {}, "qwen2": {"qkv_bias": True}, "qwen3": {"qk_norm": True}}
 
 
 def _gguf_to_hf_name(name: str) -> str | None:
@@ -476,14 +593,18 @@ def _gguf_to_hf_name(name: str) -> str | None:
         return _GGUF_TOP[name]
     m = _GGUF_BLK.fullmatch(name)
     if m and m.group(2) in _GGUF_LAYER:
-        return f"model.layers.{m.group(1)}.{_GGUF_LAYER[m.group(2)]}.weight"
+        return f"model.layers.{m.group(1)}.{_GGUF_LAYER[m.group(2)]}.{m.group(3)}"
     return None
 
 
-def _check_gguf_architecture(reader: Any, where: str) -> None:
+def gguf_architecture(reader: Any, where: str) -> str:
+    """general.architecture of a GGUF, checked to be one m3jax imports (before anything else is
+    read: another architecture keeps its sizes under other keys)."""
     arch = gguf_field(reader, "general.architecture")
-    if arch != "llama":
-        raise ConvertError(f"{where}: general.architecture={arch!r} is not supported (only 'llama')")
+    if arch not in _GGUF_ARCHS:
+        raise ConvertError(f"{where}: general.architecture={arch!r} is not supported (m3jax imports "
+                           f"{sorted(_GGUF_ARCHS)})")
+    return arch
 
 
 _REQUIRED = object()
@@ -499,107 +620,150 @@ def _gguf_int(reader: Any, key: str, where: str, default: Any = _REQUIRED, low: 
     return _int_field(v, key, where, low=low)
 
 
+def _gguf_rope_freqs(reader: Any, *, where: str) -> tuple[float, ...] | None:
+    """The per-frequency RoPE divisors of tensor rope_freqs.weight (llama.cpp's form of Llama 3.1+
+    scaling: frequency i is divided by factor i), or None when the file has none."""
+    from gguf.quants import dequantize
+
+    t = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if t is None:
+        return None
+    try:
+        f = np.asarray(dequantize(t.data, t.tensor_type), np.float32).reshape(-1)
+    except Exception as e:  # noqa: BLE001 - damaged data fails in many ways
+        raise ConvertError(f"{where}: tensor 'rope_freqs.weight' is damaged ({type(e).__name__})") from None
+    if not np.all(np.isfinite(f)) or np.any(f <= 0):
+        raise ConvertError(f"{where}: tensor 'rope_freqs.weight' must hold positive finite factors")
+    return tuple(float(x) for x in f)
+
+
 def config_from_gguf(reader: Any, *, memory_layers: int | None = None, reference_prefix: Any = None,
                      dtype: str = "float32", param_dtype: str = "float32", name: str | None = None,
-                     max_len: int | None = None, tied: bool = True, where: str = "gguf") -> ModelConfig:
-    _check_gguf_architecture(reader, where)
+                     max_len: int | None = None, tied: bool = True, bos_id: int | None = None,
+                     where: str = "gguf") -> ModelConfig:
+    """The ModelConfig of a llama / qwen2 / qwen3 GGUF from its metadata alone (no tensor read).
+    bos_id: the document start (default tokenizer.ggml.bos_token_id)."""
+    arch = gguf_architecture(reader, where)
 
     def need(key: str) -> int:
-        return _gguf_int(reader, f"llama.{key}", where)
+        return _gguf_int(reader, f"{arch}.{key}", where)
 
-    scaling = gguf_field(reader, "llama.rope.scaling.type")
+    scaling = gguf_field(reader, f"{arch}.rope.scaling.type")
     if scaling not in (None, "none"):
-        raise ConvertError(f"{where}: llama.rope.scaling.type={scaling!r} is not supported (plain RoPE only)")
-    if _gguf_int(reader, "llama.expert_count", where, default=0, low=0):
-        raise ConvertError(f"{where}: mixture-of-experts (llama.expert_count) is not supported")
+        raise ConvertError(f"{where}: {arch}.rope.scaling.type={scaling!r} is not supported (plain RoPE only)")
+    freq_factors = _gguf_rope_freqs(reader, where=where)
+    if _gguf_int(reader, f"{arch}.expert_count", where, default=0, low=0):
+        raise ConvertError(f"{where}: mixture-of-experts ({arch}.expert_count) is not supported")
     hidden, heads = need("embedding_length"), need("attention.head_count")
-    kv = _gguf_int(reader, "llama.attention.head_count_kv", where, default=heads)
-    head_dim = _gguf_int(reader, "llama.attention.key_length", where, default=max(1, hidden // heads))
+    kv = _gguf_int(reader, f"{arch}.attention.head_count_kv", where, default=heads)
+    head_dim = _gguf_int(reader, f"{arch}.attention.key_length", where, default=max(1, hidden // heads))
     for key in ("attention.value_length", "rope.dimension_count"):
-        v = _gguf_int(reader, f"llama.{key}", where, default=head_dim)
+        v = _gguf_int(reader, f"{arch}.{key}", where, default=head_dim)
         if v != head_dim:
-            raise ConvertError(f"{where}: llama.{key}={v} differs from the head dim {head_dim} (partial RoPE "
+            raise ConvertError(f"{where}: {arch}.{key}={v} differs from the head dim {head_dim} (partial RoPE "
                                "or unequal key/value dims are not supported)")
+    sw = _gguf_int(reader, f"{arch}.attention.sliding_window", where, default=0, low=0)
+    n_ctx = _gguf_int(reader, f"{arch}.context_length", where, default=2048)
+    if sw and sw < n_ctx:
+        raise ConvertError(f"{where}: {arch}.attention.sliding_window={sw} < context_length={n_ctx} is not "
+                           "supported (full causal attention only)")
     tokens = gguf_field(reader, "tokenizer.ggml.tokens")
     n_tokens = len(tokens) if isinstance(tokens, list) else 0
-    vocab = _gguf_int(reader, "llama.vocab_size", where, default=n_tokens, low=0)
+    vocab = _gguf_int(reader, f"{arch}.vocab_size", where, default=n_tokens, low=0)
     if vocab <= 0:
-        raise ConvertError(f"{where}: neither llama.vocab_size nor tokenizer.ggml.tokens gives the vocab size")
+        raise ConvertError(f"{where}: neither {arch}.vocab_size nor tokenizer.ggml.tokens gives the vocab size")
     eos = _gguf_int(reader, "tokenizer.ggml.eos_token_id", where, default=None, low=0)
-    bos = _gguf_int(reader, "tokenizer.ggml.bos_token_id", where, default=None, low=0)
+    bos = bos_id if bos_id is not None else _gguf_int(reader, "tokenizer.ggml.bos_token_id", where, default=None, low=0)
     pad = _gguf_int(reader, "tokenizer.ggml.padding_token_id", where, default=eos, low=0)
     defaults = ModelConfig()
     if name is None:
         base, size = gguf_field(reader, "general.basename"), gguf_field(reader, "general.size_label")
-        name = (f"{base}-{size}".lower() if base and size else gguf_field(reader, "general.name")) or "gguf-llama"
-    eps = gguf_field(reader, "llama.attention.layer_norm_rms_epsilon")
+        name = (f"{base}-{size}".lower() if base and size else gguf_field(reader, "general.name")) or f"gguf-{arch}"
+    eps = gguf_field(reader, f"{arch}.attention.layer_norm_rms_epsilon")
     if eps is None:
-        raise ConvertError(f"{where}: metadata 'llama.attention.layer_norm_rms_epsilon' is missing")
-    eps = _float_field(eps, "llama.attention.layer_norm_rms_epsilon", where)
-    freq = gguf_field(reader, "llama.rope.freq_base")
+        raise ConvertError(f"{where}: metadata '{arch}.attention.layer_norm_rms_epsilon' is missing")
+    eps = _float_field(eps, f"{arch}.attention.layer_norm_rms_epsilon", where)
+    freq = gguf_field(reader, f"{arch}.rope.freq_base")
     kw: dict[str, Any] = dict(
         name=str(name), vocab_size=vocab, num_layers=need("block_count"), num_heads=heads, num_kv_heads=kv,
         head_dim=head_dim, hidden=hidden, mlp_dim=need("feed_forward_length"),
-        rope_theta=1e4 if freq is None else _float_field(freq, "llama.rope.freq_base", where),
+        rope_theta=1e4 if freq is None else _float_field(freq, f"{arch}.rope.freq_base", where),
         # GGUF stores eps as float32 (1e-5 reads back 9.9999997e-06): keep its shortest decimal form.
         norm_eps=float(np.format_float_positional(np.float32(eps), unique=True)),
-        tie_embeddings=tied, max_len=max_len or _gguf_int(reader, "llama.context_length", where, default=2048),
+        tie_embeddings=tied, max_len=max_len or n_ctx,
         bos_id=bos if bos is not None else defaults.bos_id,
         eos_id=eos if eos is not None else defaults.eos_id,
-        pad_id=pad if pad is not None else defaults.pad_id, dtype=dtype, param_dtype=param_dtype)
+        pad_id=pad if pad is not None else defaults.pad_id, dtype=dtype, param_dtype=param_dtype,
+        rope_freq_factors=freq_factors, **_GGUF_ARCHS[arch])
     return _make_config(kw, memory_layers, reference_prefix, {}, where)
 
 
 def read_gguf_tensors(reader: Any, *, where: str = "gguf") -> dict[str, np.ndarray]:
-    """Every tensor of a llama GGUF, dequantized to float32 (out, in), renamed to the HF layout,
-    with the q/k permutation undone. Unknown tensors raise ConvertError."""
+    """Every tensor of a llama / qwen2 / qwen3 GGUF, dequantized to float32 (out, in), renamed to
+    the HF layout, with llama's q/k permutation undone. Unknown tensors raise ConvertError."""
     from gguf.quants import dequantize
 
-    _check_gguf_architecture(reader, where)
-    heads = _gguf_int(reader, "llama.attention.head_count", where)
-    kv = _gguf_int(reader, "llama.attention.head_count_kv", where, default=heads)
+    arch = gguf_architecture(reader, where)
+    heads = _gguf_int(reader, f"{arch}.attention.head_count", where)
+    kv = _gguf_int(reader, f"{arch}.attention.head_count_kv", where, default=heads)
+    unknown = [t.name for t in reader.tensors
+               if _gguf_to_hf_name(t.name) is None and t.name != "rope_freqs.weight"]  # that one is config
+    if unknown:  # before any tensor is dequantized
+        raise ConvertError(f"{where}: unsupported GGUF tensors {_short(unknown)} (not a plain {arch})")
     out: dict[str, np.ndarray] = {}
-    unknown = []
     for t in reader.tensors:
         hf_name = _gguf_to_hf_name(t.name)
-        if hf_name is None:
-            unknown.append(t.name)
+        if hf_name is None:  # rope_freqs.weight: read into the config by config_from_gguf
             continue
         try:
             w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
             shape = tuple(int(s) for s in reversed(list(t.shape)))  # ggml [in, out] -> (out, in)
             w = w.reshape(shape)
-            if t.name.endswith("attn_q.weight"):
+            if arch == "llama" and t.name.endswith("attn_q.weight"):
                 w = unpermute_gguf_qk(w, heads)
-            elif t.name.endswith("attn_k.weight"):
+            elif arch == "llama" and t.name.endswith("attn_k.weight"):
                 w = unpermute_gguf_qk(w, kv)
         except Exception as e:  # noqa: BLE001 - dequantize / reshape of damaged data fail in many ways
             raise ConvertError(f"{where}: tensor {t.name!r} is damaged or does not fit the header "
                                f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
         out[hf_name] = w
-    if unknown:
-        raise ConvertError(f"{where}: unsupported GGUF tensors {_short(unknown)} (not a plain llama)")
     return out
+
+
+def with_document_start(tokenizer: Tokenizer) -> Tokenizer:
+    """`tokenizer` with `bos_id` set to the model's document start (`Tokenizer.document_start_id`):
+    the BOS of a base model, the pretraining separator of a chat model whose BOS is a turn marker."""
+    start = tokenizer.document_start_id()
+    if start == tokenizer.bos_id:
+        return tokenizer
+    return Tokenizer(tokenizer.tk, bos_id=start, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                     chat_template=tokenizer.chat_template, add_bos=tokenizer.add_bos)
 
 
 def load_gguf(path: str, *, memory_layers: int | None = None, reference_prefix: Any = AUTO,
               dtype: str = "float32", param_dtype: str = "float32", name: str | None = None,
               max_len: int | None = None) -> tuple[ModelConfig, Params, Tokenizer]:
-    """Import a llama GGUF (any quantization the `gguf` package dequantizes) with its tokenizer.
+    """Import a llama / qwen2 / qwen3 GGUF (any quantization the `gguf` package dequantizes) with
+    its tokenizer.
 
-    reference_prefix: "auto" (default) = the rebuilt tokenizer's `reference_prefix()` (BOS +
-    "Reference:", (1, 23682, 42) for SmolLM2), None = plain Llama (exactly the source model), or a
-    sequence of ids. memory_layers: default first half. max_len: default llama.context_length.
+    The document start (config and tokenizer `bos_id`) is `Tokenizer.document_start_id`: the
+    GGUF's BOS, except for a chat model whose BOS is a chat-turn marker (SmolLM2-Instruct's
+    `<|im_start|>`, id 1), which starts documents with its pretraining separator `<|endoftext|>`
+    (id 0; Wikipedia perplexity 14.5 against 16.8 with id 1).
+    reference_prefix: "auto" (default) = that start + the tokens of "Reference:" ((0, 23682, 42)
+    for SmolLM2), None = plain model (exactly the source), or a sequence of ids.
+    memory_layers: default first half. max_len: default {arch}.context_length.
     """
     reader = open_gguf(path)
-    _check_gguf_architecture(reader, path)  # first: another architecture's keys are not llama.*
-    tok = Tokenizer.from_gguf(reader)
+    gguf_architecture(reader, path)  # first: another architecture's keys are not ours
+    tok = with_document_start(Tokenizer.from_gguf(reader))
     if reference_prefix == AUTO:
         reference_prefix = tok.reference_prefix()
     # the config (checked) before any tensor is read; tensors are then checked against it
     config = config_from_gguf(reader, memory_layers=memory_layers, reference_prefix=reference_prefix,
                               dtype=dtype, param_dtype=param_dtype, name=name, max_len=max_len,
-                              tied=not any(t.name == "output.weight" for t in reader.tensors), where=path)
+                              tied=not any(t.name == "output.weight" for t in reader.tensors),
+                              bos_id=tok.bos_id, where=path)
     check_tokenizer(tok, config, where=path)
     tensors = read_gguf_tensors(reader, where=path)
     return config, params_from_hf_tensors(tensors, config, where=path), tok
@@ -963,15 +1127,27 @@ def parse_reference_prefix(text: str | None) -> Any:
         raise ConvertError(f"--reference-prefix must be 'auto', 'none' or comma-separated ids, got {text!r}") from None
 
 
-def convert_checkpoint(source: str, path: str, out: str, *, memory_layers: int | None = None,
+def convert_checkpoint(source: str, path: str, out: str, *, target: str = "m3jax", memory_layers: int | None = None,
                        reference_prefix: Any = None, dtype: str | None = None, param_dtype: str | None = None,
                        name: str | None = None, max_len: int | None = None) -> str:
-    """Import a checkpoint (`source` "hf": a HF Llama directory, "gguf": a llama .gguf file) into
-    the m3jax model directory `out` (what `m3jax convert` runs). reference_prefix: None (the
-    source's default: AUTO for gguf, none for hf), AUTO (BOS + "Reference:"), () (none: a plain
-    Llama) or token ids. Returns a one-line summary of what was written."""
+    """What `m3jax convert` runs: import a checkpoint (`source` "hf": a transformers directory of a
+    supported family, "gguf": a llama / qwen2 / qwen3 .gguf file, "m3jax": an m3jax model directory
+    or shipped name) and write it to `out` as an m3jax model directory (`target` "m3jax") or in the
+    transformers layout (`target` "hf": config.json + safetensors + tokenizer files that
+    transformers 5 loads). reference_prefix: None (the source's default: AUTO for gguf, none for
+    hf), AUTO (document start + "Reference:"), () (none: the plain model) or token ids. Returns a
+    one-line summary of what was written."""
+    if target not in ("m3jax", "hf"):
+        raise ConvertError(f"unknown conversion target {target!r} (m3jax or hf)")
     prefix = reference_prefix
-    if source == "gguf":
+    if source == "m3jax":
+        if target != "hf":
+            raise ConvertError("--from m3jax converts to the transformers layout: add --to hf")
+        config, params, tok = load_checkpoint_dir(model_dir(path))
+        if param_dtype:
+            params = jax.tree.map(lambda x: x.astype(param_dtype), params)
+            config = dataclasses.replace(config, param_dtype=param_dtype)
+    elif source == "gguf":
         config, params, tok = load_gguf(path, memory_layers=memory_layers,
                                         reference_prefix=AUTO if prefix is None else (prefix or None),
                                         dtype=dtype or "float32", param_dtype=param_dtype or "float32",
@@ -980,6 +1156,9 @@ def convert_checkpoint(source: str, path: str, out: str, *, memory_layers: int |
         config, params = load_hf(path, memory_layers=memory_layers, reference_prefix=AUTO,
                                  dtype=dtype, param_dtype=param_dtype, name=name, max_len=max_len)
         tok = load_hf_tokenizer(path, config)
+        if tok is not None:  # a chat model whose BOS is a turn marker starts documents with its separator
+            tok = with_document_start(tok)
+            config = dataclasses.replace(config, bos_id=tok.bos_id)
         if prefix is not None:
             if prefix == AUTO:
                 if tok is None:
@@ -987,12 +1166,15 @@ def convert_checkpoint(source: str, path: str, out: str, *, memory_layers: int |
                 prefix = tok.reference_prefix()
             config = dataclasses.replace(config, reference_prefix=prefix or None)
     else:
-        raise ConvertError(f"unknown checkpoint source {source!r} (hf or gguf)")
-    save_checkpoint_dir(out, config, params, tok)
+        raise ConvertError(f"unknown checkpoint source {source!r} (hf, gguf or m3jax)")
+    if target == "hf":
+        save_hf(config, params, out, tok)
+    else:
+        save_checkpoint_dir(out, config, params, tok)
     n = int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
-    return (f"wrote {out}: {config.name}, {config.num_layers} layers ({config.memory_layers} memory), "
-            f"{n / 1e6:.1f}M params ({config.param_dtype}), reference_prefix={config.reference_prefix}, "
-            f"tokenizer={'yes' if tok is not None else 'no'}")
+    what = hf_family(config) if target == "hf" else f"{config.num_layers} layers ({config.memory_layers} memory)"
+    return (f"wrote {out} ({target}): {config.name}, {what}, {n / 1e6:.1f}M params ({config.param_dtype}), "
+            f"reference_prefix={config.reference_prefix}, tokenizer={'yes' if tok is not None else 'no'}")
 
 
 def convert_main(argv: Sequence[str] | None = None) -> int:

@@ -69,6 +69,11 @@ class MemorySource(Protocol):
 
 
 # ------------------------------------------------------------------------------ sampling
+def _is_message(x) -> bool:
+    """A chat message: a mapping with "role" and "content"."""
+    return isinstance(x, dict) and "role" in x and "content" in x
+
+
 def sample(logits_BV: Array, key: Array, temperature: float, top_k: int, top_p: float) -> Array:
     """Greedy when temperature == 0; else temperature / top-k / top-p (nucleus) sampling."""
     if temperature == 0.0:
@@ -271,11 +276,15 @@ class Generator:
 
     # ---------------------------------------------------------------- helpers
     def _encode_prompts(self, prompts) -> list[list[int]]:
-        if isinstance(prompts, str):
-            prompts = [prompts]
+        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and _is_message(prompts[0])):
+            prompts = [prompts]  # one text or one conversation
         out = []
         for p in prompts:
-            if isinstance(p, str):
+            if isinstance(p, (list, tuple)) and p and _is_message(p[0]):  # a conversation: the chat template
+                if self.tokenizer is None:
+                    raise ValueError("chat prompts need a tokenizer (its chat template)")
+                ids = [self.config.bos_id] + self.tokenizer.encode_chat(p)
+            elif isinstance(p, str):
                 if self.tokenizer is None:
                     raise ValueError("text prompts need a tokenizer; pass token ids or a tokenizer")
                 ids = [self.config.bos_id] + self.tokenizer.encode(p)  # the model's BOS, always
@@ -479,7 +488,10 @@ class Generator:
                  stop_tokens: Iterable[int] | None = None, ignore_eos: bool = False,
                  seed: int | None = None,
                  stream: Callable[[list[list[int]]], None] | None = None) -> GenerationResult:
-        """Generate for a batch of prompts (texts or token ids; BOS is added if missing).
+        """Generate for a batch of prompts (texts or token ids; BOS is added if missing). A prompt
+        may also be a conversation, [{"role": "user", "content": ...}, ...], rendered by the
+        tokenizer's chat template (`Tokenizer.encode_chat`) with the generation prompt, so an
+        instruct model answers it.
 
         stream(new_tokens_per_sequence) is called after every generated chunk. EOS stops a
         sequence unless `ignore_eos` (benchmarks generate fixed lengths); `stop_tokens` add more.

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from typing import Any, Iterable, Mapping, Sequence
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -51,25 +50,48 @@ class Tokenizer:
         """BOS followed by the tokens of "Reference:" (MEMORY3.md, "Writing a memory")."""
         return (self.bos_id, *self.encode(REFERENCE_TEXT))
 
+    def token_text(self, token_id: int) -> str | None:
+        """The text of one token id (special tokens included), None outside the vocabulary."""
+        return self.tk.id_to_token(int(token_id))
+
+    def document_start_id(self) -> int:
+        """The id that starts a document for this model. A base model's BOS; but a chat model whose
+        BOS is a chat-turn marker (its text appears in the chat template, as SmolLM2-Instruct's
+        `<|im_start|>`) was pretrained on documents separated by `<|endoftext|>`: that id when the
+        vocabulary has it (SmolLM2: Wikipedia perplexity 14.5 against 16.8 with `<|im_start|>`)."""
+        bos = self.token_text(self.bos_id)
+        if not self.chat_template or not bos or bos not in self.chat_template:
+            return self.bos_id
+        sep = self.tk.token_to_id(_DOCUMENT_SEPARATOR)
+        return self.bos_id if sep is None else int(sep)
+
     # ------------------------------------------------------------------ chat
     def apply_chat_template(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True,
                             *, system_prompt: str | None = None) -> str:
-        """Render `messages` ([{"role": ..., "content": ...}]) in the ChatML format of SmolLM2:
-        `<|im_start|>role\ncontent<|im_end|>\n` per message, then `<|im_start|>assistant\n` when
-        `add_generation_prompt`. When the first message is not a system message, a system message
-        is prepended: `system_prompt` if given, else the default one written in `chat_template`
-        (none when the template has none). The template itself is not executed (no jinja2)."""
-        default = system_prompt if system_prompt is not None else chatml_default_system(self.chat_template)
-        out = []
+        """`messages` ([{"role": ..., "content": ...}]) rendered by the model's own chat template
+        (`chat_template`, from tokenizer_config.json or the GGUF's `tokenizer.chat_template`) in
+        Jinja's sandbox (`render_chat_template`). `system_prompt` prepends a system message when
+        the conversation has none. A tokenizer without a template renders ChatML
+        (`<|im_start|>role\ncontent<|im_end|>\n`, then `<|im_start|>assistant\n`)."""
+        messages = [dict(m) for m in messages]
         for i, m in enumerate(messages):
             if "role" not in m or "content" not in m:
                 raise ValueError(f"chat message {i} needs 'role' and 'content' keys, got {sorted(m)}")
-            if i == 0 and m["role"] != "system" and default is not None:
-                out.append(f"<|im_start|>system\n{default}<|im_end|>\n")
-            out.append(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n")
-        if add_generation_prompt:
-            out.append("<|im_start|>assistant\n")
-        return "".join(out)
+        if system_prompt is not None and (not messages or messages[0]["role"] != "system"):
+            messages.insert(0, {"role": "system", "content": system_prompt})
+        special = {"bos_token": self.token_text(self.bos_id) or "", "eos_token": self.token_text(self.eos_id) or ""}
+        return render_chat_template(self.chat_template or CHATML_TEMPLATE, messages,
+                                    add_generation_prompt=add_generation_prompt, **special)
+
+    def encode_chat(self, messages: Sequence[Mapping[str, str]], *, system_prompt: str | None = None) -> list[int]:
+        """Token ids of a conversation with the generation prompt, without a leading document
+        start: `Generator` puts the model's own `bos_id` first, so a BOS that the template writes
+        itself (`{{ bos_token }}`, as Llama 3's does) is dropped rather than doubled."""
+        text = self.apply_chat_template(messages, system_prompt=system_prompt)
+        bos = self.token_text(self.bos_id)
+        if bos and "bos_token" in (self.chat_template or "") and text.startswith(bos):
+            text = text[len(bos):]
+        return self.encode(text)
 
     # ------------------------------------------------------------------ GGUF
     @classmethod
@@ -144,18 +166,44 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 8192, *, min_frequency: in
     return Tokenizer(tk, bos_id=0 + 1, eos_id=2, pad_id=0)
 
 
+# ---------------------------------------------------------------------- chat templates
+_DOCUMENT_SEPARATOR = "<|endoftext|>"
+# The template used when a tokenizer has none (ChatML, the format of SmolLM2 and Qwen).
+CHATML_TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+                   "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+class ChatTemplateError(ValueError):
+    """A chat template that does not parse or fails while rendering."""
+
+
+def render_chat_template(template: str, messages: Sequence[Mapping[str, Any]], *,
+                         add_generation_prompt: bool = True, **variables: Any) -> str:
+    """Render a Hugging Face chat template (Jinja) in `jinja2.sandbox.ImmutableSandboxedEnvironment`:
+    a template from a model file cannot call arbitrary Python, reach attributes outside the
+    sandbox's safe set, or mutate the messages. `raise_exception(msg)` (used by templates to refuse a
+    conversation) raises ChatTemplateError; `strftime_now(fmt)` gives today's date (Llama 3.1)."""
+    import datetime
+
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(msg: str) -> None:
+        raise ChatTemplateError(f"the chat template refused the conversation: {msg}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals.update(raise_exception=raise_exception,
+                       strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
+    try:
+        return env.from_string(template).render(messages=list(messages),
+                                                add_generation_prompt=add_generation_prompt, **variables)
+    except ChatTemplateError:
+        raise
+    except TemplateError as e:
+        raise ChatTemplateError(f"chat template error: {type(e).__name__}: {e}") from None
+
+
 # ---------------------------------------------------------------------- GGUF vocab
-_CHATML_SYSTEM = re.compile(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", re.S)
-
-
-def chatml_default_system(template: str | None) -> str | None:
-    """The default system message that a ChatML jinja template inserts when the conversation has
-    none (SmolLM2: "You are a helpful AI assistant named SmolLM, trained by Hugging Face")."""
-    if not template:
-        return None
-    m = _CHATML_SYSTEM.search(template)
-    return m.group(1) if m else None
-
 
 _GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4  # gguf.TokenType values
 
@@ -193,6 +241,31 @@ def _string_list(v: Any, key: str, where: str) -> list[str]:
     if not isinstance(v, list) or not all(isinstance(t, str) for t in v):
         raise ValueError(f"{where}: {key} must be a list of strings")
     return v
+
+
+# The text splits of the byte-level BPEs that llama.cpp names in tokenizer.ggml.pre, as the models'
+# own tokenizer.json files define them (then GPT-2 byte level without its own regex).
+_LETTERS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
+_REST = r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_GGUF_PRE_SPLIT = {"llama-bpe": _LETTERS + r"\p{N}{1,3}" + _REST,  # Llama 3: numbers in groups of 3
+                   "qwen2": _LETTERS + r"\p{N}" + _REST}  # Qwen2/2.5/3: digits one by one
+
+
+def gguf_pre_tokenizer(pre: Any, where: str) -> Any:
+    """The `tokenizers` pre-tokenizer of a GGUF's tokenizer.ggml.pre: SmolLM's ("smollm", or
+    absent: digits one by one, then GPT-2 byte level), Llama 3's ("llama-bpe") or Qwen2's ("qwen2").
+    Others are refused: a wrong split would tokenize text silently differently from the model."""
+    if pre in (None, "smollm"):
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    if pre in _GGUF_PRE_SPLIT:
+        from tokenizers import Regex
+
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_GGUF_PRE_SPLIT[pre]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    raise ValueError(f"{where}: tokenizer.ggml.pre={pre!r} is not supported (m3jax rebuilds "
+                     f"{['smollm', *_GGUF_PRE_SPLIT]})")
 
 
 def load_gguf_tokenizer(path_or_reader: Any) -> Tokenizer:
@@ -233,10 +306,7 @@ def load_gguf_tokenizer(path_or_reader: Any) -> Tokenizer:
         tk = HFTokenizer(models.BPE(vocab, pairs, fuse_unk=False))
     except Exception as e:  # noqa: BLE001 - the Rust library raises its own type (e.g. a merge of unknown tokens)
         raise ValueError(f"{where}: the GGUF vocabulary does not form a BPE ({e})") from None
-    tk.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False),
-    ])
+    tk.pre_tokenizer = gguf_pre_tokenizer(gguf_field(reader, "tokenizer.ggml.pre"), where)
     tk.decoder = decoders.ByteLevel()
     special = [AddedToken(t, special=True, normalized=False)
                for t, ty in zip(tokens, types) if ty == _GGUF_CONTROL]

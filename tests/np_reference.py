@@ -28,14 +28,35 @@ def rmsnorm(x, w, eps):
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
 
 
-def rope(x_TNH, pos_T, theta):
-    """HF rotate_half convention: pairs (i, i + H/2) rotate by pos * theta^(-2i/H)."""
+def inv_freq(cfg):
+    """Rotary frequencies theta^(-2i/H); with rope_type "llama3" (Llama 3.1), frequency i of
+    wavelength w = 2 pi / f: kept when w < original_max_len / high_freq_factor, divided by
+    factor when w > original_max_len / low_freq_factor, else interpolated with weight
+    s = (original_max_len / w - low) / (high - low) on the unscaled one."""
+    H = cfg.head_dim
+    freqs = []
+    for i in range(H // 2):
+        f = cfg.rope_theta ** (-2.0 * i / H)
+        if cfg.rope_type == "llama3":
+            w, old = 2 * np.pi / f, cfg.rope_original_max_len
+            if w > old / cfg.rope_low_freq_factor:
+                f = f / cfg.rope_factor
+            elif w >= old / cfg.rope_high_freq_factor:
+                s = (old / w - cfg.rope_low_freq_factor) / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+                f = (1 - s) * f / cfg.rope_factor + s * f
+        freqs.append(f)
+    return freqs
+
+
+def rope(x_TNH, pos_T, cfg):
+    """HF rotate_half convention: pairs (i, i + H/2) rotate by pos * inv_freq(cfg)[i]."""
     T, N, H = x_TNH.shape
     half = H // 2
+    freqs = inv_freq(cfg)
     out = np.empty_like(x_TNH)
     for t in range(T):
         for i in range(half):
-            a = pos_T[t] * theta ** (-2.0 * i / H)
+            a = pos_T[t] * freqs[i]
             c, s = np.cos(a), np.sin(a)
             x1, x2 = x_TNH[t, :, i], x_TNH[t, :, i + half]
             out[t, :, i] = x1 * c - x2 * s
@@ -54,12 +75,17 @@ def softmax(x):
 
 
 def qkv(layer, x_TD, pos_T, cfg):
-    """Pre-RoPE q [T,N,H], k [T,K,H], post-RoPE q, k, and v for one sequence at one layer."""
+    """Pre-RoPE q [T,N,H], k [T,K,H], post-RoPE q, k, and v for one sequence at one layer
+    (with the family's q/k/v biases and per-head q/k RMSNorm when the config has them)."""
     h = rmsnorm(x_TD, layer["attn_norm"], cfg.norm_eps)
     q = np.einsum("td,dnh->tnh", h, layer["wq"])
     k = np.einsum("td,dkh->tkh", h, layer["wk"])
     v = np.einsum("td,dkh->tkh", h, layer["wv"])
-    return q, k, rope(q, pos_T, cfg.rope_theta), rope(k, pos_T, cfg.rope_theta), v
+    if cfg.qkv_bias:
+        q, k, v = q + layer["bq"], k + layer["bk"], v + layer["bv"]
+    if cfg.qk_norm:
+        q, k = rmsnorm(q, layer["q_norm"], cfg.norm_eps), rmsnorm(k, layer["k_norm"], cfg.norm_eps)
+    return q, k, rope(q, pos_T, cfg), rope(k, pos_T, cfg), v
 
 
 def finish_layer(layer, x_TD, attn_TNH, cfg):

@@ -550,9 +550,9 @@ def test_bad_checkpoints_and_flags_get_one_line(tmp_path):
     for cut in (24, len(data) // 3, len(data) - 7):
         (tmp_path / "t.gguf").write_bytes(data[:cut])
         _cli_error(["convert", "--from", "gguf", str(tmp_path / "t.gguf")] + out, str(tmp_path / "t.gguf"))
-    # another architecture: its keys are qwen2.*, not llama.*
-    (tmp_path / "q.gguf").write_bytes(data.replace(b"llama", b"qwen2"))
-    _cli_error(["convert", "--from", "gguf", str(tmp_path / "q.gguf")] + out, "general.architecture='qwen2'")
+    # another architecture: its keys are gemma.*, not llama.*
+    (tmp_path / "q.gguf").write_bytes(data.replace(b"llama", b"gemma"))
+    _cli_error(["convert", "--from", "gguf", str(tmp_path / "q.gguf")] + out, "general.architecture='gemma'")
     cfg = tc.hf_config(**tc.CASES["tied"])
     W = tc.random_tensors(cfg)
     for key, value, needle in (("hidden_size", "36", "hidden_size must be an integer, got '36'"),

@@ -216,10 +216,14 @@ def test_import_export_bit_exact(tmp_path, case, dtype, shards):
         assert a[k][2] == b[k][2], f"{k} bytes differ"
     with open(tmp_path / "out" / "config.json") as f:
         out_cfg = json.load(f)
+    # written in the transformers-5 form: RoPE under rope_parameters, "dtype" for torch_dtype
+    renamed = {"rope_theta", "rope_scaling", "torch_dtype", "pad_token_id"}
     for k, v in cfg.items():
-        if k != "pad_token_id":  # null in the source; exported as the eos id it resolved to
+        if k not in renamed:
             assert out_cfg[k] == v, k
-    assert out_cfg["pad_token_id"] == 2
+    assert out_cfg["rope_parameters"] == {"rope_theta": cfg["rope_theta"], "rope_type": "default"}
+    assert out_cfg["dtype"] == cfg["torch_dtype"] and "rope_theta" not in out_cfg
+    assert out_cfg["pad_token_id"] == 2  # null in the source; exported as the eos id it resolved to
     if "head_dim" not in cfg:
         assert out_cfg["head_dim"] == cfg["hidden_size"] // cfg["num_attention_heads"]
     # and back again: the same config (memory geometry is kept under "m3jax") and params
@@ -292,12 +296,17 @@ def test_tied_with_different_head_is_rejected(tmp_path):
 
 
 @pytest.mark.parametrize("change,needle", [
-    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling"),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_type='linear'"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}}, "rope_parameters rope_type='yarn'"),
+    ({"rope_parameters": {"full_attention": {"rope_type": "default"}}}, "per-layer-type"),
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}}, "low_freq_factor"),
+    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+    ({"layer_types": ["full_attention", "sliding_attention", "full_attention"]}, "layer_types"),
     ({"attention_bias": True}, "attention_bias"),
     ({"mlp_bias": True}, "mlp_bias"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"model_type": "gpt2"}, "model_type"),
-    ({"architectures": ["Qwen2ForCausalLM"]}, "Qwen2ForCausalLM"),
+    ({"architectures": ["GPT2LMHeadModel"]}, "GPT2LMHeadModel"),
     ({"model_type": "mistral", "sliding_window": 16}, "sliding_window"),
     ({"num_hidden_layers": None}, "num_hidden_layers"),
     ({"num_attention_heads": 3}, "num_heads"),  # 3 heads with 2 kv heads
@@ -362,13 +371,17 @@ def _tiny_gguf_vocab():
     return tokens, types, merges
 
 
-def write_tiny_gguf(path: str, cfg: dict, W: dict[str, np.ndarray]) -> None:
+def write_tiny_gguf(path: str, cfg: dict, W: dict[str, np.ndarray], arch: str = "llama",
+                    chat_template: str = "{{ 'chatml' }}") -> None:
+    """A GGUF as llama.cpp writes one with the `gguf` package: `arch` metadata keys, tiny vocab;
+    llama q/k rows permuted for interleaved RoPE (qwen2/qwen3 keep HF order), Qwen2 biases,
+    Qwen3 q/k norms."""
     import gguf
 
     tokens, types, merges = _tiny_gguf_vocab()
     N, K = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     H = cfg.get("head_dim") or cfg["hidden_size"] // N
-    w = gguf.GGUFWriter(path, "llama")
+    w = gguf.GGUFWriter(path, arch)
     w.add_name("tiny test")
     w.add_block_count(cfg["num_hidden_layers"])
     w.add_context_length(cfg["max_position_embeddings"])
@@ -389,23 +402,31 @@ def write_tiny_gguf(path: str, cfg: dict, W: dict[str, np.ndarray]) -> None:
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_add_bos_token(False)
-    w.add_chat_template("{{ 'chatml' }}")
-    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
-             "post_attention_layernorm": "ffn_norm"}
-    w.add_tensor("token_embd.weight", W["model.embed_tokens.weight"])
+    w.add_chat_template(chat_template)
+    names = {"self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+             "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+             "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+             "mlp.down_proj.weight": "ffn_down.weight", "input_layernorm.weight": "attn_norm.weight",
+             "post_attention_layernorm.weight": "ffn_norm.weight", "self_attn.q_proj.bias": "attn_q.bias",
+             "self_attn.k_proj.bias": "attn_k.bias", "self_attn.v_proj.bias": "attn_v.bias",
+             "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight"}
+    w.add_tensor("token_embd.weight", np.asarray(W["model.embed_tokens.weight"], np.float32))
     for i in range(cfg["num_hidden_layers"]):
         for hf_name, g in names.items():
-            t = W[f"model.layers.{i}.{hf_name}.weight"]
-            if g == "attn_q":
+            t = W.get(f"model.layers.{i}.{hf_name}")
+            if t is None:
+                continue
+            t = np.asarray(t, np.float32)
+            if arch == "llama" and g == "attn_q.weight":
                 t = convert.permute_gguf_qk(t, N)
-            elif g == "attn_k":
+            elif arch == "llama" and g == "attn_k.weight":
                 t = convert.permute_gguf_qk(t, K)
-            w.add_tensor(f"blk.{i}.{g}.weight", np.ascontiguousarray(t))
-    w.add_tensor("output_norm.weight", W["model.norm.weight"])
+            w.add_tensor(f"blk.{i}.{g}", np.ascontiguousarray(t))
+    w.add_tensor("output_norm.weight", np.asarray(W["model.norm.weight"], np.float32))
     if "lm_head.weight" in W:
-        w.add_tensor("output.weight", W["lm_head.weight"])
+        w.add_tensor("output.weight", np.asarray(W["lm_head.weight"], np.float32))
+    if "rope_freqs.weight" in W:  # llama.cpp's per-frequency RoPE factors (Llama 3.1+)
+        w.add_tensor("rope_freqs.weight", np.asarray(W["rope_freqs.weight"], np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -507,9 +528,10 @@ def test_smollm2_config_and_tokenizer(smollm2):
     config, params, tok = smollm2
     want = preset("smollm2-135m")
     assert dataclasses.replace(config, max_len=want.max_len) == want  # the file says 8192 positions
-    assert config.reference_prefix == tok.reference_prefix() == (1, 23682, 42)
-    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (1, 2, 2, 49152)
-    assert tok.encode("<|im_start|>user\n") == [1, 4093, 198]
+    # the document start is <|endoftext|> (id 0), not the GGUF's BOS <|im_start|> (a chat-turn token)
+    assert config.reference_prefix == tok.reference_prefix() == (0, 23682, 42)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (0, 2, 2, 49152)
+    assert tok.encode("<|im_start|>user\n") == [1, 4093, 198] and tok.encode("<|endoftext|>") == [0]
     assert "<|im_start|>" in tok.chat_template
     text = "Memory3 stores 1,234 references — café!"
     assert tok.decode(tok.encode(text)) == text

@@ -20,7 +20,6 @@ from m3jax.config import DecodeConfig  # noqa: E402
 from m3jax.decode import Generator  # noqa: E402
 from m3jax.memory.build import build_knowledge_base, open_knowledge_base  # noqa: E402
 from m3jax.serve import ServeConfig, build_app  # noqa: E402
-from m3jax.serve.app import render_chat  # noqa: E402
 from m3jax.train.run import save_model_dir  # noqa: E402
 from test_kb_updates import EMB, _text, tiny_model  # noqa: E402
 
@@ -131,8 +130,8 @@ def test_streaming_equals_non_streaming(server):
 def test_chat(server):
     c, tok = server["client"], server["tok"]
     msgs = [{"role": "user", "content": server["docs"][1][1][:60]}]
-    text = render_chat(tok, msgs)
-    assert "<|im_start|>user" in text  # the tokenizer has no Jinja template: its ChatML rendering
+    text = tok.apply_chat_template(msgs)
+    assert "<|im_start|>user" in text  # the tokenizer has no Jinja template: ChatML
     r = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=20, temperature=0, extra_body={"mode": "rag"})
     assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
     same = c.completions.create(model=MODEL, prompt=[server["cfg"].bos_id] + tok.encode(text), max_tokens=20,
@@ -143,16 +142,6 @@ def test_chat(server):
         model=MODEL, messages=msgs, max_tokens=20, temperature=0, extra_body={"mode": "rag"}, stream=True)
         if ev.choices]
     assert "".join(deltas) == r.choices[0].message.content
-
-
-def test_chat_template_sandboxed():
-    class Tok:
-        chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}{{ ''.__class__.__mro__ }}"
-
-    with pytest.raises(Exception, match="unsafe|access"):
-        render_chat(Tok(), [{"role": "user", "content": "hi"}])
-    Tok.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
-    assert render_chat(Tok(), [{"role": "user", "content": "hi"}]) == "<user>hi\n"
 
 
 def test_sampling_seed_stop_n(server):

@@ -76,9 +76,12 @@ INFO_FIELDS = ("length", "doc_id", "char_start", "char_end")
 # ModelConfig fields that change what a memory holds (shapes, or the values the memory layers
 # compute). The other fields (name, max_len, chunk_size, memories_per_chunk, eos_id, dtype,
 # param_dtype, tie_embeddings) only matter when reading, so a bank serves any of their values.
+# A bank written before a field existed reads back with the field's default (the plain Llama).
 MEMORY_FIELDS = ("vocab_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden",
-                 "mlp_dim", "rope_theta", "norm_eps", "bos_id", "pad_id", "memory_layers",
-                 "tokens_per_memory", "reference_len", "reference_prefix", "score", "group_reduce")
+                 "mlp_dim", "rope_theta", "rope_type", "rope_factor", "rope_low_freq_factor",
+                 "rope_high_freq_factor", "rope_original_max_len", "rope_freq_factors", "qkv_bias", "qk_norm", "norm_eps",
+                 "bos_id", "pad_id", "memory_layers", "tokens_per_memory", "reference_len",
+                 "reference_prefix", "score", "group_reduce")
 SHAPE_FIELDS = ("memory_layers", "num_kv_heads", "tokens_per_memory", "head_dim", "reference_len")
 
 

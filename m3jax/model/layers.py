@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from m3jax.config import ModelConfig
 
 Array = jax.Array
 
@@ -15,9 +20,34 @@ def rms_norm(x_BTD: Array, scale_D: Array, eps: float) -> Array:
     return (y * scale_D.astype(jnp.float32)).astype(x_BTD.dtype)
 
 
-def rope_angles(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
-    """cos, sin of shape positions.shape + (head_dim,) in the "rotate_half" (HF Llama) layout."""
-    inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """The H/2 rotary frequencies (float32) of `config`: theta^(-2i/H), rescaled for
+    `rope_type="llama3"` (Llama 3.1+): wavelengths longer than original_max_len / low_freq_factor
+    are slowed by `rope_factor`, shorter than original_max_len / high_freq_factor kept, and the
+    band between interpolated smoothly; then divided by `rope_freq_factors` when given (llama.cpp's
+    form of the same scaling)."""
+    H = config.head_dim
+    inv = 1.0 / config.rope_theta ** (np.arange(0, H, 2, dtype=np.float32) / np.float32(H))
+    inv = inv.astype(np.float32)
+    if config.rope_type == "llama3":
+        lo, hi, old = config.rope_low_freq_factor, config.rope_high_freq_factor, config.rope_original_max_len
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > old / lo, inv / config.rope_factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        mixed = (1 - smooth) * scaled / config.rope_factor + smooth * scaled
+        medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+        inv = np.where(medium, mixed, scaled).astype(np.float32)
+    elif config.rope_type != "default":
+        raise ValueError(f"unknown rope_type {config.rope_type!r}")
+    if config.rope_freq_factors is not None:
+        inv = (inv / np.asarray(config.rope_freq_factors, np.float32)).astype(np.float32)
+    return inv
+
+
+def rope_angles(positions: Array, config: ModelConfig) -> tuple[Array, Array]:
+    """cos, sin of shape positions.shape + (head_dim,) in the "rotate_half" (HF Llama) layout,
+    with the frequencies of `rope_inv_freq(config)`."""
+    inv_freq = jnp.asarray(rope_inv_freq(config))
     ang = positions.astype(jnp.float32)[..., None] * inv_freq  # [..., H/2]
     ang = jnp.concatenate([ang, ang], axis=-1)
     return jnp.cos(ang), jnp.sin(ang)

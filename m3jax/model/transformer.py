@@ -10,6 +10,12 @@ Params (shape letters as in `ModelConfig`):
 
     each stack:   attn_norm [L, D], wq [L, D, N, H], wk [L, D, K, H], wv [L, D, K, H],
                   wo [L, N, H, D], mlp_norm [L, D], w_gate [L, D, F], w_up [L, D, F], w_down [L, F, D]
+                  with qkv_bias: bq [L, N, H], bk [L, K, H], bv [L, K, H]
+                  with qk_norm:  q_norm [L, H], k_norm [L, H]
+
+The family switches act in the projections (`_project_qkv`), before RoPE, so that every path
+that computes keys (forward, prefill, decoding, the reference prefix and memory writing) applies
+them alike: memory keys are stored post-RoPE with the family's own rotary.
 
 Positions (MEMORY3.md, "parallel position encoding"): the reference prefix ("BOS Reference:")
 sits at 0..r-1, every memory shares the window r..r+reference_len-1 (baked into its keys), and the
@@ -55,6 +61,9 @@ _BLOCK_AXES = {
     "w_up": ("layers", "embed", "mlp"),
     "w_down": ("layers", "mlp", "embed"),
 }
+_BIAS_AXES = {"bq": ("layers", "heads", "head_dim"), "bk": ("layers", "kv_heads", "head_dim"),
+              "bv": ("layers", "kv_heads", "head_dim")}
+_QK_NORM_AXES = {"q_norm": ("layers", "head_dim"), "k_norm": ("layers", "head_dim")}
 
 
 def stack_sizes(config: ModelConfig) -> dict[str, int]:
@@ -65,9 +74,18 @@ def stack_sizes(config: ModelConfig) -> dict[str, int]:
 
 def _block_shapes(c: ModelConfig, L: int) -> dict[str, tuple[int, ...]]:
     D, N, K, H, F = c.hidden, c.num_heads, c.num_kv_heads, c.head_dim, c.mlp_dim
-    return {"attn_norm": (L, D), "wq": (L, D, N, H), "wk": (L, D, K, H), "wv": (L, D, K, H),
-            "wo": (L, N, H, D), "mlp_norm": (L, D), "w_gate": (L, D, F), "w_up": (L, D, F),
-            "w_down": (L, F, D)}
+    shapes = {"attn_norm": (L, D), "wq": (L, D, N, H), "wk": (L, D, K, H), "wv": (L, D, K, H),
+              "wo": (L, N, H, D), "mlp_norm": (L, D), "w_gate": (L, D, F), "w_up": (L, D, F),
+              "w_down": (L, F, D)}
+    if c.qkv_bias:
+        shapes.update(bq=(L, N, H), bk=(L, K, H), bv=(L, K, H))
+    if c.qk_norm:
+        shapes.update(q_norm=(L, H), k_norm=(L, H))
+    return shapes
+
+
+def _block_axes(c: ModelConfig) -> dict[str, tuple[str, ...]]:
+    return {**_BLOCK_AXES, **(_BIAS_AXES if c.qkv_bias else {}), **(_QK_NORM_AXES if c.qk_norm else {})}
 
 
 def param_shapes(config: ModelConfig) -> dict[str, Any]:
@@ -85,7 +103,7 @@ def param_axes(config: ModelConfig) -> dict[str, Any]:
     """Logical axis names of every parameter (same tree as the params), for sharding rules."""
     axes: dict[str, Any] = {"embed": ("vocab", "embed")}
     for name in stack_sizes(config):
-        axes[name] = dict(_BLOCK_AXES)
+        axes[name] = _block_axes(config)
     axes["final_norm"] = ("embed",)
     if not config.tie_embeddings:
         axes["lm_head"] = ("embed", "vocab")
@@ -93,7 +111,8 @@ def param_axes(config: ModelConfig) -> dict[str, Any]:
 
 
 def init(config: ModelConfig, key: Array) -> Params:
-    """Random params: truncated normal(0.02), output projections scaled by 1/sqrt(2 * layers)."""
+    """Random params: truncated normal(0.02), output projections scaled by 1/sqrt(2 * layers);
+    norms one, biases zero."""
     dtype = jnp.dtype(config.param_dtype)
     shapes = param_shapes(config)
     flat, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
@@ -104,6 +123,9 @@ def init(config: ModelConfig, key: Array) -> Params:
         name = path[-1].key
         if name.endswith("norm"):
             leaves.append(jnp.ones(shape, dtype))
+            continue
+        if name in _BIAS_AXES:
+            leaves.append(jnp.zeros(shape, dtype))
             continue
         std = out_std if name in ("wo", "w_down") else 0.02
         leaves.append((std * jax.random.truncated_normal(k, -2.0, 2.0, shape, jnp.float32)).astype(dtype))
@@ -149,6 +171,22 @@ def check_params(params: Params, config: ModelConfig) -> None:
 
 
 # ---------------------------------------------------------------------------- core
+def _project_qkv(p: Params, h_BTD: Array, c: ModelConfig) -> tuple[Array, Array, Array]:
+    """q [B, T, N, H], k, v [B, T, K, H] before RoPE: the projections, plus the family's biases
+    (`qkv_bias`) and per-head query/key RMSNorm (`qk_norm`)."""
+    dt = jnp.dtype(c.dtype)
+    q = jnp.einsum("BTD,DNH->BTNH", h_BTD, p["wq"].astype(dt))
+    k = jnp.einsum("BTD,DKH->BTKH", h_BTD, p["wk"].astype(dt))
+    v = jnp.einsum("BTD,DKH->BTKH", h_BTD, p["wv"].astype(dt))
+    if c.qkv_bias:
+        q, k, v = q + p["bq"].astype(dt), k + p["bk"].astype(dt), v + p["bv"].astype(dt)
+    if c.qk_norm:
+        q, k = rms_norm(q, p["q_norm"], c.norm_eps), rms_norm(k, p["k_norm"], c.norm_eps)
+    return (constrain(q, ("batch", "length", "heads", "head_dim")),
+            constrain(k, ("batch", "kv_length", "kv_heads", "head_dim")),
+            constrain(v, ("batch", "kv_length", "kv_heads", "head_dim")))
+
+
 def _block(p: Params, x_BTD: Array, c: ModelConfig, cos_BTH: Array, sin_BTH: Array, mask_BTS: Array,
            *, prefix: PrefixKV | None, memory: MemoryBlocks | None, kv_BKSH: tuple[Array, Array] | None,
            slots_BT: Array | None, tap: Callable | None):
@@ -157,9 +195,7 @@ def _block(p: Params, x_BTD: Array, c: ModelConfig, cos_BTH: Array, sin_BTH: Arr
     dt = jnp.dtype(c.dtype)
     x_BTD = constrain(x_BTD, ("batch", "length", "embed"))
     h = rms_norm(x_BTD, p["attn_norm"], c.norm_eps)
-    q = constrain(jnp.einsum("BTD,DNH->BTNH", h, p["wq"].astype(dt)), ("batch", "length", "heads", "head_dim"))
-    k = constrain(jnp.einsum("BTD,DKH->BTKH", h, p["wk"].astype(dt)), ("batch", "kv_length", "kv_heads", "head_dim"))
-    v = constrain(jnp.einsum("BTD,DKH->BTKH", h, p["wv"].astype(dt)), ("batch", "kv_length", "kv_heads", "head_dim"))
+    q, k, v = _project_qkv(p, h, c)
     q_rot = apply_rope(q, cos_BTH, sin_BTH)
     k_rot = apply_rope(k, cos_BTH, sin_BTH)
     extra = tap(q, k, k_rot, v) if callable(tap) else None
@@ -196,7 +232,7 @@ def _run_stacks(params: Params, c: ModelConfig, x_BTD: Array, positions_BT: Arra
     path). With a cache (prefill / decoding) the layers are unrolled over per-layer cache arrays,
     so each step updates its cache in place instead of copying a stacked cache layer.
     """
-    cos, sin = rope_angles(positions_BT, c.head_dim, c.rope_theta)
+    cos, sin = rope_angles(positions_BT, c)
     new_cache: dict[str, tuple[tuple[Array, Array], ...]] = {}
     taps: dict[str, Any] = {}
     for name, L in stack_sizes(c).items():

@@ -36,34 +36,6 @@ log = logging.getLogger("m3jax.serve")
 
 
 # ------------------------------------------------------------------------------ chat prompts
-def render_chat(tokenizer, messages: list[dict[str, str]]) -> str:
-    """Messages -> the prompt text, by the tokenizer's chat template (a Jinja template run in
-    jinja2's immutable sandbox: a template from a file never executes code), else the tokenizer's
-    own ChatML rendering, else plain "role: content" lines."""
-    template = getattr(tokenizer, "chat_template", None)
-    if template:
-        from jinja2.exceptions import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message):
-            raise TemplateError(message)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        tk = getattr(tokenizer, "tk", None)
-        bos = (tk.id_to_token(tokenizer.bos_id) if tk is not None else None) or ""
-        eos = (tk.id_to_token(tokenizer.eos_id) if tk is not None else None) or ""
-        try:
-            text = env.from_string(template).render(messages=messages, add_generation_prompt=True,
-                                                    bos_token=bos, eos_token=eos)
-        except TemplateError as e:
-            raise ValueError(f"the model's chat template failed: {e}") from None
-        return text[len(bos):] if bos and text.startswith(bos) else text  # BOS is added as an id
-    if hasattr(tokenizer, "apply_chat_template"):
-        return tokenizer.apply_chat_template(messages)
-    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-
-
 # ------------------------------------------------------------------------------ request bodies
 class _Common(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -390,10 +362,9 @@ def create_app(engine: Engine, model_name: str, *, metrics: ServeMetrics | None 
         _check_model(body.model)
         try:
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-            text = render_chat(tok, messages)
+            ids = [config.bos_id] + tok.encode_chat(messages)  # the model's template, in Jinja's sandbox
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
-        ids = [config.bos_id] + tok.encode(text)
         return await _run(body, [ids], _max_tokens(body, len(ids), None), True, http)
 
     @app.get("/v1/models")

@@ -138,6 +138,8 @@ def _manager(directory: str, train_cfg: TrainConfig | None = None, read_only: bo
 
 def _config_diff(saved: Mapping[str, Any], model_cfg: ModelConfig, free: Iterable[str] = _FREE_FIELDS) -> list[str]:
     want = model_cfg.to_dict()
+    # a field newer than the checkpoint was at its default when it was written (the plain Llama)
+    saved = {**ModelConfig().to_dict(), **saved}
     return [f"{k}: checkpoint {saved.get(k)!r} vs {want[k]!r}" for k in want
             if k not in free and saved.get(k) != want[k]]
 
