@@ -55,6 +55,32 @@ def table(m: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def base_rag(out: str, cfg) -> dict[str, float]:
+    """RAG accuracy on the demo's new-fact probes (same knowledge base, same retrieval) with the
+    base weights an adapter model was trained over: what RAG gives without the adapter."""
+    from m3jax import load_model
+    from m3jax.convert import load_base_params, model_dir
+    from m3jax.demo import FACT_BATCH, FACT_DOC_IDS
+    from m3jax.eval import make_generator, score_facts
+    from m3jax.facts import make_facts
+    from m3jax.memory.build import default_embedder, open_knowledge_base
+
+    config, params, tok = load_model(cfg.model)
+    where = model_dir(cfg.model)
+    with open(os.path.join(where, "base.json"), encoding="utf-8") as f:
+        base = load_base_params(json.load(f), config, where=where)
+    facts = make_facts(cfg.n_facts, split="eval", seed=cfg.seed, start_id=FACT_DOC_IDS)
+    retriever = open_knowledge_base(os.path.join(out, "kb"), config, params).retriever(default_embedder(),
+                                                                                       tokenizer=tok)
+    sets = {"new_facts": [p for f in facts for p in f.probes],
+            "new_facts_new_wording": [p for f in facts[:cfg.n_new_wording] for p in f.new_wording_probes]}
+    longest = 1 + max(len(tok.encode(p.prompt)) for ps in sets.values() for p in ps)
+    gen = make_generator(base, config, tok, retriever, longest, cfg.max_new_tokens, rag=True)
+    return {name: score_facts(base, config, ps, mode="rag", retriever=retriever, tokenizer=tok, generator=gen,
+                              max_new_tokens=cfg.max_new_tokens, batch_size=FACT_BATCH, progress=False)["accuracy"]
+            for name, ps in sets.items()}
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from m3jax.demo import DemoConfig, run
 
@@ -71,6 +97,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--bench-batch", type=int, default=d.bench_batch)
     p.add_argument("--bench-new", type=int, default=d.bench_new, help="new tokens per prompt in the decode benchmark")
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
+    p.add_argument("--base-rag", action="store_true",
+                   help="also score RAG on the new facts with the adapter's base weights (an adapter model)")
     a = p.parse_args(argv)
     cfg = DemoConfig.quick(a.model) if a.quick else DemoConfig(
         model=a.model, n_facts=a.facts, n_new_wording=a.new_wording, n_leads=a.leads, n_eval_qa=a.qa, n_eval_ppl=a.ppl, bench_batch=a.bench_batch,
@@ -83,6 +111,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
            "new_facts_accuracy_new_wording": m["new_facts_accuracy_new_wording"],
            "qa_exact_match": m["qa_exact_match"], "ppl": m["ppl"], "decode_tokens_per_s": m["decode_tokens_per_s"],
            "bytes_per_document": m["bytes_per_document"]}
+    if a.base_rag:
+        res["new_facts_accuracy_rag_base"] = base_rag(a.out, cfg)
+        print(f"RAG with the base weights: {res['new_facts_accuracy_rag_base']}")
     with open(os.path.join(a.out, "goals.json"), "w", encoding="utf-8") as f:
         json.dump(res, f, indent=1)
     return res

@@ -111,7 +111,7 @@ def test_convert_is_a_real_subcommand(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(convert, "convert_checkpoint", fake)
     assert cli.main(["convert", "--from", "gguf", "m.gguf", "--out", "o", "--reference-prefix", "1,5,6",
                      "--memory-layers", "2", "--debug"]) == 0
-    assert seen == {"source": "gguf", "path": "m.gguf", "out": "o", "memory_layers": 2,
+    assert seen == {"source": "gguf", "path": "m.gguf", "out": "o", "target": "m3jax", "memory_layers": 2,
                     "reference_prefix": (1, 5, 6), "dtype": None, "param_dtype": None, "name": None,
                     "max_len": None}
     assert capsys.readouterr().out.strip() == "wrote o"

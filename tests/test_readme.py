@@ -5,7 +5,8 @@ them into one notebook), in a temporary working directory. The fast test swaps t
 model-loading line's shipped model for a tiny random model saved as a model directory (the only
 change: every other line runs as written, the MiniLM embedder and ScaNN/exact index included);
 the slow test (`make test-slow`) runs the blocks exactly as written, with the shipped
-smollm2-135m-memory.
+smollm2-135m-memory. Client code that needs a running server (`m3jax serve`) is fenced ```py and
+is not run here (tests/test_serve.py runs the same calls against a server).
 """
 
 from __future__ import annotations
