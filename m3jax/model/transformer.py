@@ -128,6 +128,30 @@ def restack(params: Params, memory_layers: int) -> Params:
     return out
 
 
+def unstack_layers(params: Params, dtype=None) -> Params:
+    """The same weights with each stack as a tuple of per-layer dicts (the cached path of
+    `_run_stacks` accepts both layouts), optionally cast to `dtype` (the activation dtype; norm
+    scales stay as they are). A jitted decoding loop takes its layers from this layout, sliced
+    and cast once before the loop: slicing a stacked weight (or casting it) inside the loop body
+    copies the whole layer on every step on CPU (XLA does not hoist it out of the loop)."""
+    def cast(name, x):
+        keep = dtype is None or name.endswith("norm") or not jnp.issubdtype(x.dtype, jnp.floating)
+        return x if keep else x.astype(dtype)
+
+    out = {k: (cast(k, v) if k not in STACKS else v) for k, v in params.items()}
+    for name in STACKS:
+        if name in params and isinstance(params[name], dict):
+            L = next(iter(params[name].values())).shape[0]
+            stack = {k: cast(k, v) for k, v in params[name].items()}
+            out[name] = tuple(_layer(stack, i) for i in range(L))
+    return out
+
+
+def _layer(stack: dict | tuple, i: int) -> Params:
+    """Layer i of a stack, stacked ({name: [L, ...]}) or unstacked (`unstack_layers`)."""
+    return stack[i] if isinstance(stack, tuple) else {k: v[i] for k, v in stack.items()}
+
+
 def check_params(params: Params, config: ModelConfig) -> None:
     """Raise a clear error if `params` does not have the tree and shapes of `config`."""
     want = param_shapes(config)
@@ -206,7 +230,7 @@ def _run_stacks(params: Params, c: ModelConfig, x_BTD: Array, positions_BT: Arra
         if cache is not None:
             layers = []
             for i in range(L):
-                p = {k: v[i] for k, v in params[name].items()}
+                p = _layer(params[name], i)
                 pre = PrefixKV(prefix[name][0][i], prefix[name][1][i]) if prefix is not None else None
                 mem = (MemoryBlocks(memory.k_LBCSKH[i], memory.v_LBCSKH[i], memory.mask_BCS)
                        if use_mem else None)
