@@ -17,7 +17,8 @@ Implementations behind `attention(..., impl=...)`, all computing the same functi
     key blocks of `block_k` with an online softmax, so only [B, K, G, block_q, block_k] scores
     exist at a time; key blocks that the mask hides entirely are skipped at run time (causal
     prefill does about half the work). Long prompts on CPU (and anywhere no fused kernel fits).
-"auto" takes "chunked" when both T and S reach `CHUNKED_MIN`, else "xla".
+"auto" takes "chunked" on the CPU backend when both T and S reach `CHUNKED_MIN`, else "xla"
+(accelerators keep the dense path until their fused kernels are measured there).
 
 Precision (gemma / nanodo): q, k, v and probabilities enter contractions in the dtype of q (bf16
 when the model runs in bf16), every contraction accumulates in float32, and the softmax maxima,
@@ -58,7 +59,7 @@ class MemoryBlocks(NamedTuple):
 def attention(
     q_BTNH: Array,
     k_BKSH: Array,
-    v_BKSH: Array,
+    v_BKHS: Array,
     mask_BTS: Array,
     *,
     prefix: PrefixKV | None = None,
@@ -68,9 +69,11 @@ def attention(
 ):
     """Grouped-query attention with optional prefix sink and chunked memory.
 
-    Context keys and values are kv-head-major, [B, K, S, H] (the KV cache layout): with it the
-    score and value contractions are plain batched matmuls over (B, K), which XLA runs an order
-    of magnitude faster on CPU than the token-major layout when decoding one token.
+    Context keys [B, K, S, H] and values [B, K, H, S] are in the KV cache layout: kv-head-major,
+    values transposed, so that both contractions are batched matmuls over (B, K) contracting
+    the minor dimension of both operands. XLA's CPU matmuls run that form fastest (several
+    times faster than the token-major layout when decoding one token; with bf16 operands and a
+    float32 result it is the only form they take).
 
     Returns out_BTNH (in q's dtype), and with `return_probs` also the attention mass that each
     query puts on (prefix, memory, context) as three [B, N, T] arrays (not with "chunked").
@@ -84,18 +87,19 @@ def attention(
     if impl not in IMPLS:
         raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        impl = "chunked" if (T >= CHUNKED_MIN and S >= CHUNKED_MIN and not return_probs) else "xla"
+        long = T >= CHUNKED_MIN and S >= CHUNKED_MIN and not return_probs
+        impl = "chunked" if long and jax.default_backend() == "cpu" else "xla"
     if impl == "reference":
-        return _reference(q_BTNH, k_BKSH, v_BKSH, mask_BTS, prefix, memory, return_probs)
+        return _reference(q_BTNH, k_BKSH, v_BKHS, mask_BTS, prefix, memory, return_probs)
     if impl == "chunked":
         if return_probs:
             raise ValueError("return_probs needs the materialized scores: use impl='xla' or 'reference'")
-        return _chunked(q_BTNH, k_BKSH, v_BKSH, mask_BTS, prefix, memory)
-    return _materialized(q_BTNH, k_BKSH, v_BKSH, mask_BTS, prefix, memory, return_probs)
+        return _chunked(q_BTNH, k_BKSH, v_BKHS, mask_BTS, prefix, memory)
+    return _materialized(q_BTNH, k_BKSH, v_BKHS, mask_BTS, prefix, memory, return_probs)
 
 
 # ------------------------------------------------------------------------------ reference
-def _reference(q_BTNH, k_BKSH, v_BKSH, mask_BTS, prefix, memory, return_probs):
+def _reference(q_BTNH, k_BKSH, v_BKHS, mask_BTS, prefix, memory, return_probs):
     """Float32 throughout, one softmax over the concatenated [prefix | memory | context] scores."""
     B, T, N, H = q_BTNH.shape
     K = k_BKSH.shape[1]
@@ -117,7 +121,7 @@ def _reference(q_BTNH, k_BKSH, v_BKSH, mask_BTS, prefix, memory, return_probs):
         values.append(("memory", memory.v_BCMKH))
     s = jnp.einsum("BTKGH,BKSH->BKGTS", q_BTKGH, k_BKSH.astype(_F32))
     parts.append(jnp.where(mask_BTS[:, None, None], s, _NEG))
-    values.append(("context", v_BKSH))
+    values.append(("context", v_BKHS))
 
     sizes = [p.shape[-1] for p in parts]
     probs = jax.nn.softmax(jnp.concatenate(parts, axis=-1), axis=-1)
@@ -135,7 +139,7 @@ def _reference(q_BTNH, k_BKSH, v_BKSH, mask_BTS, prefix, memory, return_probs):
             p_BKGCQM = p.reshape(B, K, G, C, T // C, size)
             out_BKGTH += jnp.einsum("BKGCQM,BCMKH->BKGCQH", p_BKGCQM, v).reshape(B, K, G, T, H)
         else:
-            out_BKGTH += jnp.einsum("BKGTS,BKSH->BKGTH", p, v)
+            out_BKGTH += jnp.einsum("BKGTS,BKHS->BKGTH", p, v)
         if return_probs:
             masses[name] = p.sum(-1).reshape(B, N, T)
     out = jnp.transpose(out_BKGTH, (0, 3, 1, 2, 4)).reshape(B, T, N, H).astype(q_BTNH.dtype)
@@ -166,7 +170,7 @@ def _side_scores(q_BCQKGH: Array, prefix: PrefixKV | None, memory: MemoryBlocks 
     return parts
 
 
-def _materialized(q_BTNH, k_BKSH, v_BKSH, mask_BTS, prefix, memory, return_probs):
+def _materialized(q_BTNH, k_BKSH, v_BKHS, mask_BTS, prefix, memory, return_probs):
     """All scores at once, combined by the parts' maxima (no concatenation), in q's dtype."""
     B, T, N, H = q_BTNH.shape
     K = k_BKSH.shape[1]
@@ -182,7 +186,7 @@ def _materialized(q_BTNH, k_BKSH, v_BKSH, mask_BTS, prefix, memory, return_probs
         m = jnp.maximum(m, s.max(-1).reshape(B, T, K, G))
     e_ctx = jnp.exp(s_BTKGS - m[..., None])
     total = e_ctx.sum(-1)
-    acc = _dot("BTKGS,BKSH->BTKGH", e_ctx.astype(v_BKSH.dtype), v_BKSH)
+    acc = _dot("BTKGS,BKHS->BTKGH", e_ctx.astype(v_BKHS.dtype), v_BKHS)
     sums = {"context": total}
     for name, s, value_fn in side:
         e = jnp.exp(s - m.reshape(B, C, T // C, K, G)[..., None])
@@ -198,7 +202,7 @@ def _materialized(q_BTNH, k_BKSH, v_BKSH, mask_BTS, prefix, memory, return_probs
 
 
 # ------------------------------------------------------------------------------ chunked
-def _chunked(q_BTNH, k_BKSH, v_BKSH, mask_BTS, prefix, memory, block_q: int = BLOCK_Q,
+def _chunked(q_BTNH, k_BKSH, v_BKHS, mask_BTS, prefix, memory, block_q: int = BLOCK_Q,
              block_k: int = BLOCK_K):
     """Flash-style attention: for each query block, an online softmax over key blocks.
 
@@ -227,13 +231,13 @@ def _chunked(q_BTNH, k_BKSH, v_BKSH, mask_BTS, prefix, memory, block_q: int = BL
         mask = jnp.pad(mask, ((0, 0), (0, Tp - T), (0, 0)))
     if Sp != S:  # pad the keys to whole blocks (padded keys are masked)
         k_BKSH = jnp.pad(k_BKSH, ((0, 0), (0, 0), (0, Sp - S), (0, 0)))
-        v_BKSH = jnp.pad(v_BKSH, ((0, 0), (0, 0), (0, Sp - S), (0, 0)))
+        v_BKHS = jnp.pad(v_BKHS, ((0, 0), (0, 0), (0, 0), (0, Sp - S)))
         mask = jnp.pad(mask, ((0, 0), (0, 0), (0, Sp - S)))
     nk = Sp // block_k
     q_CBQKGH = jnp.moveaxis(q.reshape(B, C, Q, K, G, H), 1, 0)
     mask_CBQS = jnp.moveaxis(mask.reshape(B, C, Q, Sp), 1, 0)
     k_JBKSH = jnp.moveaxis(k_BKSH.reshape(B, K, nk, block_k, H), 2, 0)
-    v_JBKSH = jnp.moveaxis(v_BKSH.reshape(B, K, nk, block_k, H), 2, 0)
+    v_JBKHS = jnp.moveaxis(v_BKHS.reshape(B, K, H, nk, block_k), 3, 0)
     mask_CJBQS = jnp.moveaxis(mask_CBQS.reshape(C, B, Q, nk, block_k), 3, 1)
     mem_C = None
     if memory is not None:
@@ -252,7 +256,7 @@ def _chunked(q_BTNH, k_BKSH, v_BKSH, mask_BTS, prefix, memory, block_q: int = BL
         e = jnp.exp(s - m_new[..., None])
         corr = jnp.exp(m - m_new)
         l = l * corr + e.sum(-1)
-        acc = acc * corr[..., None] + _dot("BQKGS,BKSH->BQKGH", e.astype(v_blk.dtype), v_blk)
+        acc = acc * corr[..., None] + _dot("BQKGS,BKHS->BQKGH", e.astype(v_blk.dtype), v_blk)
         return m_new, l, acc, q_BQKGH
 
     def step(carry, blk):
@@ -271,7 +275,7 @@ def _chunked(q_BTNH, k_BKSH, v_BKSH, mask_BTS, prefix, memory, block_q: int = BL
                 e = jnp.exp(s - m[:, None, ..., None])
                 l = l + e.sum(-1)[:, 0]
                 acc = acc + value_fn(e)[:, 0]
-        (m, l, acc, _), _ = jax.lax.scan(step, (m, l, acc, q_BQKGH), (k_JBKSH, v_JBKSH, mask_JBQS))
+        (m, l, acc, _), _ = jax.lax.scan(step, (m, l, acc, q_BQKGH), (k_JBKSH, v_JBKHS, mask_JBQS))
         return acc / jnp.where(l > 0, l, 1.0)[..., None]  # l == 0 only for a block that sees nothing
 
     out_CBQKGH = jax.lax.map(query_block, (q_CBQKGH, mask_CJBQS, mem_C))
