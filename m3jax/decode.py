@@ -40,7 +40,7 @@ import numpy as np
 from m3jax.config import DecodeConfig, ModelConfig
 from m3jax.model.cache import KVCache, extend, init_cache
 from m3jax.model.memory import ChunkMemory, MemoryKV
-from m3jax.model.transformer import Params, check_params, check_token_ids, prefix_kv
+from m3jax.model.transformer import Params, check_params, check_token_ids, prefix_kv, unstack_layers
 
 Array = jax.Array
 Mode = Literal["memory", "rag", "none"]
@@ -117,6 +117,8 @@ def _decode_chunk(params: Params, config: ModelConfig, sampling: tuple[float, in
     """
     temperature, top_k, top_p = sampling
     B = logits_BV.shape[0]
+    # per-layer weights in the activation dtype, sliced and cast once per chunk, not once per step
+    params = unstack_layers(params, jnp.dtype(config.dtype))
     out0 = jnp.full((B, config.chunk_size), config.pad_id, jnp.int32)
 
     def cond(s):

@@ -385,7 +385,8 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
 MEMORY_AXES = ("layers", "batch", "chunks", "memories", "kv_heads", "head_dim")  # ChunkMemory k, v
 MEMORY_MASK_AXES = ("batch", "chunks", "memories")
 MEMORY_KV_AXES = ("batch", "layers", "kv_pair", "kv_heads", "memories", "head_dim")  # MemoryKV kv
-CACHE_AXES = ("batch", "kv_heads", "kv_length", "head_dim")  # KVCache k, v of one layer [B, K, S, H]
+CACHE_AXES = ("batch", "kv_heads", "kv_length", "head_dim")  # KVCache k of one layer [B, K, S, H]
+CACHE_V_AXES = ("batch", "kv_heads", "head_dim", "kv_length")  # KVCache v of one layer [B, K, H, S]
 
 
 def memory_sharding(config: ModelConfig, mesh: Mesh, *, batch: int | None = None, lookback: int = 0,
@@ -420,16 +421,18 @@ def memory_kv_sharding(config: ModelConfig, mesh: Mesh, *, num: int | None = Non
 
 
 def cache_sharding(config: ModelConfig, mesh: Mesh, *, batch: int | None = None) -> KVCache:
-    """A `KVCache` of NamedShardings: per layer k/v [B, K, S_max, H] over batch and kv_heads;
+    """A `KVCache` of NamedShardings: per layer k [B, K, S_max, H] and v [B, K, H, S_max] over batch and kv_heads;
     lengths [B] over batch."""
     from m3jax.model.cache import KVCache
     from m3jax.model.transformer import stack_sizes
 
     kv = {}
     for name, L in stack_sizes(config).items():
-        s = named_sharding(mesh, CACHE_AXES, (batch, config.num_kv_heads, None, config.head_dim),
-                           label=f"cache.{name}")
-        kv[name] = tuple((s, s) for _ in range(L))
+        sk = named_sharding(mesh, CACHE_AXES, (batch, config.num_kv_heads, None, config.head_dim),
+                            label=f"cache.{name}")
+        sv = named_sharding(mesh, CACHE_V_AXES, (batch, config.num_kv_heads, config.head_dim, None),
+                            label=f"cache.{name}")
+        kv[name] = tuple((sk, sv) for _ in range(L))
     return KVCache(kv, named_sharding(mesh, ("batch",), (batch,), label="cache.lengths"))
 
 

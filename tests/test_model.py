@@ -103,7 +103,7 @@ def test_memory_block_visible_only_to_its_chunks(lookback):
     def attn(m):
         w = m.windowed()
         kt = jnp.swapaxes(k, 1, 2)
-        return np.asarray(M.attention(q, kt, kt, mask, memory=M.MemoryBlocks(w.k_LBCSKH[0], w.v_LBCSKH[0], w.mask_BCS)))
+        return np.asarray(M.attention(q, kt, jnp.swapaxes(kt, 2, 3), mask, memory=M.MemoryBlocks(w.k_LBCSKH[0], w.v_LBCSKH[0], w.mask_BCS)))
     d = np.abs(attn(pert) - attn(mem)).max(axis=(0, 2, 3)).reshape(4, cs).max(-1)
     for chunk in range(4):
         assert (d[chunk] > 1e-5) == (c <= chunk <= c + lookback), (chunk, d)
@@ -139,7 +139,7 @@ def test_attention_probs_report_memory_mass():
     mask = jnp.tril(jnp.ones((T, T), bool))[None]
     mem = M.MemoryBlocks(mk, mk, jnp.ones((B, 2, 3), bool))
     pre = M.PrefixKV(jax.random.normal(ks[4], (2, K, H)), jax.random.normal(ks[5], (2, K, H)))
-    _, (pm, mm, cm) = M.attention(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask, prefix=pre,
+    _, (pm, mm, cm) = M.attention(q, jnp.swapaxes(k, 1, 2), jnp.transpose(v, (0, 2, 3, 1)), mask, prefix=pre,
                                   memory=mem, return_probs=True)
     np.testing.assert_allclose(np.asarray(pm + mm + cm), 1.0, atol=1e-5)
     assert float(mm.min()) > 0

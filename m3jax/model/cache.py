@@ -20,7 +20,8 @@ Array = jax.Array
 
 @struct.dataclass
 class KVCache:
-    """kv: {stack: ((k, v) per layer)} each [B, K, S_max, H]; lengths: int32 [B] tokens held per
+    """kv: {stack: ((k, v) per layer)}, k [B, K, S_max, H], v [B, K, H, S_max] (`init_kv_layers`);
+    lengths: int32 [B] tokens held per
     sequence. Per-layer arrays (not a stacked [L, ...] buffer) let each decoding step update
     its cache in place."""
 

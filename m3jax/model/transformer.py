@@ -44,7 +44,7 @@ from m3jax.config import ModelConfig
 from m3jax.model.attention import MemoryBlocks, PrefixKV, attention
 from m3jax.model.layers import apply_rope, mlp, rms_norm, rope_angles
 from m3jax.model.memory import ChunkMemory
-from m3jax.sharding import CACHE_AXES, MEMORY_AXES, MEMORY_MASK_AXES, constrain
+from m3jax.sharding import CACHE_AXES, CACHE_V_AXES, MEMORY_AXES, MEMORY_MASK_AXES, constrain
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -150,6 +150,30 @@ def restack(params: Params, memory_layers: int) -> Params:
     return out
 
 
+def unstack_layers(params: Params, dtype=None) -> Params:
+    """The same weights with each stack as a tuple of per-layer dicts (the cached path of
+    `_run_stacks` accepts both layouts), optionally cast to `dtype` (the activation dtype; norm
+    scales stay as they are). A jitted decoding loop takes its layers from this layout, sliced
+    and cast once before the loop: slicing a stacked weight (or casting it) inside the loop body
+    copies the whole layer on every step on CPU (XLA does not hoist it out of the loop)."""
+    def cast(name, x):
+        keep = dtype is None or name.endswith("norm") or not jnp.issubdtype(x.dtype, jnp.floating)
+        return x if keep else x.astype(dtype)
+
+    out = {k: (cast(k, v) if k not in STACKS else v) for k, v in params.items()}
+    for name in STACKS:
+        if name in params and isinstance(params[name], dict):
+            L = next(iter(params[name].values())).shape[0]
+            stack = {k: cast(k, v) for k, v in params[name].items()}
+            out[name] = tuple(_layer(stack, i) for i in range(L))
+    return out
+
+
+def _layer(stack: dict | tuple, i: int) -> Params:
+    """Layer i of a stack, stacked ({name: [L, ...]}) or unstacked (`unstack_layers`)."""
+    return stack[i] if isinstance(stack, tuple) else {k: v[i] for k, v in stack.items()}
+
+
 def check_params(params: Params, config: ModelConfig) -> None:
     """Raise a clear error if `params` does not have the tree and shapes of `config`."""
     want = param_shapes(config)
@@ -190,8 +214,9 @@ def _project_qkv(p: Params, h_BTD: Array, c: ModelConfig) -> tuple[Array, Array,
 def _block(p: Params, x_BTD: Array, c: ModelConfig, cos_BTH: Array, sin_BTH: Array, mask_BTS: Array,
            *, prefix: PrefixKV | None, memory: MemoryBlocks | None, kv_BKSH: tuple[Array, Array] | None,
            slots_BT: Array | None, tap: Callable | None):
-    """One decoder layer. With `kv_BKSH` (a cache layer, [B, K, S, H]) the new keys/values are
-    written at `slots_BT` and attention reads the whole cache layer; otherwise the fresh ones."""
+    """One decoder layer. With `kv_BKSH` (a cache layer: keys [B, K, S, H], values [B, K, H, S])
+    the new keys/values are written at `slots_BT` and attention reads the whole cache layer;
+    otherwise the fresh ones."""
     dt = jnp.dtype(c.dtype)
     x_BTD = constrain(x_BTD, ("batch", "length", "embed"))
     h = rms_norm(x_BTD, p["attn_norm"], c.norm_eps)
@@ -203,10 +228,10 @@ def _block(p: Params, x_BTD: Array, c: ModelConfig, cos_BTH: Array, sin_BTH: Arr
         ck, cv = kv_BKSH
         b_idx = jnp.arange(x_BTD.shape[0])[:, None]
         ck = ck.at[b_idx, :, slots_BT].set(k_rot.astype(ck.dtype))  # [B, T, K, H] rows into [B, K, S, H]
-        cv = cv.at[b_idx, :, slots_BT].set(v.astype(cv.dtype))
+        cv = cv.at[b_idx, :, :, slots_BT].set(v.astype(cv.dtype))  # [B, T, K, H] columns into [B, K, H, S]
         keys, values, new_kv = ck, cv, (ck, cv)
     else:
-        keys, values, new_kv = jnp.swapaxes(k_rot, 1, 2), jnp.swapaxes(v, 1, 2), None
+        keys, values, new_kv = jnp.swapaxes(k_rot, 1, 2), jnp.transpose(v, (0, 2, 3, 1)), None
     if tap == "mass":  # attention mass on (prefix, memory, context), head-averaged: 3 x [B, T]
         o, masses = attention(q_rot, keys, values, mask_BTS, prefix=prefix,
                               memory=memory, return_probs=True)
@@ -242,14 +267,13 @@ def _run_stacks(params: Params, c: ModelConfig, x_BTD: Array, positions_BT: Arra
         if cache is not None:
             layers = []
             for i in range(L):
-                p = {k: v[i] for k, v in params[name].items()}
+                p = _layer(params[name], i)
                 pre = PrefixKV(prefix[name][0][i], prefix[name][1][i]) if prefix is not None else None
                 mem = (MemoryBlocks(memory.k_LBCSKH[i], memory.v_LBCSKH[i], memory.mask_BCS)
                        if use_mem else None)
-                kv_axes = CACHE_AXES
                 ck, cv = cache[name][i]
                 x_BTD, new_kv, _ = _block(p, x_BTD, c, cos, sin, mask_BTS, prefix=pre, memory=mem,
-                                          kv_BKSH=(constrain(ck, kv_axes), constrain(cv, kv_axes)),
+                                          kv_BKSH=(constrain(ck, CACHE_AXES), constrain(cv, CACHE_V_AXES)),
                                           slots_BT=slots_BT, tap=None)
                 layers.append(new_kv)
             new_cache[name] = tuple(layers)
@@ -326,9 +350,12 @@ def prefix_kv(params: Params, config: ModelConfig) -> dict[str, tuple[Array, Arr
 
 
 def init_kv_layers(config: ModelConfig, batch: int, length: int, dtype=jnp.float32):
-    """Zeroed key/value buffers per layer: {stack: ((k, v) per layer)}, each [B, K, length, H]."""
-    shape = (batch, config.num_kv_heads, length, config.head_dim)
-    return {name: tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(L))
+    """Zeroed key/value buffers per layer: {stack: ((k, v) per layer)}, k [B, K, length, H] and
+    v [B, K, H, length] (values transposed: both attention contractions then run over the minor
+    dimension of both operands, the layout XLA's CPU matmuls run fastest, bf16 included)."""
+    K, H = config.num_kv_heads, config.head_dim
+    return {name: tuple((jnp.zeros((batch, K, length, H), dtype), jnp.zeros((batch, K, H, length), dtype))
+                        for _ in range(L))
             for name, L in stack_sizes(config).items()}
 
 
