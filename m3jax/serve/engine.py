@@ -39,7 +39,7 @@ from m3jax.config import ModelConfig
 from m3jax.decode import MODES, _prefill, _prefix_kv, arrange_memory
 from m3jax.model.cache import KVCache, extend, init_cache
 from m3jax.model.memory import ChunkMemory
-from m3jax.model.transformer import Params, check_params
+from m3jax.model.transformer import Params, check_params, unstack_layers
 
 log = logging.getLogger("m3jax.serve")
 
@@ -108,6 +108,7 @@ def _round(params: Params, config: ModelConfig, prefix, cache: KVCache, memory: 
     and keys). Finished rows neither sample nor grow their cache. Returns (tokens [B, chunk_size],
     steps run, cache, logits, done, budget)."""
     B = logits_BV.shape[0]
+    params = unstack_layers(params, jnp.dtype(config.dtype))  # as decode's rounds: layers sliced once per round
     out0 = jnp.full((B, config.chunk_size), config.pad_id, jnp.int32)
 
     def cond(s):
