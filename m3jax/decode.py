@@ -106,6 +106,18 @@ def _prefill(params: Params, config: ModelConfig, prefix, tokens_BP: Array, cach
     return last, cache
 
 
+def check_mode(mode: str, config: ModelConfig, has_retriever: bool,
+               needs: str = "a retriever (memory bank + index)") -> None:
+    """Raise ValueError unless `mode` is one of MODES and can run: memory and rag need a
+    retriever (`needs` says how to give one), memory needs a model with memory layers."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
+    if mode in ("memory", "rag") and not has_retriever:
+        raise ValueError(f"mode {mode!r} needs {needs}")
+    if mode == "memory" and not config.memory_enabled:
+        raise ValueError(f"model {config.name!r} has memory off: use mode 'rag' or 'none'")
+
+
 @functools.partial(jax.jit, static_argnums=(1, 2), donate_argnums=(4,))
 def _decode_chunk(params: Params, config: ModelConfig, sampling: tuple[float, int, float], prefix,
                   cache: KVCache, memory: ChunkMemory | None, logits_BV: Array, key: Array,
@@ -333,12 +345,7 @@ class Generator:
         return -(-max(len(p) for p in prompts) // bucket) * bucket
 
     def _check_mode(self, mode: str) -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if mode in ("memory", "rag") and self.retriever is None:
-            raise ValueError(f"mode {mode!r} needs a retriever (memory bank + index)")
-        if mode == "memory" and not self.config.memory_enabled:
-            raise ValueError(f"config {self.config.name!r} has memory off: use mode 'rag' or 'none'")
+        check_mode(mode, self.config, self.retriever is not None)
 
     def _prompt_retrieval(self, prompts: list[list[int]], mode: str) -> _Retrieval | None:
         """The retrieval a batch needs before its prefill: each prompt chunk's memories (`memory`)

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from m3jax.config import ModelConfig
-from m3jax.decode import MODES, _prefill, _prefix_kv, arrange_memory
+from m3jax.decode import _prefill, _prefix_kv, arrange_memory, check_mode
 from m3jax.model.cache import KVCache, extend, init_cache
 from m3jax.model.memory import ChunkMemory
 from m3jax.model.transformer import Params, check_params, unstack_layers
@@ -296,12 +296,7 @@ class Engine:
 
     # ---------------------------------------------------------------- modes and sizes
     def check_mode(self, mode: str) -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
-        if mode in ("memory", "rag") and self.retriever is None:
-            raise ValueError(f"mode {mode!r} needs a knowledge base (start the server with --kb)")
-        if mode == "memory" and not self.config.memory_enabled:
-            raise ValueError(f"model {self.config.name!r} has memory off: use mode 'rag' or 'none'")
+        check_mode(mode, self.config, self.retriever is not None, "a knowledge base (start the server with --kb)")
 
     def need(self, prompt_len: int, max_tokens: int, mode: str) -> int:
         """Cache positions a request needs (RAG: room for the references it will prepend)."""
