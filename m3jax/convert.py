@@ -1176,9 +1176,3 @@ def convert_checkpoint(source: str, path: str, out: str, *, target: str = "m3jax
     return (f"wrote {out} ({target}): {config.name}, {what}, {n / 1e6:.1f}M params ({config.param_dtype}), "
             f"reference_prefix={config.reference_prefix}, tokenizer={'yes' if tok is not None else 'no'}")
 
-
-def convert_main(argv: Sequence[str] | None = None) -> int:
-    """Deprecated: `m3jax.cli.main(["convert", *argv])` (the `m3jax convert` command)."""
-    from m3jax.cli import main
-
-    return main(["convert", *(argv or [])])

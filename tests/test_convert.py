@@ -18,7 +18,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from m3jax import convert
+from m3jax import cli, convert
 from m3jax.config import preset
 from m3jax.model import ChunkMemory, forward, init
 
@@ -460,7 +460,7 @@ def test_checkpoint_dir_round_trip_and_cli(tmp_path):
     cfg = hf_config(**dict(CASES["untied"], vocab_size=len(tokens)))
     W = random_tensors(cfg, seed=12)
     write_tiny_gguf(str(tmp_path / "m.gguf"), cfg, W)
-    assert convert.convert_main(["--from", "gguf", str(tmp_path / "m.gguf"), "--out", str(tmp_path / "ck"),
+    assert cli.main(["convert", "--from", "gguf", str(tmp_path / "m.gguf"), "--out", str(tmp_path / "ck"),
                                  "--memory-layers", "2"]) == 0
     config, params, tok = convert.load_checkpoint_dir(str(tmp_path / "ck"))
     c0, p0, t0 = convert.load_gguf(str(tmp_path / "m.gguf"), memory_layers=2)
@@ -473,12 +473,12 @@ def test_checkpoint_dir_round_trip_and_cli(tmp_path):
     assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.chat_template) == (1, 2, 2, "{{ 'chatml' }}")
     # hf source: plain by default, no tokenizer.json -> no tokenizer dir
     src = write_hf(tmp_path / "hf", cfg, W)
-    assert convert.convert_main(["--from", "hf", src, "--out", str(tmp_path / "ck2"), "--param-dtype",
+    assert cli.main(["convert", "--from", "hf", src, "--out", str(tmp_path / "ck2"), "--param-dtype",
                                  "bfloat16"]) == 0
     config2, params2, tok2 = convert.load_checkpoint_dir(str(tmp_path / "ck2"))
     assert tok2 is None and config2.reference_prefix is None and config2.param_dtype == "bfloat16"
     assert params2["embed"].dtype == jnp.bfloat16
-    assert convert.convert_main(["--from", "hf", src, "--out", str(tmp_path / "ck3"),
+    assert cli.main(["convert", "--from", "hf", src, "--out", str(tmp_path / "ck3"),
                                  "--reference-prefix", "1,5,6"]) == 0
     assert convert.load_checkpoint_dir(str(tmp_path / "ck3"))[0].reference_prefix == (1, 5, 6)
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import np_reference as ref
-from m3jax import convert
+from m3jax import cli, convert
 from m3jax.model import ChunkMemory, forward
 from test_convert import write_tiny_gguf
 
@@ -321,8 +321,8 @@ def test_cli_export_to_hf(tmp_path, monkeypatch):
     import test_convert
 
     src = os.path.join(FIXTURES, "qwen3")
-    assert convert.convert_main(["--from", "hf", src, "--out", str(tmp_path / "ck"), "--memory-layers", "1"]) == 0
-    assert convert.convert_main(["--from", "m3jax", str(tmp_path / "ck"), "--to", "hf",
+    assert cli.main(["convert", "--from", "hf", src, "--out", str(tmp_path / "ck"), "--memory-layers", "1"]) == 0
+    assert cli.main(["convert", "--from", "m3jax", str(tmp_path / "ck"), "--to", "hf",
                                  "--out", str(tmp_path / "hf")]) == 0
     c0, _ = convert.load_hf(src, memory_layers=1)
     c1, _ = convert.load_hf(str(tmp_path / "hf"))
@@ -330,14 +330,14 @@ def test_cli_export_to_hf(tmp_path, monkeypatch):
     a, b = _hf_tensors(src), _hf_tensors(str(tmp_path / "hf"))
     assert sorted(a) == sorted(b) and all(a[k].tobytes() == b[k].tobytes() for k in a)
     with pytest.raises(SystemExit, match="--to hf"):
-        convert.convert_main(["--from", "m3jax", str(tmp_path / "ck"), "--out", str(tmp_path / "x")])
+        cli.main(["convert", "--from", "m3jax", str(tmp_path / "ck"), "--out", str(tmp_path / "x")])
     # GGUF -> transformers layout with the tokenizer: the chat template travels along
     with open(os.path.join(src, "config.json")) as f:
         cfg = dict(json.load(f), rope_theta=1e6)
     monkeypatch.setattr(test_convert, "_tiny_gguf_vocab", lambda: _vocab(cfg["vocab_size"]))
     template = "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
     write_tiny_gguf(str(tmp_path / "m.gguf"), cfg, _hf_tensors(src), arch="qwen3", chat_template=template)
-    assert convert.convert_main(["--from", "gguf", str(tmp_path / "m.gguf"), "--to", "hf",
+    assert cli.main(["convert", "--from", "gguf", str(tmp_path / "m.gguf"), "--to", "hf",
                                  "--out", str(tmp_path / "hf2")]) == 0
     c2, _ = convert.load_hf(str(tmp_path / "hf2"))
     tok = convert.load_hf_tokenizer(str(tmp_path / "hf2"), c2)
