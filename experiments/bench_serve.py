@@ -7,7 +7,7 @@ sending requests one after another (closed loop) with prompts of `--prompt-len` 
 ids) and `--new-tokens` generated (ignore_eos), modes mixed round-robin.
 
 Phases (each bounded by `--requests-per-client` and `--time-limit` seconds, each after an untimed
-pass of one request per client and mode that compiles the shapes the phase needs):
+pass, one request per client with every mode of the phase present, that compiles its shapes):
   1. N concurrent clients for N in --clients (1, 8, 32, 64), mixed modes: throughput, p50/p95
      latency and time to first token per mode; every request is answered or refused with 429.
   2. --ratio-clients (32) clients all in memory mode, then all in RAG mode: aggregate tokens/s.
@@ -83,12 +83,14 @@ async def _client(client, model, prompts, modes, n_req, t_end, new_tokens, recor
 
 
 def _phase(url, model, prompts, n_clients, modes, n_req, limit_s, new_tokens, warm=True):
-    """One load phase; with `warm`, first an untimed pass of one request per client and mode (the
-    shapes this mix needs compile there: groups take the cache size of the requests they hold)."""
+    """One load phase; with `warm`, first an untimed pass in which every mode of the mix is requested
+    (one request per client, or one per mode when there are fewer clients than modes): the shapes this
+    mix needs compile there (groups take the cache size of the requests they hold)."""
     import openai
 
     if warm:
-        _phase(url, model, prompts, n_clients, modes, len(modes), limit_s, new_tokens, warm=False)
+        _phase(url, model, prompts, n_clients, modes, 1 if n_clients >= len(modes) else len(modes), limit_s,
+               new_tokens, warm=False)
 
     async def go():
         client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=limit_s + 120)
