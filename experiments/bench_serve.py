@@ -7,7 +7,7 @@ sending requests one after another (closed loop) with prompts of `--prompt-len` 
 ids) and `--new-tokens` generated (ignore_eos), modes mixed round-robin.
 
 Phases (each bounded by `--requests-per-client` and `--time-limit` seconds, each after an untimed
-pass, one request per client with every mode of the phase present, that compiles its shapes):
+pass of a few concurrent requests, every mode of the phase present, that compiles its shapes):
   1. N concurrent clients for N in --clients (1, 8, 32, 64), mixed modes: throughput, p50/p95
      latency and time to first token per mode; every request is answered or refused with 429.
   2. --ratio-clients (32) clients all in memory mode, then all in RAG mode: aggregate tokens/s.
@@ -82,15 +82,16 @@ async def _client(client, model, prompts, modes, n_req, t_end, new_tokens, recor
         records.append(rec)
 
 
-def _phase(url, model, prompts, n_clients, modes, n_req, limit_s, new_tokens, warm=True):
-    """One load phase; with `warm`, first an untimed pass in which every mode of the mix is requested
-    (one request per client, or one per mode when there are fewer clients than modes): the shapes this
-    mix needs compile there (groups take the cache size of the requests they hold)."""
+def _phase(url, model, prompts, n_clients, modes, n_req, limit_s, new_tokens, warm_clients=0):
+    """One load phase; with `warm_clients`, first an untimed pass of that many concurrent clients (one
+    request each, modes round-robin) in which the shapes this mix needs compile: groups take the
+    cache size of the requests they hold, and every client count above the slots of one group
+    reuses those shapes (static slots)."""
     import openai
 
-    if warm:
-        _phase(url, model, prompts, n_clients, modes, 1 if n_clients >= len(modes) else len(modes), limit_s,
-               new_tokens, warm=False)
+    if warm_clients:
+        n_warm = min(warm_clients, n_clients)
+        _phase(url, model, prompts, n_warm, modes, 1 if n_warm >= len(modes) else len(modes), limit_s, new_tokens)
 
     async def go():
         client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=limit_s + 120)
@@ -193,12 +194,12 @@ def main(argv=None) -> int:
     for n in clients:
         log(f"{n} clients, mixed modes")
         rows.append(_phase(url, cfg.name, prompts, n, MODES, args.requests_per_client, args.time_limit,
-                           args.new_tokens))
+                           args.new_tokens, warm_clients=len(MODES) * args.groups))
     ratio_rows = {}
     for m in ("memory", "rag"):
         log(f"{args.ratio_clients} clients, {m} only")
         ratio_rows[m] = _phase(url, cfg.name, prompts, args.ratio_clients, (m,), args.requests_per_client,
-                               args.time_limit, args.new_tokens)
+                               args.time_limit, args.new_tokens, warm_clients=args.groups)
     cancel_ok = _cancel_frees_slot(url, cfg.name, prompts[0], args.new_tokens * 4)
     code, health = _health(url)
     srv.should_exit = True

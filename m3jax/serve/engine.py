@@ -642,11 +642,15 @@ class Engine:
                         break
                 self._admit()
                 busy = [g for g in self.groups if g.active or g.joining]
-                ready = sorted((g for g in busy if g.out is None), key=lambda g: g.last_turn)
+                # A group with only joiners waits for their prompt retrieval without holding up the
+                # others (a group with rows waits for it in _prepare: the joiners then ride along).
+                ready = sorted((g for g in busy if g.out is None
+                                and (g.active or g.join_future is None or g.join_future.done())),
+                               key=lambda g: g.last_turn)
                 if not ready and not inflight:
-                    with self._cv:  # idle (or the queue's head waits for a group to drain)
+                    with self._cv:  # idle (or the queue's head waits for a group to drain or a retrieval)
                         if not self._stopping:
-                            self._cv.wait(timeout=0.05 if not self.queue else 0.005)
+                            self._cv.wait(timeout=0.005 if self.queue or busy else 0.05)
                     continue
                 if ready:
                     g = ready[0]
@@ -660,6 +664,12 @@ class Engine:
                         self._fail_group(g, e)
                 if inflight and (len(inflight) >= min(2, len(busy)) or not ready):
                     g = inflight.popleft()
+                    while not g.out[0].is_ready():  # requests that come meanwhile start their retrieval
+                        self._admit()
+                        with self._cv:
+                            if self._stopping:
+                                break
+                            self._cv.wait(timeout=0.002)
                     try:
                         self._collect(g)
                     except Exception as e:  # noqa: BLE001
