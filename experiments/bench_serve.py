@@ -69,7 +69,7 @@ async def _client(client, model, prompts, modes, n_req, t_end, new_tokens, recor
                                                      stream=True, extra_body={"mode": mode, "ignore_eos": True},
                                                      stream_options={"include_usage": True})
             async for ev in stream:
-                if ev.choices and ev.choices[0].text and rec["ttft_s"] is None:
+                if ev.choices and rec["ttft_s"] is None:  # the first round's tokens (text may be empty)
                     rec["ttft_s"] = time.monotonic() - t0
                 if ev.usage is not None:
                     rec["tokens"] = ev.usage.completion_tokens
