@@ -389,6 +389,7 @@ def compile_decode(model_cfg, mesh, B: int, cache_len: int) -> dict[str, Any]:
     from jax.sharding import NamedSharding, PartitionSpec
 
     from m3jax import sharding as S
+    from m3jax.model import placement as PL
     from m3jax.decode import _decode_chunk
     from m3jax.model.cache import init_cache
     from m3jax.model.memory import ChunkMemory
@@ -401,7 +402,7 @@ def compile_decode(model_cfg, mesh, B: int, cache_len: int) -> dict[str, Any]:
     def sds(shape, dtype, sharding):
         return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
 
-    params = S.abstract_params(c, mesh)
+    params = PL.abstract_params(c, mesh)
     # Shapes from the model's own constructors (eval_shape: nothing materialized), shardings from
     # `sharding.cache_sharding`; the prefix sink (a few tokens per layer) is replicated.
     prefix = None
@@ -409,11 +410,11 @@ def compile_decode(model_cfg, mesh, B: int, cache_len: int) -> dict[str, Any]:
         prefix = jax.tree.map(lambda a: sds(a.shape, a.dtype, rep),
                               jax.eval_shape(lambda p: prefix_kv(p, c), params))
     cache = jax.tree.map(lambda a, s: sds(a.shape, a.dtype, s),
-                         jax.eval_shape(lambda: init_cache(c, B, cache_len)), S.cache_sharding(c, mesh, batch=B))
+                         jax.eval_shape(lambda: init_cache(c, B, cache_len)), PL.cache_sharding(c, mesh, batch=B))
     memory = None
     if c.memory_enabled:
         mem = jax.eval_shape(lambda: ChunkMemory.empty(c, B, 1, dtype=dt))  # one block, memories_per_chunk
-        memory = jax.tree.map(lambda a, s: sds(a.shape, a.dtype, s), mem, S.memory_sharding(c, mesh, memory=mem))
+        memory = jax.tree.map(lambda a, s: sds(a.shape, a.dtype, s), mem, PL.memory_sharding(c, mesh, memory=mem))
     bsh = S.named_sharding(mesh, ("batch",), (B,), label="decode")
     lsh = S.named_sharding(mesh, ("batch", "vocab"), (B, c.vocab_size), label="decode.logits")
     key = jax.eval_shape(lambda: jax.random.key(0))

@@ -163,7 +163,7 @@ def _presets(args: argparse.Namespace) -> int:
         c = preset(name)
         print(f"{name:<14} {c.num_layers:>6} {c.hidden:>6} {c.num_heads:>4}/{c.num_kv_heads:<4} "
               f"{c.num_params(embedding=True) / 1e6:>9.1f}M {c.num_params() / 1e6:>9.1f}M "
-              f"{c.memory_bytes('bf16'):>11,}B")
+              f"{2 * c.head_dim * c.memory_vectors:>11,}B")  # bf16: 2 bytes an element
     return 0
 
 

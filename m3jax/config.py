@@ -189,13 +189,11 @@ class ModelConfig:
             n += self.vocab_size * d * (1 if self.tie_embeddings else 2)
         return n
 
-    def memory_bytes(self, codec: str = "bf16", **codec_options: Any) -> int:
-        """Bytes of one stored memory: (memory_layers, 2, kv_heads, tokens_per_memory, head_dim)
-        vectors coded by `codec` (see `m3jax.memory.codec`)."""
-        from m3jax.memory.codec import bytes_per_vector  # local: codec does not import config
-
-        vectors = self.memory_layers * 2 * self.num_kv_heads * self.tokens_per_memory
-        return vectors * bytes_per_vector(codec, self.head_dim, **codec_options)
+    @property
+    def memory_vectors(self) -> int:
+        """Head_dim vectors one stored memory holds: (memory_layers, 2, kv_heads, tokens_per_memory)
+        (bytes per vector depend on the codec: `m3jax.memory.codec.memory_bytes`)."""
+        return self.memory_layers * 2 * self.num_kv_heads * self.tokens_per_memory
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -156,7 +156,7 @@ def _decode_chunk(params: Params, config: ModelConfig, sampling: tuple[float, in
 def arrange_memory(mem: MemoryKV, batch: int, chunks: int, dtype) -> ChunkMemory:
     """n = batch * chunks * k memories -> the `ChunkMemory` the model reads, in `dtype` (jitted)."""
     cm = ChunkMemory.from_memories(mem, batch, chunks)
-    return cm.replace(k_LBCSKH=cm.k_LBCSKH.astype(dtype), v_LBCSKH=cm.v_LBCSKH.astype(dtype))
+    return cm.replace(k_LBCMKH=cm.k_LBCMKH.astype(dtype), v_LBCMKH=cm.v_LBCMKH.astype(dtype))
 
 
 # ------------------------------------------------------------------------------ results
@@ -415,8 +415,8 @@ class Generator:
         if memory is not None:  # generated chunk 0 keeps the last prompt chunk's memories
             take = jnp.asarray(last_chunk)
             pick = lambda x: jnp.take_along_axis(x, take.reshape((1, B, 1) + (1,) * (x.ndim - 3)), axis=2)
-            memory = ChunkMemory(pick(memory.k_LBCSKH), pick(memory.v_LBCSKH),
-                                 jnp.take_along_axis(memory.mask_BCS, take[:, None, None], axis=1))
+            memory = ChunkMemory(pick(memory.k_LBCMKH), pick(memory.v_LBCMKH),
+                                 jnp.take_along_axis(memory.mask_BCM, take[:, None, None], axis=1))
         jax.block_until_ready(logits)
         stats.prefill_s = time.perf_counter() - t0
         seed = dc.seed if seed is None else seed

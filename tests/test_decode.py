@@ -96,10 +96,10 @@ def test_decode_logits_equal_forward_across_a_swap():
     full = np.asarray(jax.jit(M.forward, static_argnums=2)(p, jnp.asarray(toks), CFG, memory=cm))
     ext = jax.jit(M.extend, static_argnums=1)
     cache = M.init_cache(CFG, 2, 64)
-    pre = M.ChunkMemory(cm.k_LBCSKH[:, :, :2], cm.v_LBCSKH[:, :, :2], cm.mask_BCS[:, :2])
+    pre = M.ChunkMemory(cm.k_LBCMKH[:, :, :2], cm.v_LBCMKH[:, :, :2], cm.mask_BCM[:, :2])
     lo, cache = ext(p, CFG, jnp.asarray(toks[:, : 2 * cs]), cache, memory=pre)
     got = [np.asarray(lo)]
-    step_mem = M.ChunkMemory(cm.k_LBCSKH[:, :, 2:3], cm.v_LBCSKH[:, :, 2:3], cm.mask_BCS[:, 2:3])
+    step_mem = M.ChunkMemory(cm.k_LBCMKH[:, :, 2:3], cm.v_LBCMKH[:, :, 2:3], cm.mask_BCM[:, 2:3])
     for t in range(2 * cs, 3 * cs):
         lo, cache = ext(p, CFG, jnp.asarray(toks[:, t:t + 1]), cache, memory=step_mem)
         got.append(np.asarray(lo))

@@ -12,8 +12,7 @@ from flax import struct
 
 from m3jax.config import ModelConfig
 from m3jax.model.memory import ChunkMemory
-from m3jax.model.transformer import (Params, _check_tokens, _embed, _logits, _run_stacks,
-                                     constrain_memory, init_kv_layers, prefix_kv)
+from m3jax.model.transformer import Params, _check_tokens, _embed, _logits, _run_stacks, init_kv_layers, prefix_kv
 
 Array = jax.Array
 
@@ -60,7 +59,7 @@ def extend(params: Params, config: ModelConfig, tokens: Array, cache: KVCache, *
         if T % C:
             raise ValueError(f"{T} tokens cannot be split into {C} memory chunks")
         memory.check(c, B, C)
-        memory = constrain_memory(memory.windowed())
+        memory = memory.windowed().constrain()
     if prefix is None and c.reference_prefix is not None:
         prefix = prefix_kv(params, c)
     slots = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None]  # [B, T]

@@ -44,11 +44,14 @@ from m3jax.config import ModelConfig
 from m3jax.model.attention import MemoryBlocks, PrefixKV, attention
 from m3jax.model.layers import apply_rope, mlp, rms_norm, rope_angles
 from m3jax.model.memory import ChunkMemory
-from m3jax.sharding import CACHE_AXES, CACHE_V_AXES, MEMORY_AXES, MEMORY_MASK_AXES, constrain
+from m3jax.sharding import constrain
 
 Array = jax.Array
 Params = dict[str, Any]
 STACKS = ("mem_blocks", "blocks")
+# Logical axes (m3jax.sharding's rule table) of one KV cache layer (`init_kv_layers`).
+CACHE_AXES = ("batch", "kv_heads", "kv_length", "head_dim")  # keys [B, K, S, H]
+CACHE_V_AXES = ("batch", "kv_heads", "head_dim", "kv_length")  # values [B, K, H, S]
 
 _BLOCK_AXES = {
     "attn_norm": ("layers", "embed"),
@@ -269,7 +272,7 @@ def _run_stacks(params: Params, c: ModelConfig, x_BTD: Array, positions_BT: Arra
             for i in range(L):
                 p = _layer(params[name], i)
                 pre = PrefixKV(prefix[name][0][i], prefix[name][1][i]) if prefix is not None else None
-                mem = (MemoryBlocks(memory.k_LBCSKH[i], memory.v_LBCSKH[i], memory.mask_BCS)
+                mem = (MemoryBlocks(memory.k_LBCMKH[i], memory.v_LBCMKH[i], memory.mask_BCM)
                        if use_mem else None)
                 ck, cv = cache[name][i]
                 x_BTD, new_kv, _ = _block(p, x_BTD, c, cos, sin, mask_BTS, prefix=pre, memory=mem,
@@ -281,7 +284,7 @@ def _run_stacks(params: Params, c: ModelConfig, x_BTD: Array, positions_BT: Arra
 
         def body(x, xs, use_mem=use_mem):
             pre = PrefixKV(*xs["prefix"]) if "prefix" in xs else None
-            mem = MemoryBlocks(xs["mem_k"], xs["mem_v"], memory.mask_BCS) if use_mem else None
+            mem = MemoryBlocks(xs["mem_k"], xs["mem_v"], memory.mask_BCM) if use_mem else None
             x, _, extra = _block(xs["p"], x, c, cos, sin, mask_BTS, prefix=pre, memory=mem,
                                  kv_BKSH=None, slots_BT=None, tap=tap)
             return x, extra
@@ -290,7 +293,7 @@ def _run_stacks(params: Params, c: ModelConfig, x_BTD: Array, positions_BT: Arra
         if prefix is not None:
             xs["prefix"] = prefix[name]
         if use_mem:
-            xs["mem_k"], xs["mem_v"] = memory.k_LBCSKH, memory.v_LBCSKH
+            xs["mem_k"], xs["mem_v"] = memory.k_LBCMKH, memory.v_LBCMKH
         if c.remat:  # keep only each layer's input for the backward pass: activation memory / L
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
         x_BTD, extra = jax.lax.scan(body, x_BTD, xs)
@@ -364,13 +367,6 @@ def _causal_mask(query_slots: Array, key_len: int) -> Array:
     return jnp.arange(key_len)[None, :] <= query_slots[:, None]
 
 
-def constrain_memory(memory: ChunkMemory) -> ChunkMemory:
-    """Shard memory like the batch (layers unsharded, kv heads on tensor when they divide)."""
-    return memory.replace(k_LBCSKH=constrain(memory.k_LBCSKH, MEMORY_AXES),
-                          v_LBCSKH=constrain(memory.v_LBCSKH, MEMORY_AXES),
-                          mask_BCS=constrain(memory.mask_BCS, MEMORY_MASK_AXES))
-
-
 def _check_tokens(tokens: Array, config: ModelConfig) -> None:
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be int [batch, length], got shape {tuple(tokens.shape)}")
@@ -392,7 +388,7 @@ def _full_sequence(params: Params, c: ModelConfig, tokens: Array, memory: ChunkM
             raise ValueError(f"config {c.name!r} has memory off (reference_prefix=None or memory_layers=0) "
                              "but memory was given")
         memory.check(c, B, -(-T // c.chunk_size))
-        memory = constrain_memory(memory.windowed())
+        memory = memory.windowed().constrain()
     if prefix is None and c.reference_prefix is not None:
         prefix = prefix_kv(params, c)
     # Chunks of memory are `chunk_size` queries each; one chunk may be shorter (no padding).

@@ -146,8 +146,8 @@ def _insert_rows(state: dict, rows: dict, idx_J: jax.Array) -> dict:
     out = {k: jax.tree.map(put(0), state[k], rows[k]) for k in state if k != "memory"}
     if state.get("memory") is not None:
         m, r = state["memory"], rows["memory"]
-        out["memory"] = ChunkMemory(put(1)(m.k_LBCSKH, r.k_LBCSKH), put(1)(m.v_LBCSKH, r.v_LBCSKH),
-                                    put(0)(m.mask_BCS, r.mask_BCS))
+        out["memory"] = ChunkMemory(put(1)(m.k_LBCMKH, r.k_LBCMKH), put(1)(m.v_LBCMKH, r.v_LBCMKH),
+                                    put(0)(m.mask_BCM, r.mask_BCM))
     else:
         out["memory"] = state.get("memory")
     return out
@@ -157,8 +157,8 @@ def _insert_rows(state: dict, rows: dict, idx_J: jax.Array) -> dict:
 def _merge_memory(old: ChunkMemory, new: ChunkMemory, rows_B: jax.Array) -> ChunkMemory:
     """Swap in the memories of rows `rows_B` (the others keep theirs)."""
     sel = lambda a, b: jnp.where(rows_B.reshape((1, -1) + (1,) * (a.ndim - 2)), b.astype(a.dtype), a)  # noqa: E731
-    return ChunkMemory(sel(old.k_LBCSKH, new.k_LBCSKH), sel(old.v_LBCSKH, new.v_LBCSKH),
-                       jnp.where(rows_B[:, None, None], new.mask_BCS, old.mask_BCS))
+    return ChunkMemory(sel(old.k_LBCMKH, new.k_LBCMKH), sel(old.v_LBCMKH, new.v_LBCMKH),
+                       jnp.where(rows_B[:, None, None], new.mask_BCM, old.mask_BCM))
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
@@ -166,8 +166,8 @@ def _last_chunk_memory(memory: ChunkMemory, chunks: int, last_J: jax.Array) -> C
     """Each row's memories of its last prompt chunk (what its first generated chunk reads)."""
     J = last_J.shape[0]
     pick = lambda x: jnp.take_along_axis(x, last_J.reshape((1, J, 1) + (1,) * (x.ndim - 3)), axis=2)  # noqa: E731
-    return ChunkMemory(pick(memory.k_LBCSKH), pick(memory.v_LBCSKH),
-                       jnp.take_along_axis(memory.mask_BCS, last_J[:, None, None], axis=1))
+    return ChunkMemory(pick(memory.k_LBCMKH), pick(memory.v_LBCMKH),
+                       jnp.take_along_axis(memory.mask_BCM, last_J[:, None, None], axis=1))
 
 
 # ------------------------------------------------------------------------------ requests
