@@ -40,9 +40,9 @@ class ModelConfig:
     `rope_factor` between `rope_low_freq_factor` and `rope_high_freq_factor` wavelengths of
     `rope_original_max_len`). Their defaults are the plain Llama.
 
-    Shape letters used across m3jax: B batch, T query length, S key length, D hidden (`hidden`),
-    N query heads, K kv heads, G = N // K query heads per kv head, H head dim, F mlp width,
-    V vocab, L layers, C chunks, M memory tokens visible to a chunk, R reference length.
+    Shape letters (one table for all of m3jax: docs/ARCHITECTURE.md): D `hidden`, N `num_heads`,
+    K `num_kv_heads`, G = N // K, H `head_dim`, F `mlp_dim`, V `vocab_size`, L layers, E
+    `tokens_per_memory`, Q `chunk_size`, R `reference_len`.
     """
 
     name: str = "custom"
@@ -313,7 +313,7 @@ class DecodeConfig:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     seed: int = 0
-    max_cache_len: int = 512  # context tokens the KV cache holds (prompt + generated)
+    max_cache_len: int | None = None  # context tokens the KV cache holds (prompt + generated); None: max_len
     prompt_bucket: int = 64  # prompt lengths are padded up to a multiple of this
     # Batches in flight in `Generator.generate_many`: while one decodes a chunk on the device, the
     # retrievals of the others run on the host (1 = one batch after another).
@@ -325,7 +325,7 @@ class DecodeConfig:
         _check(self.temperature >= 0, f"DecodeConfig.temperature must be >= 0, got {self.temperature}")
         _check(self.top_k >= 0, f"DecodeConfig.top_k must be >= 0, got {self.top_k}")
         _check(0 < self.top_p <= 1, f"DecodeConfig.top_p must be in (0, 1], got {self.top_p}")
-        _check(self.max_cache_len > 0 and self.prompt_bucket > 0,
+        _check((self.max_cache_len is None or self.max_cache_len > 0) and self.prompt_bucket > 0,
                "DecodeConfig.max_cache_len and prompt_bucket must be positive")
 
 
