@@ -17,7 +17,7 @@ What is compiled:
           model in the step, chunk c reading the memories of chunks c-4..c), its state
           (`abstract_state_on`: bf16 params, fp32 master copy and Adam moments) and a batch of
           tokens/loss_mask [B, T] + ref_tokens/ref_mask [B, C, R].
-  decode  `m3jax.decode._decode_chunk` (the jitted `lax.while_loop` that generates one 64-token
+  decode  `m3jax.decode.decode_round` (the jitted `lax.while_loop` that generates one 64-token
           chunk, one `extend` of one token per iteration, reading a memory block of
           memories_per_chunk memories), with params, KV cache and memory sharded on the decode
           mesh.
@@ -174,14 +174,14 @@ def remat_layers(mode: str | None):
               "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[mode]
     orig = TR._block
 
-    def block(p, x, c, cos, sin, mask, **kw):
-        if any(k.startswith("kv_") and v is not None for k, v in kw.items()):
-            return orig(p, x, c, cos, sin, mask, **kw)  # a cache layer (decoding): no backward pass
+    def block(p, x, c, shared, reads, **kw):
+        if reads.kv is not None:
+            return orig(p, x, c, shared, reads, **kw)  # a cache layer (decoding): no backward pass
 
-        def f(p, x, cos, sin, mask, prefix, memory):
-            return orig(p, x, c, cos, sin, mask, **{**kw, "prefix": prefix, "memory": memory})
+        def f(p, x, shared, reads):
+            return orig(p, x, c, shared, reads, **kw)
 
-        return jax.checkpoint(f, policy=policy)(p, x, cos, sin, mask, kw.get("prefix"), kw.get("memory"))
+        return jax.checkpoint(f, policy=policy)(p, x, shared, reads)
 
     TR._block = block
     try:
@@ -383,48 +383,43 @@ def search_train(model_cfg, train_cfg, mesh, B: int, T: int, *, search: bool = T
 
 # ------------------------------------------------------------------------------ decode
 def compile_decode(model_cfg, mesh, B: int, cache_len: int) -> dict[str, Any]:
-    """AOT compile `m3jax.decode._decode_chunk` (one 64-token chunk, one memory block)."""
+    """AOT compile `m3jax.decode.decode_round` (one 64-token round, one memory block), with the
+    Generator's own placement on `mesh` (`Generator(mesh=...)`)."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from m3jax import sharding as S
-    from m3jax.decode import _decode_chunk
+    from m3jax.decode import DecodeState, decode_round
     from m3jax.model.cache import init_cache
     from m3jax.model.memory import ChunkMemory
+    from m3jax.model.placement import abstract_params, memory_sharding
     from m3jax.model.transformer import prefix_kv
 
     c = model_cfg
-    dt = jnp.dtype(c.dtype)
     rep = NamedSharding(mesh, PartitionSpec())
 
-    def sds(shape, dtype, sharding):
-        return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
+    def placed(abstract, shardings):  # ShapeDtypeStructs (nothing materialized) with their shardings
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
-    params = S.abstract_params(c, mesh)
-    # Shapes from the model's own constructors (eval_shape: nothing materialized), shardings from
-    # `sharding.cache_sharding`; the prefix sink (a few tokens per layer) is replicated.
-    prefix = None
+    params = abstract_params(c, mesh)
+    prefix = None  # the prefix sink (a few tokens per layer) is replicated
     if c.reference_prefix is not None:
-        prefix = jax.tree.map(lambda a: sds(a.shape, a.dtype, rep),
+        prefix = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
                               jax.eval_shape(lambda p: prefix_kv(p, c), params))
-    cache = jax.tree.map(lambda a, s: sds(a.shape, a.dtype, s),
-                         jax.eval_shape(lambda: init_cache(c, B, cache_len)), S.cache_sharding(c, mesh, batch=B))
+    state = jax.eval_shape(lambda: DecodeState.create(init_cache(c, B, cache_len), jnp.zeros((B, c.vocab_size)),
+                                                      budget=0, key_B=jnp.zeros((B, 2), jnp.uint32),
+                                                      stops_BX=[c.eos_id]))
+    state = placed(state, DecodeState.sharding(c, mesh, B, 1))
     memory = None
     if c.memory_enabled:
-        mem = jax.eval_shape(lambda: ChunkMemory.empty(c, B, 1, dtype=dt))  # one block, memories_per_chunk
-        memory = jax.tree.map(lambda a, s: sds(a.shape, a.dtype, s), mem, S.memory_sharding(c, mesh, memory=mem))
-    bsh = S.named_sharding(mesh, ("batch",), (B,), label="decode")
-    lsh = S.named_sharding(mesh, ("batch", "vocab"), (B, c.vocab_size), label="decode.logits")
-    key = jax.eval_shape(lambda: jax.random.key(0))
-    args = (params, c, (0.0, 0, 1.0), prefix, cache, memory,
-            sds((B, c.vocab_size), jnp.float32, lsh), sds(key.shape, key.dtype, rep),
-            sds((), jnp.int32, rep), sds((), jnp.int32, rep), sds((B,), jnp.bool_, bsh),
-            sds((B,), jnp.int32, bsh), sds((1,), jnp.int32, rep))
+        mem = jax.eval_shape(lambda: ChunkMemory.empty(c, B, 1, dtype=jnp.dtype(c.dtype)))  # one block
+        memory = placed(mem, memory_sharding(c, mesh, memory=mem))
+    steps = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
     rec: dict[str, Any] = {"batch": B, "cache_len": cache_len, "memory_tokens": c.memory_block_len}
+
     def lower():
         with jax.set_mesh(mesh):
-            return _decode_chunk.lower(*args)
+            return decode_round.lower(params, c, prefix, memory, state, steps)
 
     return _compile_into(rec, lower)
 

@@ -176,13 +176,14 @@ def bench_train_section(cfg, args, info) -> tuple[list[dict], dict]:
     import bench_train as BT
     from m3jax import sharding as S
     from m3jax.config import MeshConfig, TrainConfig
+    from m3jax.model.placement import init_sharded
     from m3jax.train import loop as L
 
     T = args.train_seq_len
     mesh_cfg = MeshConfig(1, -1, 1)
     mesh = S.make_mesh(mesh_cfg)
     base = TrainConfig(seq_len=T, batch_size=args.train_batch, steps=1000, warmup_steps=10, mesh=mesh_cfg)
-    params = S.init_sharded(cfg, jax.random.key(0), mesh)
+    params = init_sharded(cfg, jax.random.key(0), mesh)
     batch = BT.make_batch(cfg, args.train_batch, T)
     modes = []
     for name, stage, mg in BT.MODES:

@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _bench_utils import compile_timed, interleaved, write_json  # noqa: E402
 from m3jax import sharding as S  # noqa: E402
 from m3jax.config import MeshConfig, TrainConfig, apply_overrides, preset  # noqa: E402
+from m3jax.model.placement import init_sharded  # noqa: E402
 from m3jax.train import loop as L  # noqa: E402
 from m3jax.train import step as ST  # noqa: E402
 
@@ -102,7 +103,7 @@ def main(argv=None) -> dict:
     kind = getattr(dev, "device_kind", dev.platform)
     peak = L.peak_flops(dev)
     base = TrainConfig(seq_len=T, batch_size=args.batch, steps=1000, warmup_steps=10, mesh=mesh_cfg)
-    params = S.init_sharded(cfg, jax.random.key(0), mesh)
+    params = init_sharded(cfg, jax.random.key(0), mesh)
     batch = make_batch(cfg, args.batch, T)
     print(f"device: {jax.device_count()} x {kind} ({dev.platform}), mesh {dict(mesh.shape)}, host {platform.node()}")
     print(f"model: {cfg.name} ({cfg.num_params() / 1e6:.2f}M non-embedding params), batch {args.batch} x {T} "

@@ -8,7 +8,7 @@ paper's figures it is checked against, and the stated assumptions).
 What is computed, per reference / memory (shape letters as in `m3jax.config.ModelConfig`):
 
 storage   one memory = (memory_layers, 2, kv_heads, tokens_per_memory, head_dim) vectors, sized by
-          `ModelConfig.memory_bytes(codec)` (bf16 / int8 / pq; `m3jax.memory.codec.bytes_per_vector`
+          `m3jax.memory.codec.memory_bytes(config, codec)` (bf16 / int8 / pq; `bytes_per_vector`
           is the single source of sizes), times the references (the paper's storage figures use
           1.12e8). The unsparsified figure keeps every layer, every query head and every reference
           token (the paper's 7.17 PiB), and the GQA one every layer and kv head (what a KV cache
@@ -52,7 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from m3jax.config import ModelConfig, preset  # noqa: E402
-from m3jax.memory.codec import PQCodec, bytes_per_vector, make_codec  # noqa: E402
+from m3jax.memory.codec import PQCodec, bytes_per_vector, make_codec, memory_bytes  # noqa: E402
 
 TIB, PIB, GIB = 2.0**40, 2.0**50, 2.0**30
 
@@ -192,11 +192,11 @@ def storage(cfg: ModelConfig, n: float) -> list[dict[str, Any]]:
         {"what": f"unsparsified, GQA: {L} layers x {K} kv heads x {R} tokens, bf16", "codec": "bf16",
          "bytes_per_memory": L * 2 * K * R * bf16, "paper": None},
         {"what": f"sparsified: {Lm} memory layers x {K} kv heads x {T} tokens, bf16", "codec": "bf16",
-         "bytes_per_memory": cfg.memory_bytes("bf16"), "paper": f"{PAPER['sparsified_bf16_TiB']} TiB"},
+         "bytes_per_memory": memory_bytes(cfg, "bf16"), "paper": f"{PAPER['sparsified_bf16_TiB']} TiB"},
         {"what": "sparsified, int8 + fp16 scale per vector", "codec": "int8",
-         "bytes_per_memory": cfg.memory_bytes("int8"), "paper": None},
+         "bytes_per_memory": memory_bytes(cfg, "int8"), "paper": None},
         {"what": f"sparsified, pq {bytes_per_vector('pq', H)} B/vector", "codec": "pq",
-         "bytes_per_memory": cfg.memory_bytes("pq"), "paper": f"{PAPER['vq_TiB']} TiB (VQ)"},
+         "bytes_per_memory": memory_bytes(cfg, "pq"), "paper": f"{PAPER['vq_TiB']} TiB (VQ)"},
     ]
     for r in rows:
         r["total_bytes"] = r["bytes_per_memory"] * n
@@ -246,8 +246,8 @@ def pod_times(cfg: ModelConfig, n: float, mfu: float, pods: list[str]) -> list[d
         t = n * w / rate
         r = {"pod": name, "chip": chip.name, "chips": chips, "peak_flops_per_chip": chip.peak_flops,
              "mfu": mfu, "write_s": t, "write_h": t / 3600,
-             "bank_write_GBps_bf16": n * cfg.memory_bytes("bf16") / t / 1e9,
-             "bank_write_GBps_pq": n * cfg.memory_bytes("pq") / t / 1e9,
+             "bank_write_GBps_bf16": n * memory_bytes(cfg, "bf16") / t / 1e9,
+             "bank_write_GBps_pq": n * memory_bytes(cfg, "pq") / t / 1e9,
              "pq_encode_fraction": pq_flops / w, "pq_subspaces": pq.subspaces}
         for en, f in emb.items():
             r[f"embed_h[{en}]"] = n * f / rate / 3600

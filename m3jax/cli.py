@@ -163,7 +163,7 @@ def _presets(args: argparse.Namespace) -> int:
         c = preset(name)
         print(f"{name:<14} {c.num_layers:>6} {c.hidden:>6} {c.num_heads:>4}/{c.num_kv_heads:<4} "
               f"{c.num_params(embedding=True) / 1e6:>9.1f}M {c.num_params() / 1e6:>9.1f}M "
-              f"{c.memory_bytes('bf16'):>11,}B")
+              f"{2 * c.head_dim * c.memory_vectors:>11,}B")  # bf16: 2 bytes an element
     return 0
 
 
@@ -337,35 +337,35 @@ def _generate(args: argparse.Namespace) -> int:
     dc = DecodeConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                       top_p=args.top_p, seed=args.seed, max_cache_len=min(config.max_len, args.max_cache_len),
                       prompt_bucket=config.chunk_size)
-    gen = Generator(params, config, tok, retriever, dc)
-    if prompts is not None:
-        return _generate_file(gen, kb, prompts, args)
+    with Generator(params, config, tok, retriever, dc) as gen:  # closes its retrieval thread
+        if prompts is not None:
+            return _generate_file(gen, kb, prompts, args)
 
-    done: list[int] = []
-    shown = [""]
+        done: list[int] = []
+        shown = [""]
 
-    def stream(new):  # decode everything so far: a character may span two chunks
-        done.extend(new[0])
-        text = tok.decode(done)
-        sys.stdout.write(text[len(shown[0]):])
-        sys.stdout.flush()
-        shown[0] = text
+        def stream(new):  # decode everything so far: a character may span two chunks
+            done.extend(new[0])
+            text = tok.decode(done)
+            sys.stdout.write(text[len(shown[0]):])
+            sys.stdout.flush()
+            shown[0] = text
 
-    prompt = _chat_prompt(args, args.prompt)
-    sys.stdout.write(tok.apply_chat_template(prompt) if args.chat else args.prompt)
-    with CompileMeter() as meter:
-        res = gen.generate([prompt], mode=args.mode, stream=stream)
-    s = res.stats
-    print(f"\n[{args.mode}: {s.new_tokens} tokens in {s.total_s:.2f} s ({meter.describe()}), "
-          f"{_rate(s.new_tokens, s.total_s, meter.seconds)}, {s.memory_swaps} memory swaps, "
-          f"retrieval {1000 * s.retrieval_s:.0f} ms]", file=sys.stderr)
-    if kb is not None and args.mode != "none":
-        refs = _references(kb, tok, res.retrieved[0])
-        print(f"[references read ({len(refs)}):]", file=sys.stderr)
-        for r in refs:
-            title = r["title"] or f"doc {r['doc_id']}"
-            print(f"  #{r['id']} {title}: {r['snippet']}", file=sys.stderr)
-    return 0
+        prompt = _chat_prompt(args, args.prompt)
+        sys.stdout.write(tok.apply_chat_template(prompt) if args.chat else args.prompt)
+        with CompileMeter() as meter:
+            res = gen.generate([prompt], mode=args.mode, stream=stream)
+        s = res.stats
+        print(f"\n[{args.mode}: {s.new_tokens} tokens in {s.total_s:.2f} s ({meter.describe()}), "
+              f"{_rate(s.new_tokens, s.total_s, meter.seconds)}, {s.memory_swaps} memory swaps, "
+              f"retrieval {1000 * s.retrieval_s:.0f} ms]", file=sys.stderr)
+        if kb is not None and args.mode != "none":
+            refs = _references(kb, tok, res.retrieved[0])
+            print(f"[references read ({len(refs)}):]", file=sys.stderr)
+            for r in refs:
+                title = r["title"] or f"doc {r['doc_id']}"
+                print(f"  #{r['id']} {title}: {r['snippet']}", file=sys.stderr)
+        return 0
 
 
 def _rate(tokens: int, seconds: float, compile_s: float) -> str:

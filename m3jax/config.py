@@ -40,9 +40,9 @@ class ModelConfig:
     `rope_factor` between `rope_low_freq_factor` and `rope_high_freq_factor` wavelengths of
     `rope_original_max_len`). Their defaults are the plain Llama.
 
-    Shape letters used across m3jax: B batch, T query length, S key length, D hidden (`hidden`),
-    N query heads, K kv heads, G = N // K query heads per kv head, H head dim, F mlp width,
-    V vocab, L layers, C chunks, M memory tokens visible to a chunk, R reference length.
+    Shape letters (one table for all of m3jax: docs/ARCHITECTURE.md): D `hidden`, N `num_heads`,
+    K `num_kv_heads`, G = N // K, H `head_dim`, F `mlp_dim`, V `vocab_size`, L layers, E
+    `tokens_per_memory`, Q `chunk_size`, R `reference_len`.
     """
 
     name: str = "custom"
@@ -189,13 +189,11 @@ class ModelConfig:
             n += self.vocab_size * d * (1 if self.tie_embeddings else 2)
         return n
 
-    def memory_bytes(self, codec: str = "bf16", **codec_options: Any) -> int:
-        """Bytes of one stored memory: (memory_layers, 2, kv_heads, tokens_per_memory, head_dim)
-        vectors coded by `codec` (see `m3jax.memory.codec`)."""
-        from m3jax.memory.codec import bytes_per_vector  # local: codec does not import config
-
-        vectors = self.memory_layers * 2 * self.num_kv_heads * self.tokens_per_memory
-        return vectors * bytes_per_vector(codec, self.head_dim, **codec_options)
+    @property
+    def memory_vectors(self) -> int:
+        """Head_dim vectors one stored memory holds: (memory_layers, 2, kv_heads, tokens_per_memory)
+        (bytes per vector depend on the codec: `m3jax.memory.codec.memory_bytes`)."""
+        return self.memory_layers * 2 * self.num_kv_heads * self.tokens_per_memory
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -315,7 +313,7 @@ class DecodeConfig:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     seed: int = 0
-    max_cache_len: int = 512  # context tokens the KV cache holds (prompt + generated)
+    max_cache_len: int | None = None  # context tokens the KV cache holds (prompt + generated); None: max_len
     prompt_bucket: int = 64  # prompt lengths are padded up to a multiple of this
     # Batches in flight in `Generator.generate_many`: while one decodes a chunk on the device, the
     # retrievals of the others run on the host (1 = one batch after another).
@@ -327,7 +325,7 @@ class DecodeConfig:
         _check(self.temperature >= 0, f"DecodeConfig.temperature must be >= 0, got {self.temperature}")
         _check(self.top_k >= 0, f"DecodeConfig.top_k must be >= 0, got {self.top_k}")
         _check(0 < self.top_p <= 1, f"DecodeConfig.top_p must be in (0, 1], got {self.top_p}")
-        _check(self.max_cache_len > 0 and self.prompt_bucket > 0,
+        _check((self.max_cache_len is None or self.max_cache_len > 0) and self.prompt_bucket > 0,
                "DecodeConfig.max_cache_len and prompt_bucket must be positive")
 
 

@@ -6,10 +6,14 @@ Shape of one `generate` call (all three modes share the model and this code path
    prompt lengths compile once each. In `memory` mode every 64-token prompt chunk retrieves its
    own memories with its own text, and the whole prompt is prefilled in ONE jitted call with a
    chunk-to-memory-block mask (no loop over chunks).
-2. A jitted `lax.while_loop` generates at most one chunk (64 tokens) and returns to the host.
-   The first generated chunk keeps the memories of the last prompt chunk; after each generated
-   chunk the host retrieves with those tokens and swaps the result into the fixed-size memory
-   buffer (memories are replaced, the KV cache is kept). Shapes are static: no recompiles.
+2. A round, `decode_round` (a jitted `lax.while_loop`), generates at most one chunk (64 tokens)
+   and returns to the host. What a batch carries between rounds is one `DecodeState` pytree
+   (KV cache, logits, per-row done / budget / step / key / sampling / stop tokens); the memory
+   block is a read-only input beside it. The first generated chunk keeps the memories of the
+   last prompt chunk; after each generated chunk the host retrieves with those tokens and swaps
+   the result into the fixed-size memory buffer (memories are replaced, the KV cache is kept).
+   Shapes are static: no recompiles. The serving engine (`m3jax.serve.engine`) runs the same
+   `prefill` and `decode_round`, its rows joining and leaving between rounds.
 3. `rag` retrieves once with the first 64 prompt tokens and prepends the references' tokens to
    the prompt; `none` reads nothing.
 
@@ -21,26 +25,34 @@ memories (and the next batch's prompt memories) are embedded, searched, read fro
 decoded, so waiting on memory is hidden whenever a retrieval is shorter than a chunk of decoding.
 The query encoder is enqueued on the device before the other batch's chunk, so on an accelerator
 it does not queue behind it. `GenerationStats` separates the retrieval time decoding waited for
-from the retrieval time that was hidden.
+from the retrieval time that was hidden, and compilation from tokens/s.
+
+`Generator(..., mesh=mesh)` runs the same jitted calls on a device mesh: params, cache, memory
+and state placed by the logical axis rules (`m3jax.model.placement`).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Literal, Protocol, Sequence
+from typing import Any, Callable, Iterable, Literal, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from m3jax.config import DecodeConfig, ModelConfig
 from m3jax.model.cache import KVCache, extend, init_cache
 from m3jax.model.memory import ChunkMemory, MemoryKV
+from m3jax.model.placement import cache_sharding, memory_sharding, shard_params
 from m3jax.model.transformer import Params, check_params, check_token_ids, prefix_kv, unstack_layers
+from m3jax.runtime import CompileMeter
+from m3jax.sharding import batch_sharding, named_sharding
 
 Array = jax.Array
 Mode = Literal["memory", "rag", "none"]
@@ -74,36 +86,141 @@ def _is_message(x) -> bool:
     return isinstance(x, dict) and "role" in x and "content" in x
 
 
-def sample(logits_BV: Array, key: Array, temperature: float, top_k: int, top_p: float) -> Array:
-    """Greedy when temperature == 0; else temperature / top-k / top-p (nucleus) sampling."""
-    if temperature == 0.0:
-        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-    logits = logits_BV.astype(jnp.float32) / temperature
-    if top_k > 0:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if top_p < 1.0:
+def sample(logits_BV: Array, key_B: Array, temperature_B: Array, top_k_B: Array, top_p_B: Array) -> Array:
+    """One token per row, each row with its own key and settings: greedy (argmax) where the
+    temperature is 0; else the logits divided by the temperature, cut to the top-k (0 = off), then
+    to the smallest set whose probability reaches top_p (1 = off), and sampled."""
+    greedy = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+
+    def filtered(logits):
         sorted_l = jnp.sort(logits, axis=-1)[:, ::-1]
+        V = logits.shape[-1]
+        k = jnp.clip(jnp.where(top_k_B > 0, top_k_B, V), 1, V)
+        kth = jnp.take_along_axis(sorted_l, (k - 1)[:, None], axis=-1)  # ties with the k-th are kept
+        logits, sorted_l = (jnp.where(x < kth, -jnp.inf, x) for x in (logits, sorted_l))
         probs = jax.nn.softmax(sorted_l, axis=-1)
-        cum = jnp.cumsum(probs, axis=-1)
         # smallest set whose mass reaches top_p: keep tokens whose preceding mass < top_p
-        keep = (cum - probs) < top_p
+        keep = ((jnp.cumsum(probs, axis=-1) - probs) < top_p_B[:, None]) | (top_p_B >= 1.0)[:, None]
         cutoff = jnp.min(jnp.where(keep, sorted_l, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+        return jnp.where(logits < cutoff, -jnp.inf, logits)
+
+    def sampled(logits_BV):
+        t = jnp.where(temperature_B > 0, temperature_B, 1.0)[:, None]
+        logits = logits_BV.astype(jnp.float32) / t
+        logits = jax.lax.cond(jnp.any((top_k_B > 0) | (top_p_B < 1.0)), filtered, lambda x: x, logits)
+        tok = jax.vmap(jax.random.categorical)(key_B, logits).astype(jnp.int32)
+        return jnp.where(temperature_B > 0, tok, greedy)
+
+    return jax.lax.cond(jnp.any(temperature_B > 0), sampled, lambda _: greedy, logits_BV)
+
+
+def row_keys(seed: int, rows: int) -> Array:
+    """Raw PRNG keys [rows, 2] of a batch's rows: row b's key is fold_in(PRNGKey(seed), b), so a
+    prompt samples the same tokens at the same row of any batch (and a served request with
+    `seed` samples as row 0 of `Generator.generate` with that seed)."""
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.PRNGKey(seed), jnp.arange(rows))
+
+
+# ------------------------------------------------------------------------------ decode state
+@struct.dataclass
+class DecodeState:
+    """What a batch of B rows carries from one decode round to the next (all on the device).
+
+    cache: the KV cache; logits_BV: float32 logits of each row's next token; done_B: the row
+    has finished (stop token, budget spent, or a free serving slot); budget_B: tokens it may
+    still generate; step_B: tokens generated so far, folded into key_B (raw uint32 [B, 2]) to
+    sample token i; temperature_B (0 = greedy), top_k_B (0 = off), top_p_B (1 = off): its
+    sampling; stops_BX: token ids that end the row ([B, X], -1 pads: never sampled).
+    """
+
+    cache: KVCache
+    logits_BV: Array
+    done_B: Array
+    budget_B: Array
+    step_B: Array
+    key_B: Array
+    temperature_B: Array
+    top_k_B: Array
+    top_p_B: Array
+    stops_BX: Array
+
+    @classmethod
+    def create(cls, cache: KVCache, logits_BV: Array, *, budget, key_B, stops_BX, temperature=0.0, top_k=0,
+               top_p=1.0, done=False) -> "DecodeState":
+        """A state after a prefill: scalars (or per-row arrays) broadcast to the B rows; `stops_BX`
+        one list of stop ids for every row, or one per row."""
+        B = logits_BV.shape[0]
+        row = lambda x, dtype: jnp.broadcast_to(jnp.asarray(x, dtype), (B,))  # noqa: E731
+        stops = jnp.asarray(stops_BX, jnp.int32)  # one list for every row, or [B, X]
+        return cls(cache=cache, logits_BV=logits_BV.astype(jnp.float32), done_B=row(done, bool),
+                   budget_B=row(budget, jnp.int32), step_B=jnp.zeros((B,), jnp.int32),
+                   key_B=jnp.asarray(key_B, jnp.uint32), temperature_B=row(temperature, jnp.float32),
+                   top_k_B=row(top_k, jnp.int32), top_p_B=row(top_p, jnp.float32),
+                   stops_BX=jnp.broadcast_to(stops, (B, stops.shape[-1])))
+
+    @staticmethod
+    def sharding(config: ModelConfig, mesh, batch: int, stops: int) -> "DecodeState":
+        """A DecodeState of NamedShardings on `mesh`: rows over the batch axes (data x fsdp, as the
+        cache), logits' vocabulary over tensor."""
+        row = named_sharding(mesh, ("batch",), (batch,), label="decode")
+        pair = named_sharding(mesh, ("batch", None), (batch, 2), label="decode.key")
+        return DecodeState(cache=cache_sharding(config, mesh, batch=batch),
+                           logits_BV=named_sharding(mesh, ("batch", "vocab"), (batch, config.vocab_size),
+                                                    label="decode.logits"),
+                           done_B=row, budget_B=row, step_B=row, key_B=pair, temperature_B=row, top_k_B=row,
+                           top_p_B=row, stops_BX=named_sharding(mesh, ("batch", None), (batch, stops),
+                                                                label="decode.stops"))
 
 
 # ------------------------------------------------------------------------------ jitted steps
-_prefix_kv = jax.jit(prefix_kv, static_argnums=1)  # module level: new generators reuse the compiled prefix
+compute_prefix = jax.jit(prefix_kv, static_argnums=1)  # module level: new generators reuse the compiled prefix
 
 
 @functools.partial(jax.jit, static_argnums=(1,), donate_argnums=(4,))
-def _prefill(params: Params, config: ModelConfig, prefix, tokens_BP: Array, cache: KVCache,
-             lengths_B: Array, memory: ChunkMemory | None):
+def prefill(params: Params, config: ModelConfig, prefix, tokens_BP: Array, cache: KVCache,
+            lengths_B: Array, memory: ChunkMemory | None) -> tuple[Array, KVCache]:
+    """Prompts [B, P] (left-aligned, `lengths_B` tokens each) into an empty cache, with one memory
+    block per prompt chunk; returns the logits [B, V] of each row's last prompt token and the cache."""
     logits, cache = extend(params, config, tokens_BP, cache, memory=memory, prefix=prefix,
                            new_lengths=lengths_B)
     last = jnp.take_along_axis(logits, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
     return last, cache
+
+
+@functools.partial(jax.jit, static_argnums=(1,), donate_argnums=(4,))
+def decode_round(params: Params, config: ModelConfig, prefix, memory: ChunkMemory | None, state: DecodeState,
+                 n_steps: Array) -> tuple[DecodeState, Array, Array]:
+    """One round: up to `n_steps` (<= chunk_size) tokens per row, each sampled, then fed back with
+    `memory` (one block per row, [L, B, 1, M, K, H], or None). The jitted `lax.while_loop` stops
+    early when every row is done; a done row samples nothing and its cache does not grow.
+
+    Returns (the new state, tokens [B, Q] (Q = chunk_size; pad after a row is done or past the
+    steps run), steps run). The Generator and the serving engine both decode with it.
+    """
+    B = state.done_B.shape[0]
+    # per-layer weights in the activation dtype, sliced and cast once per round, not once per step
+    layers = unstack_layers(params, jnp.dtype(config.dtype))
+    out0 = jnp.full((B, config.chunk_size), config.pad_id, jnp.int32)
+
+    def cond(carry):
+        i, _, st = carry
+        return (i < n_steps) & ~jnp.all(st.done_B)
+
+    def body(carry):
+        i, out, st = carry
+        keys = jax.vmap(jax.random.fold_in)(st.key_B, st.step_B + i)
+        tok = sample(st.logits_BV, keys, st.temperature_B, st.top_k_B, st.top_p_B)
+        tok = jnp.where(st.done_B, config.pad_id, tok)
+        out = out.at[:, i].set(tok)
+        budget = st.budget_B - jnp.where(st.done_B, 0, 1)
+        logits, cache = extend(layers, config, tok[:, None], st.cache, memory=memory, prefix=prefix)
+        cache = cache.replace(lengths=jnp.where(st.done_B, st.cache.lengths, cache.lengths))  # done rows stay put
+        done = st.done_B | jnp.any(tok[:, None] == st.stops_BX, axis=-1) | (budget <= 0)
+        return i + 1, out, st.replace(cache=cache, logits_BV=logits[:, 0].astype(jnp.float32), done_B=done,
+                                      budget_B=budget)
+
+    i, out, state = jax.lax.while_loop(cond, body, (jnp.int32(0), out0, state))
+    return state.replace(step_B=state.step_B + i), out, i
 
 
 def check_mode(mode: str, config: ModelConfig, has_retriever: bool,
@@ -118,45 +235,18 @@ def check_mode(mode: str, config: ModelConfig, has_retriever: bool,
         raise ValueError(f"model {config.name!r} has memory off: use mode 'rag' or 'none'")
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2), donate_argnums=(4,))
-def _decode_chunk(params: Params, config: ModelConfig, sampling: tuple[float, int, float], prefix,
-                  cache: KVCache, memory: ChunkMemory | None, logits_BV: Array, key: Array,
-                  step0: Array, n_steps: Array, done_B: Array, budget_B: Array, stop_S: Array):
-    """Generate up to `n_steps` (<= chunk_size) tokens: sample, feed with `memory`, repeat.
-
-    Returns (tokens [B, chunk_size] (pad after a sequence is done), steps run, cache, logits,
-    done, budget). Sequence b stops after `budget_B[b]` more tokens or a stop token.
-    """
-    temperature, top_k, top_p = sampling
-    B = logits_BV.shape[0]
-    # per-layer weights in the activation dtype, sliced and cast once per chunk, not once per step
-    params = unstack_layers(params, jnp.dtype(config.dtype))
-    out0 = jnp.full((B, config.chunk_size), config.pad_id, jnp.int32)
-
-    def cond(s):
-        i, _, _, _, done, _ = s
-        return (i < n_steps) & ~jnp.all(done)
-
-    def body(s):
-        i, out, cache, logits, done, budget = s
-        tok = sample(logits, jax.random.fold_in(key, step0 + i), temperature, top_k, top_p)
-        tok = jnp.where(done, config.pad_id, tok)
-        out = out.at[:, i].set(tok)
-        budget = budget - jnp.where(done, 0, 1)
-        done = done | jnp.any(tok[:, None] == stop_S[None, :], axis=-1) | (budget <= 0)
-        lo, cache = extend(params, config, tok[:, None], cache, memory=memory, prefix=prefix)
-        return i + 1, out, cache, lo[:, 0], done, budget
-
-    i, out, cache, logits, done, budget = jax.lax.while_loop(
-        cond, body, (jnp.int32(0), out0, cache, logits_BV, done_B, budget_B))
-    return out, i, cache, logits, done, budget
-
-
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def arrange_memory(mem: MemoryKV, batch: int, chunks: int, dtype) -> ChunkMemory:
-    """n = batch * chunks * k memories -> the `ChunkMemory` the model reads, in `dtype` (jitted)."""
+    """I = batch * chunks * k memories -> the `ChunkMemory` the model reads, in `dtype` (jitted)."""
     cm = ChunkMemory.from_memories(mem, batch, chunks)
-    return cm.replace(k_LBCSKH=cm.k_LBCSKH.astype(dtype), v_LBCSKH=cm.v_LBCSKH.astype(dtype))
+    return cm.replace(k_LBCMKH=cm.k_LBCMKH.astype(dtype), v_LBCMKH=cm.v_LBCMKH.astype(dtype))
+
+
+@jax.jit
+def first_round_memory(memory: ChunkMemory, last_B: Array) -> ChunkMemory:
+    """After a prefill: each row's memories of its last prompt chunk `last_B[b]`, what its first
+    generated chunk reads."""
+    return memory.last_chunk(last_B)
 
 
 # ------------------------------------------------------------------------------ results
@@ -180,10 +270,15 @@ class GenerationStats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     total_s: float = 0.0
+    # JAX compiling (or loading from the persistent cache) while this batch ran: the first call
+    # with new shapes; prefill_s, decode_s and total_s include it, tokens_per_s does not
+    compile_s: float = 0.0
 
     @property
     def tokens_per_s(self) -> float:
-        return self.new_tokens / self.total_s if self.total_s > 0 else 0.0
+        """New tokens per second of the batch's wall time, compilation excluded."""
+        run_s = self.total_s - self.compile_s
+        return self.new_tokens / run_s if run_s > 0 else 0.0
 
     @property
     def retrieval_hidden_s(self) -> float:
@@ -226,8 +321,8 @@ class _Retrieval:
 
 @dataclass(eq=False)
 class _Run:
-    """One batch between its jitted chunks: device state (cache, logits, memory buffer, flags)
-    and host state (tokens so far, the retrieval in flight for its next chunk)."""
+    """One batch between its jitted rounds: device state (`DecodeState`, the memory block its
+    next round reads) and host state (tokens so far, the retrieval in flight for its next chunk)."""
 
     prompts: list[list[int]]
     mode: str
@@ -236,19 +331,15 @@ class _Run:
     stream: Callable[[list[list[int]]], None] | None
     stats: GenerationStats
     retrieved: list[list[np.ndarray]]
-    cache: KVCache
-    logits: Array
+    state: DecodeState
     memory: ChunkMemory | None
-    key: Array
-    done: Array
-    budget: Array
     t_start: float
+    compile_s0: float  # the call's compile meter when this batch started
     generated: list[list[int]] = field(default_factory=list)
     finished: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     step: int = 0
-    stop_arr: Array | None = None  # `stops` on the device
     pending: _Retrieval | None = None  # memories of the next chunk, being retrieved
-    out: tuple | None = None  # the dispatched chunk's (tokens, steps run)
+    out: tuple | None = None  # the dispatched round's (tokens, steps run)
     t_dispatch: float = 0.0
 
     @property
@@ -265,11 +356,22 @@ class Generator:
 
     `generate` runs one batch; `generate_many` runs a list of batches with `decode_config.pipeline`
     of them in flight, so that each batch's per-chunk retrieval runs while another decodes.
+
+    With `mesh` (`m3jax.sharding.make_mesh`) decoding runs sharded through the same jitted
+    prefill and rounds: params, KV cache, memory and decode state are placed by the logical axis
+    rules (`m3jax.model.placement`; rows over data x fsdp, heads over tensor) and the jitted calls
+    run under `jax.set_mesh(mesh)`.
+
+    The retrievals run on a background thread: `close()` (or `with Generator(...) as gen:`)
+    ends it.
     """
 
     def __init__(self, params: Params, config: ModelConfig, tokenizer=None,
-                 retriever: MemorySource | None = None, decode_config: DecodeConfig = DecodeConfig()):
+                 retriever: MemorySource | None = None, decode_config: DecodeConfig = DecodeConfig(), *,
+                 mesh: Any = None):
         check_params(params, config)
+        if decode_config.max_cache_len is None:  # the default follows the model
+            decode_config = dataclasses.replace(decode_config, max_cache_len=config.max_len)
         if decode_config.prompt_bucket % config.chunk_size:
             raise ValueError(f"DecodeConfig.prompt_bucket ({decode_config.prompt_bucket}) must be a "
                              f"multiple of chunk_size ({config.chunk_size})")
@@ -279,14 +381,49 @@ class Generator:
         if retriever is not None and retriever.k != config.memories_per_chunk:
             raise ValueError(f"retriever returns {retriever.k} memories per chunk but the model reads "
                              f"memories_per_chunk={config.memories_per_chunk}")
+        self.mesh = mesh
+        self._cache_makers: dict[tuple[int, int], Callable[[], KVCache]] = {}
+        if mesh is not None:
+            params = shard_params(params, config, mesh)
         self.params, self.config, self.tokenizer = params, config, tokenizer
         self.retriever = retriever
         self.decode_config = decode_config
-        self.prefix = _prefix_kv(params, config)  # constant: once per generator, compiled once per config
+        with self._on_mesh():  # constant: once per generator, compiled once per config
+            self.prefix = compute_prefix(params, config)
         # One worker: retrievals run in the order they were asked for, and the index and the bank
         # are never used by two threads at once (only the query encoder is enqueued, thread-safely,
         # from the calling thread by `prepare`).
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="m3jax-retrieve")
+
+    def close(self) -> None:
+        """End the retrieval thread (waiting for a retrieval in flight). The generator cannot
+        generate afterwards."""
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> "Generator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _on_mesh(self):
+        """`jax.set_mesh(self.mesh)` around jitted calls (their `constrain`s read it); nothing
+        without a mesh."""
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
+    def _empty_cache(self, batch: int, length: int) -> KVCache:
+        """An empty KV cache; on a mesh made directly in its shards (one jitted maker per shape)."""
+        if self.mesh is None:
+            return init_cache(self.config, batch, length)
+        if (batch, length) not in self._cache_makers:
+            self._cache_makers[batch, length] = jax.jit(
+                functools.partial(init_cache, self.config, batch, length),
+                out_shardings=cache_sharding(self.config, self.mesh, batch=batch))
+        return self._cache_makers[batch, length]()
+
+    def _place(self, x, sharding):
+        """`x` on the mesh with `sharding` (a pytree of shardings); unchanged without a mesh."""
+        return x if self.mesh is None else jax.device_put(x, sharding)
 
     # ---------------------------------------------------------------- helpers
     def _encode_prompts(self, prompts) -> list[list[int]]:
@@ -324,7 +461,10 @@ class Generator:
         mem.check(self.config)
         # An empty query (a chunk past the end of a prompt, a finished sequence) is only read by
         # padding; `Retriever` gives it no references.
-        return arrange_memory(mem, batch, chunks, jnp.dtype(self.config.dtype)), np.asarray(ids)
+        memory = arrange_memory(mem, batch, chunks, jnp.dtype(self.config.dtype))
+        if self.mesh is not None:
+            memory = self._place(memory, memory_sharding(self.config, self.mesh, memory=memory))
+        return memory, np.asarray(ids)
 
     def _retrieval(self, queries: list[list[int]], batch: int, chunks: int) -> _Retrieval:
         """Start retrieving memories for `queries` on the background thread. The query encoder is
@@ -360,9 +500,9 @@ class Generator:
 
     # ---------------------------------------------------------------- one batch, step by step
     def _start(self, prompts: list[list[int]], mode: str, max_new: int, stops: list[int], seed: int | None,
-               stream, retrieval: _Retrieval | None) -> _Run:
+               stream, retrieval: _Retrieval | None, meter: CompileMeter) -> _Run:
         """Retrieval for the prompt (given, or started here), then the prefill."""
-        t_start = time.perf_counter()
+        t_start, compile_s0 = time.perf_counter(), meter.seconds
         c, dc = self.config, self.decode_config
         B = len(prompts)
         stats = GenerationStats(mode=mode, batch=B)
@@ -410,27 +550,31 @@ class Generator:
             stats.retrievals += int(last_chunk.max()) + 1
 
         t0 = time.perf_counter()
-        cache = init_cache(c, B, S)
-        logits, cache = _prefill(self.params, c, self.prefix, jnp.asarray(tok), cache, jnp.asarray(lengths), memory)
-        if memory is not None:  # generated chunk 0 keeps the last prompt chunk's memories
-            take = jnp.asarray(last_chunk)
-            pick = lambda x: jnp.take_along_axis(x, take.reshape((1, B, 1) + (1,) * (x.ndim - 3)), axis=2)
-            memory = ChunkMemory(pick(memory.k_LBCSKH), pick(memory.v_LBCSKH),
-                                 jnp.take_along_axis(memory.mask_BCS, take[:, None, None], axis=1))
+        seed = dc.seed if seed is None else seed
+        with self._on_mesh():
+            cache = self._empty_cache(B, S)
+            rows = batch_sharding(self.mesh, (B,)) if self.mesh is not None else None
+            tok_sh = batch_sharding(self.mesh, tok.shape) if self.mesh is not None else None
+            logits, cache = prefill(self.params, c, self.prefix, self._place(jnp.asarray(tok), tok_sh), cache,
+                                    self._place(jnp.asarray(lengths), rows), memory)
+            if memory is not None:  # generated chunk 0 keeps the last prompt chunk's memories
+                memory = first_round_memory(memory, self._place(jnp.asarray(last_chunk, jnp.int32), rows))
+                if self.mesh is not None:
+                    memory = self._place(memory, memory_sharding(c, self.mesh, memory=memory))
+            state = DecodeState.create(cache, logits, budget=max_new, key_B=row_keys(seed, B), stops_BX=stops,
+                                       temperature=dc.temperature, top_k=dc.top_k, top_p=dc.top_p)
+            if self.mesh is not None:
+                state = self._place(state, DecodeState.sharding(c, self.mesh, B, len(stops)))
         jax.block_until_ready(logits)
         stats.prefill_s = time.perf_counter() - t0
-        seed = dc.seed if seed is None else seed
         return _Run(prompts=prompts, mode=mode, max_new=max_new, stops=stops, stream=stream, stats=stats,
-                    retrieved=retrieved, cache=cache, logits=logits, memory=memory,
-                    key=jax.random.PRNGKey(seed), done=jnp.zeros((B,), bool),
-                    stop_arr=jnp.asarray(stops, jnp.int32),
-                    budget=jnp.full((B,), max_new, jnp.int32), t_start=t_start,
+                    retrieved=retrieved, state=state, memory=memory, t_start=t_start, compile_s0=compile_s0,
                     generated=[[] for _ in range(B)], finished=np.zeros(B, bool))
 
     def _dispatch(self, run: _Run) -> None:
         """Swap in the memories retrieved for the next chunk (waiting for them if they are not
-        there yet), then enqueue the jitted chunk; returns without waiting for the device."""
-        c, dc = self.config, self.decode_config
+        there yet), then enqueue the jitted round; returns without waiting for the device."""
+        c = self.config
         if run.pending is not None:
             (run.memory, ids), waited = run.pending.wait()
             for b in range(len(run.prompts)):
@@ -440,11 +584,9 @@ class Generator:
             run.stats.retrieval_work_s += run.pending.work_s
             run.pending = None
         n = min(c.chunk_size, run.max_new - run.step)
-        sampling = (float(dc.temperature), int(dc.top_k), float(dc.top_p))
         run.t_dispatch = time.perf_counter()
-        out, ran, run.cache, run.logits, run.done, run.budget = _decode_chunk(
-            self.params, c, sampling, self.prefix, run.cache, run.memory, run.logits, run.key,
-            jnp.int32(run.step), jnp.int32(n), run.done, run.budget, run.stop_arr)
+        with self._on_mesh():
+            run.state, out, ran = decode_round(self.params, c, self.prefix, run.memory, run.state, jnp.int32(n))
         run.out = (out, ran)
 
     def _collect(self, run: _Run) -> None:
@@ -478,10 +620,11 @@ class Generator:
             run.stats.memory_swaps += 1
             run.stats.swap_steps.append(run.step)
 
-    def _finish(self, run: _Run) -> GenerationResult:
+    def _finish(self, run: _Run, meter: CompileMeter) -> GenerationResult:
         s = run.stats
         s.new_tokens = int(sum(len(g) for g in run.generated))
         s.total_s = time.perf_counter() - run.t_start
+        s.compile_s = meter.seconds - run.compile_s0
         texts = [self.tokenizer.decode(g) for g in run.generated] if self.tokenizer is not None else None
         return GenerationResult(run.generated, texts, s, run.retrieved)
 
@@ -507,11 +650,13 @@ class Generator:
         One batch alone: each memory swap waits for its retrieval (use `generate_many` to hide it).
         """
         max_new, stops = self._options(mode, max_new_tokens, stop_tokens, ignore_eos)
-        run = self._start(self._encode_prompts(prompts), mode, max_new, stops, seed, stream, None)
-        while not run.complete:
-            self._dispatch(run)
-            self._collect(run)
-        return self._finish(run)
+        prompts = self._encode_prompts(prompts)
+        with CompileMeter() as meter:
+            run = self._start(prompts, mode, max_new, stops, seed, stream, None, meter)
+            while not run.complete:
+                self._dispatch(run)
+                self._collect(run)
+            return self._finish(run, meter)
 
     def generate_many(self, prompt_batches: Sequence[Sequence], *, mode: Mode = "memory",
                       max_new_tokens: int | None = None, stop_tokens: Iterable[int] | None = None,
@@ -539,6 +684,12 @@ class Generator:
                 raise ValueError(f"batch {i}: prompt of {longest} tokens + {max_new} new tokens exceeds the KV "
                                  f"cache (max_cache_len={self.decode_config.max_cache_len})")
         results: list[GenerationResult | None] = [None] * len(batches)
+        with CompileMeter() as meter:
+            self._turns(batches, mode, max_new, stops, seed, depth, on_result, results, meter)
+        return results
+
+    def _turns(self, batches, mode, max_new, stops, seed, depth, on_result, results, meter) -> None:
+        """`generate_many`'s loop: batches take turns on the device, `depth` of them in flight."""
         prompt_retrievals: dict[int, _Retrieval | None] = {}
 
         def ask(i: int) -> None:  # start a batch's prompt retrieval ahead of its turn
@@ -552,7 +703,7 @@ class Generator:
                 ask(j)
             while len(active) < depth and nxt < len(batches):
                 active.append((nxt, self._start(batches[nxt], mode, max_new, stops, seed, None,
-                                                prompt_retrievals.pop(nxt))))
+                                                prompt_retrievals.pop(nxt), meter)))
                 nxt += 1
             for i, run in list(active):
                 if not run.complete:
@@ -561,8 +712,7 @@ class Generator:
                         ask(nxt)  # its last chunk: the next batch's prompt retrieves meanwhile
                     self._collect(run)
                 if run.complete:
-                    results[i] = self._finish(run)
+                    results[i] = self._finish(run, meter)
                     active.remove((i, run))
                     if on_result is not None:
                         on_result(i, results[i])
-        return results

@@ -1,4 +1,7 @@
-"""Device mesh, the one table of logical axis rules, and sharding helpers.
+"""Device mesh, the one table of logical axis rules, `constrain`, and sharding checks: a leaf
+(it imports nothing of m3jax but the config). Where the model's own pytrees go (params, KV cache,
+memory) is decided next to the model, in `m3jax.model.placement`; multi-host start-up is
+`m3jax.distributed`.
 
 Every parameter and every important activation carries *logical* axis names (`batch`, `length`,
 `embed`, `heads`, ...). `LOGICAL_RULES` maps each name to mesh axes of the 3-axis mesh
@@ -31,30 +34,25 @@ model runs unchanged on one device. Recommended call sites in the model:
     k/v_BTKH   constrain(k, ("batch", "length", "kv_heads", "head_dim"))
     h_BTF      constrain(h, ("batch", "length", "mlp"))          gated MLP hidden (optional)
     logits     constrain(logits, ("batch", "length", "vocab"))
-    memory     whole ChunkMemory at the top of forward/extend: k, v with `MEMORY_AXES`, mask with
-               `MEMORY_MASK_AXES` (same layout as `memory_sharding`); per layer in the scan
-               constrain(mem_k, ("batch", "chunks", "memories", "kv_heads", "head_dim"))
-    KV cache   per layer constrain(ck, ("batch", "kv_heads", "kv_length", "head_dim")) (whole
-               cache: `cache_sharding`, `CACHE_AXES`)
+    memory     whole ChunkMemory at the top of forward/extend (`ChunkMemory.constrain`: k, v with
+               `model.memory.MEMORY_AXES`, mask with `MEMORY_MASK_AXES`, the layout of
+               `model.placement.memory_sharding`)
+    KV cache   per layer constrain(ck, CACHE_AXES), constrain(cv, CACHE_V_AXES) (both in
+               `model.transformer`; whole cache: `model.placement.cache_sharding`)
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from m3jax.config import MeshConfig, ModelConfig
-
-if TYPE_CHECKING:  # the model imports this module (for `constrain`): import it lazily here
-    from m3jax.model.cache import KVCache
-    from m3jax.model.memory import ChunkMemory, MemoryKV
+from m3jax.config import MeshConfig
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +67,7 @@ LOGICAL_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("length", None),             # T: query / context positions
     ("kv_length", None),          # S: key positions (context keys, KV cache slots, prefix)
     ("chunks", None),             # C: retrieval chunks of the context
-    ("memories", None),           # memory tokens: S of a ChunkMemory block, T of a MemoryKV
+    ("memories", None),           # M: memory tokens a chunk reads (E of one stored memory)
     ("kv_pair", None),            # the key/value axis (2) of a stored MemoryKV
     # --- parameters (and the activations that share their dimensions) ---
     ("layers", None),             # stacked layers (scanned)
@@ -138,79 +136,6 @@ def make_mesh(mesh_config: MeshConfig | Sequence[int] = MeshConfig(), devices: S
 
         arr = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
         return Mesh(arr, MESH_AXES, axis_types=types)
-
-
-# ------------------------------------------------------------------------------ distributed
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off")
-
-
-def _int_env(env: Mapping[str, str], name: str) -> int | None:
-    try:
-        return int(env[name])
-    except (KeyError, ValueError):
-        return None
-
-
-def detect_multihost(env: Mapping[str, str] | None = None) -> str | None:
-    """Why this process looks like one of several (a short reason), or None on a single host.
-
-    Recognized: explicit `JAX_COORDINATOR_ADDRESS` (+ `JAX_NUM_PROCESSES` > 1 when set),
-    SLURM with more than one task, Open MPI with more than one rank, TPU pods / GKE
-    (`TPU_PROCESS_ADDRESSES` / `TPU_WORKER_HOSTNAMES` with several hosts, `MEGASCALE_*`).
-    """
-    env = os.environ if env is None else env
-    if env.get("JAX_COORDINATOR_ADDRESS"):
-        n = _int_env(env, "JAX_NUM_PROCESSES")
-        if n is None or n > 1:
-            return "JAX_COORDINATOR_ADDRESS"
-    if all(k in env for k in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
-                              "SLURM_LOCALID")) and (_int_env(env, "SLURM_NTASKS") or 1) > 1:
-        return "SLURM"
-    if "OMPI_MCA_orte_hnp_uri" in env and (_int_env(env, "OMPI_COMM_WORLD_SIZE") or 2) > 1:
-        return "Open MPI"
-    for k in ("TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES"):
-        hosts = [h for h in env.get(k, "").split(",") if h.strip()]
-        if len(hosts) > 1:
-            return k
-    if env.get("MEGASCALE_COORDINATOR_ADDRESS") and (_int_env(env, "MEGASCALE_NUM_SLICES") or 2) > 1:
-        return "MEGASCALE"
-    return None
-
-
-def maybe_initialize_distributed(force: bool | None = None, **kwargs: Any) -> bool:
-    """Call `jax.distributed.initialize()` when launched on several hosts; no-op on one host.
-
-    Call it first thing, before any JAX computation. Idempotent: returns True when the
-    distributed runtime is (now) initialized, False on a single host. `force` (or env
-    `M3JAX_DISTRIBUTED=1|0`) overrides detection, e.g. on a GCE multi-host TPU VM whose hosts are
-    only discoverable through the metadata server (which `jax.distributed.initialize()` queries).
-    `JAX_NUM_PROCESSES` / `JAX_PROCESS_ID` fill `num_processes` / `process_id`; other kwargs go to
-    `jax.distributed.initialize`.
-    """
-    if jax.distributed.is_initialized():
-        return True
-    if force is None:
-        flag = os.environ.get("M3JAX_DISTRIBUTED", "").strip().lower()
-        if flag in _TRUE:
-            force = True
-        elif flag in _FALSE:
-            force = False
-    reason = "forced" if force else (None if force is False else detect_multihost())
-    if reason is None:
-        return False
-    for key, env in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
-        if key not in kwargs and _int_env(os.environ, env) is not None:
-            kwargs[key] = _int_env(os.environ, env)
-    logger.info("initializing jax.distributed (%s)", reason)
-    try:
-        jax.distributed.initialize(**kwargs)
-    except RuntimeError as e:
-        raise RuntimeError(f"jax.distributed.initialize failed ({reason} detected): {e}. "
-                           "Call maybe_initialize_distributed() before any JAX computation.") from e
-    logger.info("process %d of %d, %d local / %d global devices", jax.process_index(),
-                jax.process_count(), jax.local_device_count(), jax.device_count())
-    return True
 
 
 # ----------------------------------------------------------------------------- logical rules
@@ -310,55 +235,7 @@ def constrain(x: jax.Array, axes: LogicalAxes, mesh: Any = None, *,
     return jax.lax.with_sharding_constraint(x, sharding)
 
 
-# ---------------------------------------------------------------------------- params
-def _is_shape(x: Any) -> bool:
-    return isinstance(x, tuple) and all(isinstance(d, int) for d in x)
-
-
-def param_shardings(config: ModelConfig, mesh: Mesh, *, rules: Iterable[tuple[str, MeshAxes]] = LOGICAL_RULES,
-                    report: list | None = None) -> dict[str, Any]:
-    """NamedShardings of every parameter (same tree as `init(config, key)`), from `param_axes`.
-    Dimensions that a mesh axis does not divide are replicated over it (warned, and listed in
-    `report` when given)."""
-    from m3jax.model.transformer import param_axes, param_shapes
-
-    shapes = param_shapes(config)
-    axes = param_axes(config)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=_is_shape)
-    flat_axes = jax.tree_util.tree_structure(shapes, is_leaf=_is_shape).flatten_up_to(axes)
-    out = [named_sharding(mesh, ax, shape, rules=rules, label=jax.tree_util.keystr(path), report=report)
-           for (path, shape), ax in zip(flat, flat_axes)]
-    return jax.tree_util.tree_unflatten(treedef, out)
-
-
-def abstract_params(config: ModelConfig, mesh: Mesh | None = None) -> dict[str, Any]:
-    """`ShapeDtypeStruct`s of the params (no memory used), with their shardings when `mesh` is
-    given: an Orbax restore target, or input to `sharding_report`."""
-    from m3jax.model.transformer import init
-
-    abstract = jax.eval_shape(lambda k: init(config, k), jax.random.key(0))
-    if mesh is None:
-        return abstract
-    shardings = param_shardings(config, mesh)
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-
-
-def shard_params(params: dict[str, Any], config: ModelConfig, mesh: Mesh) -> dict[str, Any]:
-    """Place existing params on `mesh` according to `param_shardings`."""
-    from m3jax.model.transformer import check_params
-
-    check_params(params, config)
-    return jax.device_put(params, param_shardings(config, mesh))
-
-
-def init_sharded(config: ModelConfig, key: jax.Array, mesh: Mesh) -> dict[str, Any]:
-    """`init(config, key)` computed directly into its shards (never whole on one device)."""
-    from m3jax.model.transformer import init
-
-    return jax.jit(lambda k: init(config, k), out_shardings=param_shardings(config, mesh))(key)
-
-
-# ---------------------------------------------------------------------- data, memory, cache
+# ---------------------------------------------------------------------------- data
 def batch_sharding(mesh: Mesh, shape: Sequence[int] | None = None) -> NamedSharding:
     """Sharding of batch-major arrays (tokens [B, T], masks, labels): dim 0 over data x fsdp,
     the rest replicated. With `shape`, a batch not divisible by data*fsdp falls back per axis."""
@@ -382,60 +259,6 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
     return jax.tree.map(put, batch)
 
 
-MEMORY_AXES = ("layers", "batch", "chunks", "memories", "kv_heads", "head_dim")  # ChunkMemory k, v
-MEMORY_MASK_AXES = ("batch", "chunks", "memories")
-MEMORY_KV_AXES = ("batch", "layers", "kv_pair", "kv_heads", "memories", "head_dim")  # MemoryKV kv
-CACHE_AXES = ("batch", "kv_heads", "kv_length", "head_dim")  # KVCache k of one layer [B, K, S, H]
-CACHE_V_AXES = ("batch", "kv_heads", "head_dim", "kv_length")  # KVCache v of one layer [B, K, H, S]
-
-
-def memory_sharding(config: ModelConfig, mesh: Mesh, *, batch: int | None = None, lookback: int = 0,
-                    memory: ChunkMemory | None = None) -> ChunkMemory:
-    """A `ChunkMemory` of NamedShardings: k/v [Lm, B, C, S, K, H] sharded over batch (data x fsdp)
-    and kv_heads (tensor, when divisible); layers, chunks and memory tokens replicated.
-    Pass `memory` (arrays or ShapeDtypeStructs) to take the batch size and lookback from it."""
-    from m3jax.model.memory import ChunkMemory
-
-    if memory is not None:
-        batch, lookback = memory.k_LBCSKH.shape[1], memory.lookback
-    kv_shape = (config.memory_layers, batch, None, None, config.num_kv_heads, config.head_dim)
-    kv = named_sharding(mesh, MEMORY_AXES, kv_shape, label="memory.k/v")
-    mask = named_sharding(mesh, MEMORY_MASK_AXES, (batch, None, None), label="memory.mask")
-    return ChunkMemory(kv, kv, mask, lookback)
-
-
-def shard_memory(memory: ChunkMemory, config: ModelConfig, mesh: Mesh) -> ChunkMemory:
-    """Place a `ChunkMemory` on `mesh` (`memory_sharding`)."""
-    return jax.device_put(memory, memory_sharding(config, mesh, memory=memory))
-
-
-def memory_kv_sharding(config: ModelConfig, mesh: Mesh, *, num: int | None = None) -> MemoryKV:
-    """A `MemoryKV` of NamedShardings: kv [N, Lm, 2, K, T, H] over N (as batch) and kv_heads; a
-    sequence-major N (`ChunkMemory.from_memories`) then stays aligned with the batch shards."""
-    from m3jax.model.memory import MemoryKV
-
-    shape = (num, config.memory_layers, 2, config.num_kv_heads, config.tokens_per_memory, config.head_dim)
-    kv = named_sharding(mesh, MEMORY_KV_AXES, shape, label="memory_kv")
-    mask = named_sharding(mesh, ("batch", "memories"), (num, config.tokens_per_memory), label="memory_kv.mask")
-    return MemoryKV(kv, mask)
-
-
-def cache_sharding(config: ModelConfig, mesh: Mesh, *, batch: int | None = None) -> KVCache:
-    """A `KVCache` of NamedShardings: per layer k [B, K, S_max, H] and v [B, K, H, S_max] over batch and kv_heads;
-    lengths [B] over batch."""
-    from m3jax.model.cache import KVCache
-    from m3jax.model.transformer import stack_sizes
-
-    kv = {}
-    for name, L in stack_sizes(config).items():
-        sk = named_sharding(mesh, CACHE_AXES, (batch, config.num_kv_heads, None, config.head_dim),
-                            label=f"cache.{name}")
-        sv = named_sharding(mesh, CACHE_V_AXES, (batch, config.num_kv_heads, config.head_dim, None),
-                            label=f"cache.{name}")
-        kv[name] = tuple((sk, sv) for _ in range(L))
-    return KVCache(kv, named_sharding(mesh, ("batch",), (batch,), label="cache.lengths"))
-
-
 # ------------------------------------------------------------------------------ checks
 def _spec_axes(spec: PartitionSpec) -> tuple[str, ...]:
     out: list[str] = []
@@ -449,7 +272,8 @@ def _spec_axes(spec: PartitionSpec) -> tuple[str, ...]:
 def sharding_report(params: Any, *, mesh: Any = None, model_axes: Sequence[str] = ("fsdp", "tensor"),
                     required_axes: Sequence[str] = ("fsdp",), min_size: int = 1 << 16) -> dict[str, Any]:
     """How well a params pytree is sharded. Works on jax.Arrays and on ShapeDtypeStructs carrying
-    a `sharding` (e.g. `abstract_params(config, mesh)`); leaves without one count as replicated.
+    a `sharding` (e.g. `m3jax.model.placement.abstract_params(config, mesh)`); leaves without one
+    count as replicated.
 
     Returns {mesh, total_bytes, per_device_bytes (bytes one device holds), ideal_per_device_bytes
     (total / product of `model_axes` sizes), fraction (ideal / per_device, 1.0 = perfectly

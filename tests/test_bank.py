@@ -17,7 +17,7 @@ from m3jax.memory.bank import (BankConfigError, BankCorruptError, BankError, Ban
                                BankFingerprintError, BankIndexError, BankNotFoundError,
                                BankReadOnlyError, MemoryBank, ReferenceMeta, build_bank,
                                params_fingerprint)
-from m3jax.memory.codec import make_codec, relative_error
+from m3jax.memory.codec import make_codec, memory_bytes, relative_error
 from m3jax.model.memory import MemoryKV
 
 CFG = preset("tiny")  # Lm=2, K=2, T=4, H=16, R=32
@@ -104,7 +104,7 @@ def test_round_trip(tmp_path, codec):
     np.testing.assert_array_equal(meta.char_end, [r["char_end"] for r in refs])
     assert meta.tokens[5, : meta.lengths[5]].tolist() == refs[5]["tokens"]
     s = bank.summary()
-    assert s["count"] == 37 and s["bytes_per_memory"] == CFG.memory_bytes(codec, **bank.codec.options())
+    assert s["count"] == 37 and s["bytes_per_memory"] == memory_bytes(CFG, codec, **bank.codec.options())
     assert bank.nbytes >= 37 * s["bytes_per_memory"]
 
 

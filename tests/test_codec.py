@@ -10,7 +10,7 @@ import pytest
 
 from m3jax.config import preset
 from m3jax.memory.codec import (Codec, CodecError, PQCodec, _subspace_sizes, bytes_per_vector,
-                                default_pq_subspaces, kmeans, make_codec, relative_error)
+                                default_pq_subspaces, kmeans, make_codec, memory_bytes, relative_error)
 from m3jax.model.memory import MemoryKV
 
 
@@ -30,7 +30,7 @@ def test_sizes_agree_with_bytes_per_vector(name, cfg_name):
     c = make_codec(name, cfg.head_dim)
     shape = c.code_shape(cfg)
     assert shape[:4] == (cfg.memory_layers, 2, cfg.num_kv_heads, cfg.tokens_per_memory)
-    assert c.memory_bytes(cfg) == cfg.memory_bytes(name, **c.options())
+    assert c.memory_bytes(cfg) == memory_bytes(cfg, name, **c.options())
     assert c.bytes_per_vector == bytes_per_vector(name, cfg.head_dim, **c.options())
 
 

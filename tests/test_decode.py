@@ -96,10 +96,10 @@ def test_decode_logits_equal_forward_across_a_swap():
     full = np.asarray(jax.jit(M.forward, static_argnums=2)(p, jnp.asarray(toks), CFG, memory=cm))
     ext = jax.jit(M.extend, static_argnums=1)
     cache = M.init_cache(CFG, 2, 64)
-    pre = M.ChunkMemory(cm.k_LBCSKH[:, :, :2], cm.v_LBCSKH[:, :, :2], cm.mask_BCS[:, :2])
+    pre = M.ChunkMemory(cm.k_LBCMKH[:, :, :2], cm.v_LBCMKH[:, :, :2], cm.mask_BCM[:, :2])
     lo, cache = ext(p, CFG, jnp.asarray(toks[:, : 2 * cs]), cache, memory=pre)
     got = [np.asarray(lo)]
-    step_mem = M.ChunkMemory(cm.k_LBCSKH[:, :, 2:3], cm.v_LBCSKH[:, :, 2:3], cm.mask_BCS[:, 2:3])
+    step_mem = M.ChunkMemory(cm.k_LBCMKH[:, :, 2:3], cm.v_LBCMKH[:, :, 2:3], cm.mask_BCM[:, 2:3])
     for t in range(2 * cs, 3 * cs):
         lo, cache = ext(p, CFG, jnp.asarray(toks[:, t:t + 1]), cache, memory=step_mem)
         got.append(np.asarray(lo))
@@ -137,14 +137,24 @@ def test_sampling_reproducible_with_seed():
     assert x != gen.generate(prompt, mode="memory", seed=4).tokens
 
 
-def test_sample_filters():
-    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
-    keys = jax.random.split(jax.random.PRNGKey(0), 400)
-    draws = np.array([int(sample(logits, k, 1.0, 2, 1.0)[0]) for k in keys[:200]])
-    assert set(draws) <= {0, 1} and len(set(draws)) == 2
-    draws = np.array([int(sample(logits, k, 1.0, 0, 0.7)[0]) for k in keys[200:]])
-    assert set(draws) <= {0, 1}  # nucleus 0.7 keeps the two best (0.5 + 0.3 >= 0.7)
-    assert int(sample(logits, keys[0], 0.0, 0, 1.0)[0]) == 0
+def test_sample_filters_per_row():
+    """Rows of one call each use their own settings: 200 rows of each of greedy, top-k 2,
+    nucleus 0.7, top-k 3 + nucleus 0.6, plain sampling."""
+    probs = np.array([0.45, 0.3, 0.15, 0.1])
+    settings = [(0.0, 0, 1.0), (1.0, 2, 1.0), (1.0, 0, 0.7), (1.0, 3, 0.6), (1.0, 0, 1.0)]
+    n = 200
+    t, k, p = (np.repeat(np.array(col), n) for col in zip(*settings))
+    logits = jnp.log(jnp.broadcast_to(jnp.asarray(probs, jnp.float32), (len(t), 4)))
+    keys = jax.random.split(jax.random.PRNGKey(0), len(t))
+    draws = np.asarray(sample(logits, keys, jnp.asarray(t, jnp.float32), jnp.asarray(k, jnp.int32),
+                              jnp.asarray(p, jnp.float32))).reshape(len(settings), n)
+    assert set(draws[0]) == {0}  # greedy
+    assert set(draws[1]) == {0, 1}  # top-k 2
+    assert set(draws[2]) == {0, 1}  # nucleus 0.7 keeps the two best (0.45 + 0.3 >= 0.7)
+    assert set(draws[3]) == {0, 1}  # top-k 3, then nucleus 0.6 of the renormalized three
+    assert set(draws[4]) == {0, 1, 2, 3}
+    frac = (draws[4] == 0).mean()  # plain sampling follows the probabilities
+    assert abs(frac - 0.45) < 0.12, frac
 
 
 def test_stop_tokens_and_modes():
@@ -242,14 +252,14 @@ def test_pipeline_overlaps_swap_retrieval_with_another_batchs_decoding(monkeypat
 
     p = _params()
     ret = GatedRetriever(p, CFG, timeout=30.0)
-    real = D._decode_chunk
+    real = D.decode_round
 
     def counting(*a, **kw):
         out = real(*a, **kw)
         ret.on_dispatch()
         return out
 
-    monkeypatch.setattr(D, "_decode_chunk", counting)
+    monkeypatch.setattr(D, "decode_round", counting)
     gen = Generator(p, CFG, None, ret, DC)
     # prompts shorter than a chunk, so only swap queries are full chunks
     batches = [[[CFG.bos_id] + list(range(10 + i, 10 + i + 9))] for i in range(2)]
@@ -261,3 +271,58 @@ def test_pipeline_overlaps_swap_retrieval_with_another_batchs_decoding(monkeypat
     one = gen.generate(batches[0], mode="memory", max_new_tokens=48, ignore_eos=True)
     assert one.stats.memory_swaps == 2 and ret.overlapped == [False, False]
     assert one.stats.retrieval_s >= 0.5  # waited for both swaps (>= 2 x 0.3 s minus slack)
+
+
+# ------------------------------------------------------------------------------ on a mesh
+def _laid_out(x, *spec) -> bool:
+    """x is laid out as PartitionSpec(*spec) on its mesh."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    return x.sharding.is_equivalent_to(NamedSharding(x.sharding.mesh, PartitionSpec(*spec)), len(spec))
+
+
+def test_generator_on_a_mesh_equals_unsharded(monkeypatch):
+    """Generator(mesh=...) on 8 fake CPU devices (2 data x 2 fsdp x 2 tensor): the same jitted
+    prefill and rounds on sharded params, cache, memory and state give the unsharded greedy
+    tokens and logits (memory mode: prompt memories, then a swap every chunk)."""
+    import m3jax.decode as D
+    from m3jax import sharding as S
+
+    p, ret, gen = _setup()
+    mesh = S.make_mesh(C.MeshConfig(2, 2, 2))
+    seen = []
+    real = D.decode_round
+
+    def recording(*a, **kw):
+        state, out, ran = real(*a, **kw)
+        seen.append((np.asarray(state.logits_BV), a[3], state))
+        return state, out, ran
+
+    monkeypatch.setattr(D, "decode_round", recording)
+    rng = np.random.default_rng(11)
+    prompts = [[CFG.bos_id] + [int(t) for t in rng.integers(3, 256, n)] for n in (30, 5, 21, 12)]
+    want = gen.generate(prompts, mode="memory", max_new_tokens=40, ignore_eos=True)
+    want_logits, seen[:] = [x[0] for x in seen], []
+    with Generator(p, CFG, None, ret, DC, mesh=mesh) as sgen:
+        got = sgen.generate(prompts, mode="memory", max_new_tokens=40, ignore_eos=True)
+        assert _laid_out(sgen.params["blocks"]["wq"], None, "fsdp", "tensor", None)
+    assert got.tokens == want.tokens and got.stats.memory_swaps == 2
+    assert len(seen) == len(want_logits) == 3
+    for (logits, memory, state), w in zip(seen, want_logits):
+        np.testing.assert_allclose(logits, w, atol=2e-5, rtol=1e-5)
+        # rows over data x fsdp, kv heads over tensor: the rules' placement, kept by the rounds
+        assert _laid_out(memory.k_LBCMKH, None, ("data", "fsdp"), None, None, "tensor", None)
+        assert _laid_out(state.cache.kv["blocks"][0][0], ("data", "fsdp"), "tensor", None, None)
+        assert len(state.logits_BV.sharding.device_set) == 8
+
+
+def test_stats_compile_time_and_default_cache_and_close():
+    p, ret, _ = _setup()
+    with Generator(p, CFG, None, ret, C.DecodeConfig(prompt_bucket=CFG.chunk_size)) as gen:
+        assert gen.decode_config.max_cache_len == CFG.max_len  # the default follows the model
+        prompts = [[CFG.bos_id, 9, 8, 7]] * 3  # a batch size no other test compiles
+        first = gen.generate(prompts, mode="none", max_new_tokens=20, ignore_eos=True).stats
+        again = gen.generate(prompts, mode="none", max_new_tokens=20, ignore_eos=True).stats
+    assert first.compile_s > 0 and again.compile_s < 0.1 * first.compile_s
+    assert first.tokens_per_s == pytest.approx(first.new_tokens / (first.total_s - first.compile_s))
+    assert gen._pool._shutdown and not any(t.is_alive() for t in gen._pool._threads)

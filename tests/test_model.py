@@ -11,6 +11,7 @@ import pytest
 import np_reference as ref
 from m3jax import config as C
 from m3jax import model as M
+from m3jax.memory.codec import memory_bytes
 
 CFG = C.preset("tiny")
 fwd = jax.jit(M.forward, static_argnums=2)
@@ -43,8 +44,8 @@ def _memory(B, C_, S, seed=2, cfg=CFG, lookback=0, p_valid=0.7):
 
 
 def _np_mem(mem):
-    return {"k": np.asarray(mem.k_LBCSKH, np.float64), "v": np.asarray(mem.v_LBCSKH, np.float64),
-            "mask": np.asarray(mem.mask_BCS), "lookback": mem.lookback}
+    return {"k": np.asarray(mem.k_LBCMKH, np.float64), "v": np.asarray(mem.v_LBCMKH, np.float64),
+            "mask": np.asarray(mem.mask_BCM), "lookback": mem.lookback}
 
 
 def test_forward_matches_numpy_without_memory():
@@ -93,7 +94,7 @@ def test_memory_block_visible_only_to_its_chunks(lookback):
     p, toks = _params(), _tokens(1, 4 * CFG.chunk_size)
     mem = _memory(1, 4, CFG.memory_block_len, lookback=lookback, p_valid=1.0)
     c, cs = 1, CFG.chunk_size
-    pert = mem.replace(k_LBCSKH=mem.k_LBCSKH.at[:, :, c].add(3.0))
+    pert = mem.replace(k_LBCMKH=mem.k_LBCMKH.at[:, :, c].add(3.0))
     # attention level: exact chunk locality
     ks = jax.random.split(jax.random.PRNGKey(5), 3)
     T, N, K, H = 4 * cs, CFG.num_heads, CFG.num_kv_heads, CFG.head_dim
@@ -103,7 +104,7 @@ def test_memory_block_visible_only_to_its_chunks(lookback):
     def attn(m):
         w = m.windowed()
         kt = jnp.swapaxes(k, 1, 2)
-        return np.asarray(M.attention(q, kt, jnp.swapaxes(kt, 2, 3), mask, memory=M.MemoryBlocks(w.k_LBCSKH[0], w.v_LBCSKH[0], w.mask_BCS)))
+        return np.asarray(M.attention(q, kt, jnp.swapaxes(kt, 2, 3), mask, memory=M.MemoryBlocks(w.k_LBCMKH[0], w.v_LBCMKH[0], w.mask_BCM)))
     d = np.abs(attn(pert) - attn(mem)).max(axis=(0, 2, 3)).reshape(4, cs).max(-1)
     for chunk in range(4):
         assert (d[chunk] > 1e-5) == (c <= chunk <= c + lookback), (chunk, d)
@@ -156,8 +157,8 @@ def test_presets_build_and_counts():
                                shapes, axes, is_leaf=lambda x: isinstance(x, tuple))
     big = C.preset("memory3-2b")
     assert abs(big.num_params() / 2.43e9 - 1) < 0.01  # paper: ~2.43B non-embedding
-    assert big.memory_bytes("bf16") == 450_560
-    assert big.memory_bytes("pq") <= 39_424
+    assert memory_bytes(big, "bf16") == 450_560
+    assert memory_bytes(big, "pq") <= 39_424
     assert big.memory_layers == 22 and big.num_layers == 44
     small = C.preset("smollm2-135m")
     assert abs(small.num_params(embedding=True) - 134_515_008) == 0
@@ -194,7 +195,7 @@ def test_wrong_memory_and_token_shapes_raise():
     with pytest.raises(ValueError, match="expects k and v"):
         fwd(p, toks, CFG, memory=_memory(2, 3, CFG.memory_block_len))  # 3 chunks for 2
     bad = _memory(2, 2, 8)
-    bad = bad.replace(k_LBCSKH=bad.k_LBCSKH[..., :8])
+    bad = bad.replace(k_LBCMKH=bad.k_LBCMKH[..., :8])
     with pytest.raises(ValueError, match="expects k and v"):
         fwd(p, toks, CFG, memory=bad)
     with pytest.raises(ValueError, match="batch, length"):

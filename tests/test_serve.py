@@ -151,6 +151,12 @@ def test_sampling_seed_stop_n(server):
     b = c.completions.create(seed=7, n=2, **kw)
     assert [x.text for x in a.choices] == [x.text for x in b.choices]  # seeded: reproducible
     assert len(a.choices) == 2 and a.usage.completion_tokens == 60
+    # the engine decodes with the Generator's own round: a request with seed 7 samples as row 0 of
+    # Generator.generate with seed 7 (choice j of n gets seed 7 + j)
+    dc = DecodeConfig(max_cache_len=256, prompt_bucket=server["cfg"].chunk_size, temperature=1.0, top_p=0.9)
+    with Generator(server["params"], server["cfg"], server["tok"], None, dc) as gen:
+        assert [gen.generate(["ka lo mi"], mode="none", max_new_tokens=30, seed=7 + j).texts[0]
+                for j in range(2)] == [x.text for x in a.choices]
     full = c.completions.create(model=MODEL, prompt="ka lo mi", max_tokens=30, temperature=0).choices[0].text
     stop = full[10:13]
     r = c.completions.create(model=MODEL, prompt="ka lo mi", max_tokens=30, temperature=0, stop=[stop])

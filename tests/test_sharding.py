@@ -9,8 +9,10 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import m3jax.model as M
+from m3jax import distributed as DI
 from m3jax import sharding as S
 from m3jax.config import ConfigError, MeshConfig, preset
+from m3jax.model import placement as PL
 
 
 def _mesh(*sizes):
@@ -112,7 +114,7 @@ def _abstract(cfg):
 def test_param_shardings_valid(name, sizes):
     cfg = preset(name)
     mesh = _mesh(*sizes)
-    shardings = S.param_shardings(cfg, mesh)
+    shardings = PL.param_shardings(cfg, mesh)
     abstract = _abstract(cfg)
     assert jax.tree.structure(shardings) == jax.tree.structure(abstract)
     for path, (a, s) in zip(jax.tree_util.tree_flatten_with_path(abstract)[0],
@@ -128,14 +130,14 @@ def test_param_shardings_valid(name, sizes):
 def test_check_sharded_memory3_2b():
     cfg = preset("memory3-2b")
     mesh = _mesh(1, 4, 2)
-    shardings = S.param_shardings(cfg, mesh)
+    shardings = PL.param_shardings(cfg, mesh)
     sds = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), _abstract(cfg), shardings)
     rep = S.check_sharded(sds)
     assert rep["mesh"] == {"data": 1, "fsdp": 4, "tensor": 2}
     assert rep["fraction"] > 0.999 and not rep["unsharded"]
     assert rep["total_bytes"] == 2 * M.num_params(sds)  # bf16
     assert rep["per_device_bytes"] < rep["total_bytes"] / 7.99
-    assert S.sharding_report(S.abstract_params(cfg, mesh))["per_device_bytes"] == rep["per_device_bytes"]
+    assert S.sharding_report(PL.abstract_params(cfg, mesh))["per_device_bytes"] == rep["per_device_bytes"]
 
     replicated = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, P())),
                               sds)
@@ -147,18 +149,18 @@ def test_check_sharded_memory3_2b():
 def test_check_sharded_reports_head_fallback():
     cfg = preset("smollm2-135m")  # 9 heads, 3 kv heads: not divisible by tensor=2
     report = []
-    S.param_shardings(cfg, _mesh(1, 4, 2), report=report)
+    PL.param_shardings(cfg, _mesh(1, 4, 2), report=report)
     assert {(r["axis"], r["dim"]) for r in report} == {("heads", 9), ("kv_heads", 3)}
     assert {r["label"] for r in report} >= {"['blocks']['wq']", "['mem_blocks']['wk']"}
     with pytest.raises(S.ShardingError, match="fraction 0.8"):  # attention replicated over tensor
-        S.check_sharded(S.abstract_params(cfg, _mesh(1, 4, 2)))
-    assert S.check_sharded(S.abstract_params(cfg, _mesh(1, 8, 1)))["fraction"] > 0.99
+        S.check_sharded(PL.abstract_params(cfg, _mesh(1, 4, 2)))
+    assert S.check_sharded(PL.abstract_params(cfg, _mesh(1, 8, 1)))["fraction"] > 0.99
 
 
 def test_shard_params_real_tiny(tiny_setup):
     cfg, mesh, params, sparams = tiny_setup
     assert len(params["embed"].sharding.device_set) == 1
-    placed = S.shard_params(params, cfg, mesh)
+    placed = PL.shard_params(params, cfg, mesh)
     S.check_sharded(placed, min_size=0)
     for a, b in zip(jax.tree.leaves(placed), jax.tree.leaves(sparams)):
         assert a.sharding == b.sharding
@@ -166,7 +168,7 @@ def test_shard_params_real_tiny(tiny_setup):
     with pytest.raises(S.ShardingError, match="not sharded over"):
         S.check_sharded(params, mesh=mesh, min_size=0)  # single-device arrays count as replicated
     with pytest.raises(ValueError, match="do not match config"):
-        S.shard_params({"embed": params["embed"]}, cfg, mesh)
+        PL.shard_params({"embed": params["embed"]}, cfg, mesh)
 
 
 # ----------------------------------------------------------------- sharded == unsharded
@@ -183,13 +185,17 @@ def _inputs(cfg, B=4, T=40, seed=0):
 _forward = jax.jit(M.forward, static_argnums=2)
 
 
+def _place(memory, cfg, mesh):
+    return jax.device_put(memory, PL.memory_sharding(cfg, mesh, memory=memory))
+
+
 @pytest.fixture(scope="module")
 def tiny_setup():
     """tiny params initialized straight into shards over (2 data, 2 fsdp, 2 tensor), and the same
     values as plain single-device arrays (one compile of `init` for the whole module)."""
     cfg = preset("tiny")
     mesh = _mesh(2, 2, 2)
-    sparams = S.init_sharded(cfg, jax.random.key(1), mesh)
+    sparams = PL.init_sharded(cfg, jax.random.key(1), mesh)
     params = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), sparams)
     return cfg, mesh, params, sparams
 
@@ -203,9 +209,9 @@ def test_sharded_forward_matches_unsharded(tiny_setup, with_memory):
     want = fwd(params, tokens, cfg, **kw)
     stokens = S.shard_batch(tokens, mesh)
     assert _has_spec(stokens, ("data", "fsdp"), None)
-    skw = {"memory": S.shard_memory(mem, cfg, mesh)} if with_memory else {}
+    skw = {"memory": _place(mem, cfg, mesh)} if with_memory else {}
     if with_memory:
-        assert _has_spec(skw["memory"].k_LBCSKH, None, ("data", "fsdp"), None, None, "tensor", None)
+        assert _has_spec(skw["memory"].k_LBCMKH, None, ("data", "fsdp"), None, None, "tensor", None)
     got = fwd(sparams, stokens, cfg, **skw)
     assert len(got.sharding.device_set) == 8
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
@@ -216,19 +222,19 @@ def test_sharded_forward_matches_unsharded(tiny_setup, with_memory):
 def test_sharded_grad_matches_unsharded(tiny_setup):
     cfg, mesh, params, sparams = tiny_setup
     tokens, mem = _inputs(cfg, T=32, seed=3)
-    mem = M.ChunkMemory(mem.k_LBCSKH, mem.v_LBCSKH, mem.mask_BCS, lookback=1)
+    mem = M.ChunkMemory(mem.k_LBCMKH, mem.v_LBCMKH, mem.mask_BCM, lookback=1)
 
     def loss(p, mem_k, tokens, memory):
-        memory = M.ChunkMemory(mem_k, memory.v_LBCSKH, memory.mask_BCS, memory.lookback)
+        memory = M.ChunkMemory(mem_k, memory.v_LBCMKH, memory.mask_BCM, memory.lookback)
         logits = M.forward(p, tokens, cfg, memory=memory)[:, :-1]
         logp = jax.nn.log_softmax(logits)
         return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1).mean()
 
     vg = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-    (l0, (g0, gk0)) = vg(params, mem.k_LBCSKH, tokens, mem)
-    smem = S.shard_memory(mem, cfg, mesh)
+    (l0, (g0, gk0)) = vg(params, mem.k_LBCMKH, tokens, mem)
+    smem = _place(mem, cfg, mesh)
     with jax.set_mesh(mesh):
-        (l1, (g1, gk1)) = vg(sparams, smem.k_LBCSKH, S.shard_batch(tokens, mesh), smem)
+        (l1, (g1, gk1)) = vg(sparams, smem.k_LBCMKH, S.shard_batch(tokens, mesh), smem)
     np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
     for path, a, b in zip(jax.tree_util.tree_flatten_with_path(g0)[0], jax.tree.leaves(g0), jax.tree.leaves(g1)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6, rtol=1e-4, err_msg=str(path[0]))
@@ -241,39 +247,37 @@ def test_memory_and_cache_shardings():
     cfg = preset("tiny")
     mesh = _mesh(2, 2, 2)
     mem = M.ChunkMemory.empty(cfg, 4, 3)
-    mem = M.ChunkMemory(mem.k_LBCSKH, mem.v_LBCSKH, mem.mask_BCS, lookback=2)
-    smem = S.shard_memory(mem, cfg, mesh)
-    assert smem.lookback == 2 and _has_spec(smem.mask_BCS, ("data", "fsdp"), None, None)
+    mem = M.ChunkMemory(mem.k_LBCMKH, mem.v_LBCMKH, mem.mask_BCM, lookback=2)
+    smem = _place(mem, cfg, mesh)
+    assert smem.lookback == 2 and _has_spec(smem.mask_BCM, ("data", "fsdp"), None, None)
     # batch 2 on data x fsdp = 4: falls back to data only
-    assert _has_spec(S.memory_sharding(cfg, mesh, batch=2).k_LBCSKH, None, "data", None, None, "tensor", None)
-    cache = jax.device_put(M.init_cache(cfg, 4, 32), S.cache_sharding(cfg, mesh, batch=4))
+    assert _has_spec(PL.memory_sharding(cfg, mesh, batch=2).k_LBCMKH, None, "data", None, None, "tensor", None)
+    cache = jax.device_put(M.init_cache(cfg, 4, 32), PL.cache_sharding(cfg, mesh, batch=4))
     assert _has_spec(cache.kv["blocks"][0][0], ("data", "fsdp"), "tensor", None, None)
     assert _has_spec(cache.lengths, ("data", "fsdp"))
-    mkv = S.memory_kv_sharding(cfg, mesh, num=8)
-    assert _has_spec(mkv.kv_NLZKTH, ("data", "fsdp"), None, None, "tensor", None, None)
     assert _has_spec(S.batch_sharding(mesh), ("data", "fsdp"))
 
 
 # ------------------------------------------------------------------------------ distributed
 def test_detect_multihost():
-    assert S.detect_multihost({}) is None
-    assert S.detect_multihost({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}) == "JAX_COORDINATOR_ADDRESS"
-    assert S.detect_multihost({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "1"}) is None
+    assert DI.detect_multihost({}) is None
+    assert DI.detect_multihost({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}) == "JAX_COORDINATOR_ADDRESS"
+    assert DI.detect_multihost({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "1"}) is None
     slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "2", "SLURM_PROCID": "0",
              "SLURM_LOCALID": "0"}
-    assert S.detect_multihost(slurm) == "SLURM"
-    assert S.detect_multihost({**slurm, "SLURM_NTASKS": "1"}) is None
-    assert S.detect_multihost({"TPU_WORKER_HOSTNAMES": "a,b,c,d"}) == "TPU_WORKER_HOSTNAMES"
-    assert S.detect_multihost({"TPU_WORKER_HOSTNAMES": "localhost"}) is None
-    assert S.detect_multihost({"OMPI_MCA_orte_hnp_uri": "x", "OMPI_COMM_WORLD_SIZE": "4"}) == "Open MPI"
+    assert DI.detect_multihost(slurm) == "SLURM"
+    assert DI.detect_multihost({**slurm, "SLURM_NTASKS": "1"}) is None
+    assert DI.detect_multihost({"TPU_WORKER_HOSTNAMES": "a,b,c,d"}) == "TPU_WORKER_HOSTNAMES"
+    assert DI.detect_multihost({"TPU_WORKER_HOSTNAMES": "localhost"}) is None
+    assert DI.detect_multihost({"OMPI_MCA_orte_hnp_uri": "x", "OMPI_COMM_WORLD_SIZE": "4"}) == "Open MPI"
 
 
 def test_maybe_initialize_distributed_single_host(monkeypatch):
     for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_MCA_orte_hnp_uri", "TPU_WORKER_HOSTNAMES",
               "TPU_PROCESS_ADDRESSES", "MEGASCALE_COORDINATOR_ADDRESS", "M3JAX_DISTRIBUTED"):
         monkeypatch.delenv(k, raising=False)
-    assert S.maybe_initialize_distributed() is False
-    assert S.maybe_initialize_distributed() is False  # idempotent
+    assert DI.maybe_initialize_distributed() is False
+    assert DI.maybe_initialize_distributed() is False  # idempotent
     monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
     monkeypatch.setenv("M3JAX_DISTRIBUTED", "0")  # the override wins over detection
-    assert S.maybe_initialize_distributed() is False
+    assert DI.maybe_initialize_distributed() is False

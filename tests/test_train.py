@@ -17,6 +17,7 @@ from m3jax import model as M
 from m3jax import sharding as S
 from m3jax.config import ConfigError, MeshConfig, TrainConfig, preset
 from m3jax.memory.encode import encode
+from m3jax.model import placement as PL
 from m3jax.train import loop as L
 from m3jax.train import step as ST
 
@@ -139,7 +140,7 @@ def test_bf16_params_keep_fp32_master_and_moments():
     assert {x.dtype for x in float_leaves} == {jnp.dtype(jnp.float32)}
     mesh = S.make_mesh(MeshConfig(2, 2, 2))
     shard = ST.state_shardings(cfg, WARM, mesh)
-    want = S.param_shardings(cfg, mesh)["blocks"]["wq"].spec
+    want = PL.param_shardings(cfg, mesh)["blocks"]["wq"].spec
     assert shard.opt_state.master["blocks"]["wq"].spec == want
     assert shard.opt_state.inner[1][0].nu["blocks"]["wq"].spec == want
 
@@ -153,7 +154,7 @@ def test_sharded_step_matches_unsharded():
     s1, m1 = ST.make_train_step(CFG, CONT, _one_device_mesh())(_fresh(CONT, _one_device_mesh()), batch)
     s8, m8 = ST.make_train_step(CFG, CONT, mesh)(_fresh(CONT, mesh), batch)
     assert len(s8.params["mem_blocks"]["wq"].sharding.device_set) == 8
-    assert s8.params["mem_blocks"]["wq"].sharding.spec == S.param_shardings(CFG, mesh)["mem_blocks"]["wq"].spec
+    assert s8.params["mem_blocks"]["wq"].sharding.spec == PL.param_shardings(CFG, mesh)["mem_blocks"]["wq"].spec
     np.testing.assert_allclose(float(m8["loss"]), float(m1["loss"]), rtol=1e-6)
     np.testing.assert_allclose(float(m8["grad_norm"]), float(m1["grad_norm"]), rtol=1e-5)
     assert float(m8["tokens"]) == float(m1["tokens"]) == batch["loss_mask"][:, 1:].sum()
@@ -311,7 +312,7 @@ def test_restore_onto_another_mesh(stage1, sizes):
     _close(_np(state.params), want, atol=0, rtol=0)
     S.check_sharded(state.params, min_size=1 << 12, mesh=mesh)
     mu = state.opt_state[1][0].mu["blocks"]["w_up"]
-    assert mu.sharding.spec == S.param_shardings(CFG, mesh)["blocks"]["w_up"].spec
+    assert mu.sharding.spec == PL.param_shardings(CFG, mesh)["blocks"]["w_up"].spec
     params = L.load_params(out, CFG, mesh, step=20)
     assert params["embed"].sharding.mesh.shape == mesh.shape
 

@@ -59,7 +59,7 @@ import numpy as np
 import tensorstore as ts
 
 from m3jax.config import ModelConfig
-from m3jax.memory.codec import Codec, CodecError, PQCodec, make_codec
+from m3jax.memory.codec import Codec, CodecError, PQCodec, make_codec, memory_bytes
 from m3jax.model.memory import MemoryKV
 
 Array = jax.Array
@@ -619,7 +619,7 @@ class MemoryBank:
             raise CodecError(f"{codec!r} is not fitted; fit it on sample memories first "
                              f"(build_bank does this for codec='pq')")
         mem_bytes = codec.memory_bytes(config)
-        if mem_bytes != config.memory_bytes(codec.name, **codec.options()):
+        if mem_bytes != memory_bytes(config, codec.name, **codec.options()):
             raise CodecError(f"{codec!r}: code bytes {mem_bytes} disagree with bytes_per_vector")
         shard = int(shard_size or default_shard_size(mem_bytes))
         if shard < 1:

@@ -30,7 +30,7 @@ the bank stores, one memory per chunk) and back into a JAX array on device.
   time. No OPQ rotation or residual stage: a rotation costs an H x H matmul per vector at decode.
 
 All codecs decode on device with one jitted function (gather + scale); `bytes_per_vector` below is
-the single source of truth for sizes (`ModelConfig.memory_bytes` calls it) and every codec's
+the single source of truth for sizes (`memory_bytes` multiplies it out) and every codec's
 `code_shape` agrees with it (codebooks excluded: they are shared by the whole bank).
 """
 
@@ -58,7 +58,7 @@ def bytes_per_vector(codec: str, head_dim: int, *, subspaces: int | None = None,
     """Stored bytes of one head_dim vector under `codec` (codebooks excluded: they are shared).
 
     Extra keyword options of a codec that do not change its size (e.g. `per_head`) are accepted
-    and ignored, so `ModelConfig.memory_bytes(codec.name, **codec.options())` works for any codec.
+    and ignored, so `memory_bytes(config, codec.name, **codec.options())` works for any codec.
     """
     if codec == "bf16":
         return 2 * head_dim
@@ -69,6 +69,12 @@ def bytes_per_vector(codec: str, head_dim: int, *, subspaces: int | None = None,
     if codec == "pq":
         return subspaces if subspaces is not None else default_pq_subspaces(head_dim)
     raise ValueError(f"unknown memory codec {codec!r}; choose from {', '.join(CODEC_NAMES)}")
+
+
+def memory_bytes(config: Any, codec: str = "bf16", **codec_options: Any) -> int:
+    """Stored bytes of one memory of a ModelConfig, (memory_layers, 2, kv_heads, tokens_per_memory)
+    head_dim vectors, each coded by `codec` (codebooks excluded)."""
+    return config.memory_vectors * bytes_per_vector(codec, config.head_dim, **codec_options)
 
 
 class CodecError(ValueError):
@@ -135,7 +141,7 @@ class Codec:
         return (Lm, 2, K, T) + self.vector_code_shape()
 
     def memory_bytes(self, config: Any) -> int:
-        """Stored bytes of one memory (equals `config.memory_bytes(self.name, **self.options())`)."""
+        """Stored bytes of one memory (equals `memory_bytes(config, self.name, **self.options())`)."""
         return int(np.prod(self.code_shape(config))) * self.code_dtype.itemsize
 
     def __repr__(self) -> str:

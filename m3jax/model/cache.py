@@ -12,8 +12,9 @@ from flax import struct
 
 from m3jax.config import ModelConfig
 from m3jax.model.memory import ChunkMemory
-from m3jax.model.transformer import (Params, _check_tokens, _embed, _logits, _run_stacks,
-                                     constrain_memory, init_kv_layers, prefix_kv)
+from m3jax.model.layers import rope_angles
+from m3jax.model.transformer import (Params, Reads, Shared, _cached_layers, _check_tokens, _embed, _logits,
+                                     init_kv_layers, prefix_kv)
 
 Array = jax.Array
 
@@ -60,14 +61,13 @@ def extend(params: Params, config: ModelConfig, tokens: Array, cache: KVCache, *
         if T % C:
             raise ValueError(f"{T} tokens cannot be split into {C} memory chunks")
         memory.check(c, B, C)
-        memory = constrain_memory(memory.windowed())
+        memory = memory.windowed().constrain()
     if prefix is None and c.reference_prefix is not None:
         prefix = prefix_kv(params, c)
     slots = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None]  # [B, T]
-    pos = c.context_offset + slots
+    cos, sin = rope_angles(c.context_offset + slots, c)
     mask = jnp.arange(cache.max_len)[None, None, :] <= slots[:, :, None]  # [B, T, S]
     x = _embed(params, c, tokens)
-    x, kv, _ = _run_stacks(params, c, x, pos, mask, prefix=prefix, memory=memory, cache=cache.kv,
-                           slots_BT=slots)
+    x, kv = _cached_layers(params, c, x, Shared(cos, sin, mask, slots), Reads(prefix, memory, cache.kv))
     lengths = cache.lengths + T if new_lengths is None else new_lengths.astype(jnp.int32)
     return _logits(params, c, x), KVCache(kv, lengths)

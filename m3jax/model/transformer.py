@@ -1,6 +1,6 @@
 """The Memory3 decoder as pure functions over a params pytree.
 
-Params (shape letters as in `ModelConfig`):
+Params (shape letters: the table in docs/ARCHITECTURE.md):
 
     embed         [V, D]                      ("vocab", "embed")
     mem_blocks    stacked layers 0..Lm-1      (the memory layers; absent if Lm == 0)
@@ -34,7 +34,7 @@ numbers, the other sequences of the batch unharmed. The guard is one compare and
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,11 +44,14 @@ from m3jax.config import ModelConfig
 from m3jax.model.attention import MemoryBlocks, PrefixKV, attention
 from m3jax.model.layers import apply_rope, mlp, rms_norm, rope_angles
 from m3jax.model.memory import ChunkMemory
-from m3jax.sharding import CACHE_AXES, CACHE_V_AXES, MEMORY_AXES, MEMORY_MASK_AXES, constrain
+from m3jax.sharding import constrain
 
 Array = jax.Array
 Params = dict[str, Any]
 STACKS = ("mem_blocks", "blocks")
+# Logical axes (m3jax.sharding's rule table) of one KV cache layer (`init_kv_layers`).
+CACHE_AXES = ("batch", "kv_heads", "kv_length", "head_dim")  # keys [B, K, S, H]
+CACHE_V_AXES = ("batch", "kv_heads", "head_dim", "kv_length")  # values [B, K, H, S]
 
 _BLOCK_AXES = {
     "attn_norm": ("layers", "embed"),
@@ -152,7 +155,7 @@ def restack(params: Params, memory_layers: int) -> Params:
 
 def unstack_layers(params: Params, dtype=None) -> Params:
     """The same weights with each stack as a tuple of per-layer dicts (the cached path of
-    `_run_stacks` accepts both layouts), optionally cast to `dtype` (the activation dtype; norm
+    `_cached_layers` accepts both layouts), optionally cast to `dtype` (the activation dtype; norm
     scales stay as they are). A jitted decoding loop takes its layers from this layout, sliced
     and cast once before the loop: slicing a stacked weight (or casting it) inside the loop body
     copies the whole layer on every step on CPU (XLA does not hoist it out of the loop)."""
@@ -211,92 +214,129 @@ def _project_qkv(p: Params, h_BTD: Array, c: ModelConfig) -> tuple[Array, Array,
             constrain(v, ("batch", "kv_length", "kv_heads", "head_dim")))
 
 
-def _block(p: Params, x_BTD: Array, c: ModelConfig, cos_BTH: Array, sin_BTH: Array, mask_BTS: Array,
-           *, prefix: PrefixKV | None, memory: MemoryBlocks | None, kv_BKSH: tuple[Array, Array] | None,
-           slots_BT: Array | None, tap: Callable | None):
-    """One decoder layer. With `kv_BKSH` (a cache layer: keys [B, K, S, H], values [B, K, H, S])
-    the new keys/values are written at `slots_BT` and attention reads the whole cache layer;
-    otherwise the fresh ones."""
+class Shared(NamedTuple):
+    """What every layer of one call shares: the rotary angles of the query positions, the
+    attention mask [B, T, S], and (with a KV cache) the cache slots the new keys go to."""
+
+    cos_BTH: Array
+    sin_BTH: Array
+    mask_BTS: Array
+    slots_BT: Array | None = None
+
+
+class Reads(NamedTuple):
+    """What a run of the stacks reads besides x: the reference prefix's keys and values
+    ({stack: (k [L, r, K, H], v [L, r, K, H])}), explicit memory (read by the memory layers) and
+    the KV cache ({stack: ((k [B, K, S, H], v [B, K, H, S]) per layer)})."""
+
+    prefix: dict[str, tuple[Array, Array]] | None = None
+    memory: ChunkMemory | None = None
+    cache: dict[str, tuple[tuple[Array, Array], ...]] | None = None
+
+
+class LayerReads(NamedTuple):
+    """`Reads` of one layer: its prefix keys/values, memory blocks and cache layer."""
+
+    prefix: PrefixKV | None = None
+    memory: MemoryBlocks | None = None
+    kv: tuple[Array, Array] | None = None
+
+
+class Acts(NamedTuple):
+    """What a layer computed on the way, for the paths that keep some of it: queries and keys
+    before RoPE (q [B, T, N, H], k [B, T, K, H]), keys after RoPE, values, and (`mass=True`
+    only) the head-averaged attention mass on (prefix, memory, context), [3, B, T]."""
+
+    q_BTNH: Array
+    k_BTKH: Array
+    k_rot_BTKH: Array
+    v_BTKH: Array
+    mass: Array | None
+
+
+def _block(p: Params, x_BTD: Array, c: ModelConfig, shared: Shared, reads: LayerReads, *, mass: bool = False
+           ) -> tuple[Array, tuple[Array, Array] | None, Acts]:
+    """One decoder layer: (x, the updated cache layer or None, `Acts`). With a cache layer
+    (`reads.kv`) the new keys/values are written at `shared.slots_BT` and attention reads the
+    whole cache layer; otherwise the fresh ones. `mass` also returns the attention mass."""
     dt = jnp.dtype(c.dtype)
     x_BTD = constrain(x_BTD, ("batch", "length", "embed"))
     h = rms_norm(x_BTD, p["attn_norm"], c.norm_eps)
     q, k, v = _project_qkv(p, h, c)
-    q_rot = apply_rope(q, cos_BTH, sin_BTH)
-    k_rot = apply_rope(k, cos_BTH, sin_BTH)
-    extra = tap(q, k, k_rot, v) if callable(tap) else None
-    if kv_BKSH is not None:
-        ck, cv = kv_BKSH
+    q_rot = apply_rope(q, shared.cos_BTH, shared.sin_BTH)
+    k_rot = apply_rope(k, shared.cos_BTH, shared.sin_BTH)
+    if reads.kv is not None:
+        ck, cv = reads.kv
         b_idx = jnp.arange(x_BTD.shape[0])[:, None]
-        ck = ck.at[b_idx, :, slots_BT].set(k_rot.astype(ck.dtype))  # [B, T, K, H] rows into [B, K, S, H]
-        cv = cv.at[b_idx, :, :, slots_BT].set(v.astype(cv.dtype))  # [B, T, K, H] columns into [B, K, H, S]
+        ck = ck.at[b_idx, :, shared.slots_BT].set(k_rot.astype(ck.dtype))  # [B, T, K, H] rows into [B, K, S, H]
+        cv = cv.at[b_idx, :, :, shared.slots_BT].set(v.astype(cv.dtype))  # [B, T, K, H] columns into [B, K, H, S]
         keys, values, new_kv = ck, cv, (ck, cv)
     else:
         keys, values, new_kv = jnp.swapaxes(k_rot, 1, 2), jnp.transpose(v, (0, 2, 3, 1)), None
-    if tap == "mass":  # attention mass on (prefix, memory, context), head-averaged: 3 x [B, T]
-        o, masses = attention(q_rot, keys, values, mask_BTS, prefix=prefix,
-                              memory=memory, return_probs=True)
-        extra = jnp.stack([m.mean(axis=1) for m in masses])
+    masses = None
+    if mass:  # attention mass on (prefix, memory, context), head-averaged: [3, B, T]
+        o, probs = attention(q_rot, keys, values, shared.mask_BTS, prefix=reads.prefix, memory=reads.memory,
+                             return_probs=True)
+        masses = jnp.stack([m.mean(axis=1) for m in probs])
     else:
-        o = attention(q_rot, keys, values, mask_BTS, prefix=prefix, memory=memory)
+        o = attention(q_rot, keys, values, shared.mask_BTS, prefix=reads.prefix, memory=reads.memory)
     x_BTD = x_BTD + jnp.einsum("BTNH,NHD->BTD", o, p["wo"].astype(dt))
     h = rms_norm(x_BTD, p["mlp_norm"], c.norm_eps)
     x_BTD = x_BTD + mlp(h, p["w_gate"].astype(dt), p["w_up"].astype(dt), p["w_down"].astype(dt))
-    return constrain(x_BTD, ("batch", "length", "embed")), new_kv, extra
+    return constrain(x_BTD, ("batch", "length", "embed")), new_kv, Acts(q, k, k_rot, v, masses)
 
 
-def _run_stacks(params: Params, c: ModelConfig, x_BTD: Array, positions_BT: Array, mask_BTS: Array, *,
-                prefix: dict[str, tuple[Array, Array]] | None = None,
-                memory: ChunkMemory | None = None,
-                cache: dict[str, tuple[tuple[Array, Array], ...]] | None = None,
-                slots_BT: Array | None = None,
-                tap: Callable | None = None,
-                stacks: tuple[str, ...] = STACKS):
-    """Run every present stack's layers over x. Returns x, the updated cache, tap outputs.
-
-    Without a cache the layers of a stack run in one `lax.scan` (fast to compile, the training
-    path). With a cache (prefill / decoding) the layers are unrolled over per-layer cache arrays,
-    so each step updates its cache in place instead of copying a stacked cache layer.
-    """
-    cos, sin = rope_angles(positions_BT, c)
-    new_cache: dict[str, tuple[tuple[Array, Array], ...]] = {}
-    taps: dict[str, Any] = {}
-    for name, L in stack_sizes(c).items():
+def _scan_layers(params: Params, c: ModelConfig, x_BTD: Array, shared: Shared, reads: Reads = Reads(), *,
+                 keep: Callable[[Acts], Any] | None = None, mass: bool = False,
+                 stacks: tuple[str, ...] = STACKS) -> tuple[Array, dict[str, Any]]:
+    """The layers of every present stack in `stacks` over x, each stack in one `lax.scan` (fast to
+    compile: the training path; no cache). Returns (x, {stack: keep(acts) stacked over its
+    layers}) (an empty dict without `keep`); what `keep` leaves out is never materialized."""
+    kept: dict[str, Any] = {}
+    for name in stack_sizes(c):
         if name not in stacks:
             continue
-        use_mem = memory is not None and name == "mem_blocks"
-        if cache is not None:
-            layers = []
-            for i in range(L):
-                p = _layer(params[name], i)
-                pre = PrefixKV(prefix[name][0][i], prefix[name][1][i]) if prefix is not None else None
-                mem = (MemoryBlocks(memory.k_LBCSKH[i], memory.v_LBCSKH[i], memory.mask_BCS)
-                       if use_mem else None)
-                ck, cv = cache[name][i]
-                x_BTD, new_kv, _ = _block(p, x_BTD, c, cos, sin, mask_BTS, prefix=pre, memory=mem,
-                                          kv_BKSH=(constrain(ck, CACHE_AXES), constrain(cv, CACHE_V_AXES)),
-                                          slots_BT=slots_BT, tap=None)
-                layers.append(new_kv)
-            new_cache[name] = tuple(layers)
-            continue
+        use_mem = reads.memory is not None and name == "mem_blocks"
 
         def body(x, xs, use_mem=use_mem):
             pre = PrefixKV(*xs["prefix"]) if "prefix" in xs else None
-            mem = MemoryBlocks(xs["mem_k"], xs["mem_v"], memory.mask_BCS) if use_mem else None
-            x, _, extra = _block(xs["p"], x, c, cos, sin, mask_BTS, prefix=pre, memory=mem,
-                                 kv_BKSH=None, slots_BT=None, tap=tap)
-            return x, extra
+            mem = MemoryBlocks(xs["mem_k"], xs["mem_v"], reads.memory.mask_BCM) if use_mem else None
+            x, _, acts = _block(xs["p"], x, c, shared, LayerReads(pre, mem), mass=mass)
+            return x, (keep(acts) if keep is not None else None)
 
         xs: dict[str, Any] = {"p": params[name]}
-        if prefix is not None:
-            xs["prefix"] = prefix[name]
+        if reads.prefix is not None:
+            xs["prefix"] = reads.prefix[name]
         if use_mem:
-            xs["mem_k"], xs["mem_v"] = memory.k_LBCSKH, memory.v_LBCSKH
+            xs["mem_k"], xs["mem_v"] = reads.memory.k_LBCMKH, reads.memory.v_LBCMKH
         if c.remat:  # keep only each layer's input for the backward pass: activation memory / L
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-        x_BTD, extra = jax.lax.scan(body, x_BTD, xs)
-        if tap is not None:
-            taps[name] = extra
-    return x_BTD, new_cache, taps
+        x_BTD, out = jax.lax.scan(body, x_BTD, xs)
+        if keep is not None:
+            kept[name] = out
+    return x_BTD, kept
+
+
+def _cached_layers(params: Params, c: ModelConfig, x_BTD: Array, shared: Shared, reads: Reads
+                   ) -> tuple[Array, dict[str, tuple[tuple[Array, Array], ...]]]:
+    """The layers of every stack over x with the KV cache `reads.cache` (prefill, decoding):
+    unrolled over per-layer cache arrays, so that each step updates its cache in place instead of
+    copying a stacked cache layer. `params` stacked or unstacked (`unstack_layers`). Returns
+    (x, the updated cache)."""
+    new_cache: dict[str, tuple[tuple[Array, Array], ...]] = {}
+    for name, L in stack_sizes(c).items():
+        use_mem = reads.memory is not None and name == "mem_blocks"
+        layers = []
+        for i in range(L):
+            pre = PrefixKV(reads.prefix[name][0][i], reads.prefix[name][1][i]) if reads.prefix is not None else None
+            mem = (MemoryBlocks(reads.memory.k_LBCMKH[i], reads.memory.v_LBCMKH[i], reads.memory.mask_BCM)
+                   if use_mem else None)
+            ck, cv = reads.cache[name][i]
+            kv = (constrain(ck, CACHE_AXES), constrain(cv, CACHE_V_AXES))
+            x_BTD, new_kv, _ = _block(_layer(params[name], i), x_BTD, c, shared, LayerReads(pre, mem, kv))
+            layers.append(new_kv)
+        new_cache[name] = tuple(layers)
+    return x_BTD, new_cache
 
 
 def check_token_ids(tokens: Any, config: ModelConfig, what: str = "tokens") -> None:
@@ -342,11 +382,12 @@ def prefix_kv(params: Params, config: ModelConfig) -> dict[str, tuple[Array, Arr
     tokens = jnp.asarray(config.reference_prefix, jnp.int32)[None]
     pos = jnp.arange(r, dtype=jnp.int32)[None]
     x = _embed(params, config, tokens)
-    # The scanned (training) path with a tap on each layer's keys and values: `forward` calls
-    # this inside the train step, where unrolled layers would multiply the compile.
-    _, _, taps = _run_stacks(params, config, x, pos, _causal_mask(pos[0], r)[None],
-                             tap=lambda q, k, k_rot, v: (k_rot[0], v[0]))
-    return taps
+    # The scanned (training) path keeping each layer's keys and values: `forward` calls this
+    # inside the train step, where unrolled layers would multiply the compile.
+    cos, sin = rope_angles(pos, config)
+    _, kept = _scan_layers(params, config, x, Shared(cos, sin, _causal_mask(pos[0], r)[None]),
+                           keep=lambda a: (a.k_rot_BTKH[0], a.v_BTKH[0]))
+    return kept
 
 
 def init_kv_layers(config: ModelConfig, batch: int, length: int, dtype=jnp.float32):
@@ -364,13 +405,6 @@ def _causal_mask(query_slots: Array, key_len: int) -> Array:
     return jnp.arange(key_len)[None, :] <= query_slots[:, None]
 
 
-def constrain_memory(memory: ChunkMemory) -> ChunkMemory:
-    """Shard memory like the batch (layers unsharded, kv heads on tensor when they divide)."""
-    return memory.replace(k_LBCSKH=constrain(memory.k_LBCSKH, MEMORY_AXES),
-                          v_LBCSKH=constrain(memory.v_LBCSKH, MEMORY_AXES),
-                          mask_BCS=constrain(memory.mask_BCS, MEMORY_MASK_AXES))
-
-
 def _check_tokens(tokens: Array, config: ModelConfig) -> None:
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be int [batch, length], got shape {tuple(tokens.shape)}")
@@ -382,9 +416,11 @@ def _check_tokens(tokens: Array, config: ModelConfig) -> None:
     check_token_ids(tokens, config)
 
 
-def _full_sequence(params: Params, c: ModelConfig, tokens: Array, memory: ChunkMemory | None, prefix, tap=None):
+def _full_sequence(params: Params, c: ModelConfig, tokens: Array, memory: ChunkMemory | None, prefix, *,
+                   mass: bool = False) -> tuple[Array, dict[str, Any]]:
     """The no-cache path shared by `forward` and `attention_mass`: checks, chunk padding,
-    positions from `context_offset`, causal mask; returns (x [B, T, D], taps)."""
+    positions from `context_offset`, causal mask; returns (x [B, T, D], {stack: attention mass
+    [L, 3, B, T]} with `mass`, else {})."""
     _check_tokens(tokens, c)
     B, T = tokens.shape
     if memory is not None:
@@ -392,17 +428,18 @@ def _full_sequence(params: Params, c: ModelConfig, tokens: Array, memory: ChunkM
             raise ValueError(f"config {c.name!r} has memory off (reference_prefix=None or memory_layers=0) "
                              "but memory was given")
         memory.check(c, B, -(-T // c.chunk_size))
-        memory = constrain_memory(memory.windowed())
+        memory = memory.windowed().constrain()
     if prefix is None and c.reference_prefix is not None:
         prefix = prefix_kv(params, c)
     # Chunks of memory are `chunk_size` queries each; one chunk may be shorter (no padding).
     Tp = T if memory is None or memory.num_chunks == 1 else memory.num_chunks * c.chunk_size
     tok = jnp.pad(tokens, ((0, 0), (0, Tp - T)), constant_values=c.pad_id) if Tp != T else tokens
     slots = jnp.arange(Tp, dtype=jnp.int32)
-    pos = jnp.broadcast_to(c.context_offset + slots, (B, Tp))
-    mask = jnp.broadcast_to(_causal_mask(slots, Tp), (B, Tp, Tp))
-    x, _, taps = _run_stacks(params, c, _embed(params, c, tok), pos, mask, prefix=prefix, memory=memory, tap=tap)
-    return x[:, :T], taps
+    cos, sin = rope_angles(jnp.broadcast_to(c.context_offset + slots, (B, Tp)), c)
+    shared = Shared(cos, sin, jnp.broadcast_to(_causal_mask(slots, Tp), (B, Tp, Tp)))
+    x, kept = _scan_layers(params, c, _embed(params, c, tok), shared, Reads(prefix, memory),
+                           keep=(lambda a: a.mass) if mass else None, mass=mass)
+    return x[:, :T], kept
 
 
 def forward(params: Params, tokens: Array, config: ModelConfig, *, memory: ChunkMemory | None = None,
@@ -422,9 +459,9 @@ def attention_mass(params: Params, tokens: Array, config: ModelConfig, *,
     """Where attention goes: the head-averaged probability mass each token puts on the prefix
     sink, on explicit memory and on the context, per layer: {"prefix", "memory", "context"}
     each [L, B, T] (layers in order). Same inputs as `forward`; for inspection, not training."""
-    _, taps = _full_sequence(params, config, tokens, memory, None, tap="mass")
+    _, kept = _full_sequence(params, config, tokens, memory, None, mass=True)
     T = tokens.shape[1]
-    m = jnp.concatenate([taps[name] for name in stack_sizes(config)], axis=0)[..., :T]  # [L, 3, B, T]
+    m = jnp.concatenate([kept[name] for name in stack_sizes(config)], axis=0)[..., :T]  # [L, 3, B, T]
     return {"prefix": m[:, 0], "memory": m[:, 1], "context": m[:, 2]}
 
 
@@ -432,33 +469,33 @@ def encode_states(params: Params, config: ModelConfig, ref_tokens: Array, ref_ma
                   fn: Callable[[Array, Array, Array, Array], Any]) -> Any:
     """The memory write path: run `reference_prefix + reference` through the memory layers only.
 
-    ref_tokens: int [N, R] (R <= reference_len, valid tokens first, then padding), ref_mask: bool
-    [N, R]. At each memory layer `fn(q_pre [N,R,N_h,H], k_pre [N,R,K,H], k_post [N,R,K,H],
-    v [N,R,K,H])` is called on the reference positions (prefix sliced off; q and k before RoPE,
+    ref_tokens: int [I, R] (I references, R <= reference_len, valid tokens first, then padding),
+    ref_mask: bool [I, R]. At each memory layer `fn(q_pre [I, R, N, H], k_pre [I, R, K, H],
+    k_post [I, R, K, H], v [I, R, K, H])` is called on the reference positions (prefix sliced off; q and k before RoPE,
     keys also after RoPE at positions r..r+R-1) inside the layer scan; its outputs are stacked
     over memory layers and returned. Activations of the whole stack are never materialized.
     """
     c = config
     if not c.memory_enabled:
         raise ValueError(f"config {c.name!r} has memory off: it cannot write memories")
-    N, R = ref_tokens.shape
+    I, R = ref_tokens.shape
     if R > c.reference_len:
         raise ValueError(f"references of {R} tokens exceed reference_len={c.reference_len}")
     check_token_ids(ref_tokens, c, "reference tokens")
     r = c.prefix_len
-    pre = jnp.broadcast_to(jnp.asarray(c.reference_prefix, ref_tokens.dtype), (N, r))
+    pre = jnp.broadcast_to(jnp.asarray(c.reference_prefix, ref_tokens.dtype), (I, r))
     tokens = jnp.concatenate([pre, ref_tokens], axis=1)
-    valid = jnp.concatenate([jnp.ones((N, r), bool), ref_mask.astype(bool)], axis=1)
+    valid = jnp.concatenate([jnp.ones((I, r), bool), ref_mask.astype(bool)], axis=1)
     slots = jnp.arange(r + R, dtype=jnp.int32)
-    pos = jnp.broadcast_to(slots, (N, r + R))
+    cos, sin = rope_angles(jnp.broadcast_to(slots, (I, r + R)), c)
     mask = _causal_mask(slots, r + R)[None] & valid[:, None, :]
     x = _embed(params, c, tokens)
 
-    def tap(q, k, k_rot, v):
-        return fn(q[:, r:], k[:, r:], k_rot[:, r:], v[:, r:])
+    def keep(a: Acts):  # the reference positions only (the prefix sliced off)
+        return fn(a.q_BTNH[:, r:], a.k_BTKH[:, r:], a.k_rot_BTKH[:, r:], a.v_BTKH[:, r:])
 
-    _, _, taps = _run_stacks(params, c, x, pos, mask, tap=tap, stacks=("mem_blocks",))
-    return taps["mem_blocks"]
+    _, kept = _scan_layers(params, c, x, Shared(cos, sin, mask), keep=keep, stacks=("mem_blocks",))
+    return kept["mem_blocks"]
 
 
 def num_params(params: Params) -> int:

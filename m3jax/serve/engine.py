@@ -2,9 +2,10 @@
 
     submit(request) --bounded queue--> admit into a free slot of a group (a fixed batch of slots
     with one KV cache) --prompt retrieval (pool thread)--> prefill of the joiners (decode's
-    jitted `_prefill`) --> rows inserted into the group (jitted scatter) --> 64-token rounds
-    (`_round`: decode's loop with per-row sampling) --> tokens and the references each chunk
-    read, streamed to the request --> its slot freed at the next boundary
+    jitted `prefill`) --> rows inserted into the group's `DecodeState` (jitted scatter) -->
+    64-token rounds (decode's `decode_round`, the Generator's own, each row with its own
+    sampling) --> tokens and the references each chunk read, streamed to the request --> its
+    slot freed at the next boundary
 
 Static shapes: a group holds `slots` rows in a cache of S positions (S from a few powers of two,
 chosen when the group is empty for what its first request needs), so rounds compile once per S
@@ -35,11 +36,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from m3jax.config import ModelConfig
-from m3jax.decode import _prefill, _prefix_kv, arrange_memory, check_mode
-from m3jax.model.cache import KVCache, extend, init_cache
+from m3jax.decode import (DecodeState, arrange_memory, check_mode, compute_prefix, decode_round, first_round_memory,
+                          prefill, row_keys)
+from m3jax.model.cache import init_cache
 from m3jax.model.memory import ChunkMemory
-from m3jax.model.transformer import Params, check_params, unstack_layers
+from m3jax.model.transformer import Params, check_params
 
 log = logging.getLogger("m3jax.serve")
 
@@ -78,96 +79,28 @@ class EngineStopped(RuntimeError):
 
 
 # ------------------------------------------------------------------------------ jitted pieces
-def sample_rows(logits_BV: jax.Array, keys_B: jax.Array, temperature_B: jax.Array, top_p_B: jax.Array) -> jax.Array:
-    """Per-row sampling (each request its own temperature, top_p and key): greedy where the
-    temperature is 0, else temperature + nucleus sampling as `decode.sample` does for a batch."""
-    greedy = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-
-    def sampled(logits_BV):
-        t = jnp.where(temperature_B > 0, temperature_B, 1.0)[:, None]
-        logits = logits_BV.astype(jnp.float32) / t
-
-        def nucleus(logits):
-            sorted_l = jnp.sort(logits, axis=-1)[:, ::-1]
-            probs = jax.nn.softmax(sorted_l, axis=-1)
-            keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p_B[:, None]
-            cutoff = jnp.min(jnp.where(keep, sorted_l, jnp.inf), axis=-1, keepdims=True)
-            return jnp.where(logits < cutoff, -jnp.inf, logits)
-
-        logits = jax.lax.cond(jnp.any(top_p_B < 1.0), nucleus, lambda x: x, logits)
-        tok = jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys_B, logits).astype(jnp.int32)
-        return jnp.where(temperature_B > 0, tok, greedy)
-
-    return jax.lax.cond(jnp.any(temperature_B > 0), sampled, lambda _: greedy, logits_BV)
-
-
-@functools.partial(jax.jit, static_argnums=(1,), donate_argnums=(3,))
-def _round(params: Params, config: ModelConfig, prefix, cache: KVCache, memory: ChunkMemory | None,
-           logits_BV, keys_B, step_B, done_B, budget_B, temperature_B, top_p_B, ignore_eos_B, stop_S):
-    """One round: up to chunk_size tokens per row (decode's `_decode_chunk` with per-row sampling
-    and keys). Finished rows neither sample nor grow their cache. Returns (tokens [B, chunk_size],
-    steps run, cache, logits, done, budget)."""
-    B = logits_BV.shape[0]
-    params = unstack_layers(params, jnp.dtype(config.dtype))  # as decode's rounds: layers sliced once per round
-    out0 = jnp.full((B, config.chunk_size), config.pad_id, jnp.int32)
-
-    def cond(s):
-        i, _, _, _, done, _ = s
-        return (i < config.chunk_size) & ~jnp.all(done)
-
-    def body(s):
-        i, out, cache, logits, done, budget = s
-        keys = jax.vmap(jax.random.fold_in)(keys_B, step_B + i)
-        tok = sample_rows(logits, keys, temperature_B, top_p_B)
-        tok = jnp.where(done, config.pad_id, tok)
-        out = out.at[:, i].set(tok)
-        budget = budget - jnp.where(done, 0, 1)
-        lengths = cache.lengths
-        lo, cache = extend(params, config, tok[:, None], cache, memory=memory, prefix=prefix)
-        cache = cache.replace(lengths=jnp.where(done, lengths, cache.lengths))  # free rows stay put
-        done = done | (jnp.any(tok[:, None] == stop_S[None, :], axis=-1) & ~ignore_eos_B) | (budget <= 0)
-        return i + 1, out, cache, lo[:, 0].astype(logits_BV.dtype), done, budget
-
-    i, out, cache, logits, done, budget = jax.lax.while_loop(
-        cond, body, (jnp.int32(0), out0, cache, logits_BV, done_B, budget_B))
-    return out, i, cache, logits, done, budget
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _insert_rows(state: DecodeState, rows: DecodeState, slots: jax.Array) -> DecodeState:
+    """Write the joiners' rows into a group's state at `slots` (one per row; a slot >= the
+    group's rows drops the row: padding of the joiner batch). Every leaf is row-major."""
+    return jax.tree.map(lambda big, small: big.at[slots].set(small.astype(big.dtype), mode="drop"), state, rows)
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
-def _insert_rows(state: dict, rows: dict, idx_J: jax.Array) -> dict:
-    """Write the joiners' rows into a group's state at slots `idx_J` (an index >= slots drops
-    the row: padding of the joiner batch). Memory k/v carry the batch on axis 1."""
-    def put(axis):
-        def f(big, small):
-            where = (slice(None),) * axis + (idx_J,)
-            return big.at[where].set(small.astype(big.dtype), mode="drop")
-        return f
-
-    out = {k: jax.tree.map(put(0), state[k], rows[k]) for k in state if k != "memory"}
-    if state.get("memory") is not None:
-        m, r = state["memory"], rows["memory"]
-        out["memory"] = ChunkMemory(put(1)(m.k_LBCSKH, r.k_LBCSKH), put(1)(m.v_LBCSKH, r.v_LBCSKH),
-                                    put(0)(m.mask_BCS, r.mask_BCS))
-    else:
-        out["memory"] = state.get("memory")
-    return out
+def _insert_memory(memory: ChunkMemory, rows: ChunkMemory, slots: jax.Array) -> ChunkMemory:
+    """`_insert_rows` for a group's memory block (k, v carry the rows on axis 1)."""
+    put = lambda big, small, axis: big.at[(slice(None),) * axis + (slots,)].set(  # noqa: E731
+        small.astype(big.dtype), mode="drop")
+    return ChunkMemory(put(memory.k_LBCMKH, rows.k_LBCMKH, 1), put(memory.v_LBCMKH, rows.v_LBCMKH, 1),
+                       put(memory.mask_BCM, rows.mask_BCM, 0))
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
 def _merge_memory(old: ChunkMemory, new: ChunkMemory, rows_B: jax.Array) -> ChunkMemory:
     """Swap in the memories of rows `rows_B` (the others keep theirs)."""
     sel = lambda a, b: jnp.where(rows_B.reshape((1, -1) + (1,) * (a.ndim - 2)), b.astype(a.dtype), a)  # noqa: E731
-    return ChunkMemory(sel(old.k_LBCSKH, new.k_LBCSKH), sel(old.v_LBCSKH, new.v_LBCSKH),
-                       jnp.where(rows_B[:, None, None], new.mask_BCS, old.mask_BCS))
-
-
-@functools.partial(jax.jit, static_argnums=(1,))
-def _last_chunk_memory(memory: ChunkMemory, chunks: int, last_J: jax.Array) -> ChunkMemory:
-    """Each row's memories of its last prompt chunk (what its first generated chunk reads)."""
-    J = last_J.shape[0]
-    pick = lambda x: jnp.take_along_axis(x, last_J.reshape((1, J, 1) + (1,) * (x.ndim - 3)), axis=2)  # noqa: E731
-    return ChunkMemory(pick(memory.k_LBCSKH), pick(memory.v_LBCSKH),
-                       jnp.take_along_axis(memory.mask_BCS, last_J[:, None, None], axis=1))
+    return ChunkMemory(sel(old.k_LBCMKH, new.k_LBCMKH), sel(old.v_LBCMKH, new.v_LBCMKH),
+                       jnp.where(rows_B[:, None, None], new.mask_BCM, old.mask_BCM))
 
 
 # ------------------------------------------------------------------------------ requests
@@ -214,7 +147,8 @@ class _Group:
     index: int
     slots: int
     S: int = 0  # cache positions per row (0: not allocated)
-    state: dict | None = None
+    state: DecodeState | None = None
+    memory: ChunkMemory | None = None  # the block each row's next round reads (None: no memory rows)
     rows: list = field(default_factory=list)  # _Row | None per slot
     joining: list = field(default_factory=list)  # (slot, Request) reserved, not yet prefilled
     join_future: concurrent.futures.Future | None = None
@@ -273,8 +207,7 @@ class Engine:
         self.retriever = None
         if knowledge_base is not None:
             self.retriever = knowledge_base.retriever(embedder, tokenizer=tokenizer, k=config.memories_per_chunk)
-        self.prefix = _prefix_kv(params, config)
-        self.stop_S = jnp.asarray([config.eos_id], jnp.int32)
+        self.prefix = compute_prefix(params, config)
         self.groups = [_Group(i, sc.slots) for i in range(sc.groups)]
         self.queue: collections.deque[Request] = collections.deque()
         self._cv = threading.Condition()
@@ -484,18 +417,15 @@ class Engine:
         return cs * _pow2_at_least(-(-n // cs), 1, self.serve_config.cache_len // cs)
 
     # ---------------------------------------------------------------- group state
-    def _new_state(self, g: _Group) -> dict:
+    def _new_state(self, g: _Group) -> None:
+        """A group's empty state: every row done (a free slot), a cache of `g.S` positions, and an
+        all-masked memory block when the server reads memories."""
         c, B = self.config, g.slots
-        dtype = jnp.dtype(c.dtype)
-        memory = None
+        g.memory = None
         if self.retriever is not None and c.memory_enabled:
-            memory = ChunkMemory.empty(c, B, 1, dtype=dtype)
-        cache = init_cache(c, B, g.S)
-        return {"cache": cache, "logits": jnp.zeros((B, c.vocab_size), jnp.float32), "memory": memory,
-                "done": jnp.ones((B,), bool), "budget": jnp.zeros((B,), jnp.int32),
-                "keys": jnp.zeros((B, 2), jnp.uint32), "step": jnp.zeros((B,), jnp.int32),
-                "temperature": jnp.zeros((B,), jnp.float32), "top_p": jnp.ones((B,), jnp.float32),
-                "ignore_eos": jnp.zeros((B,), bool)}
+            g.memory = ChunkMemory.empty(c, B, 1, dtype=jnp.dtype(c.dtype))
+        g.state = DecodeState.create(init_cache(c, B, g.S), jnp.zeros((B, c.vocab_size), jnp.float32), budget=0,
+                                     key_B=jnp.zeros((B, 2), jnp.uint32), stops_BX=[c.eos_id], done=True)
 
     def _insert_joiners(self, g: _Group) -> None:
         """Prefill the reserved requests of `g` (their prompt retrieval done) in one call and
@@ -504,14 +434,14 @@ class Engine:
         joining, fut = g.joining, g.join_future
         g.joining, g.join_future = [], None
         found = fut.result()
-        if g.state is None or g.state["cache"].max_len != g.S:
-            g.state = self._new_state(g)
+        if g.state is None or g.state.cache.max_len != g.S:
+            self._new_state(g)
         J, P, chunks = found["J"], found["P"], found["P"] // c.chunk_size
         tok = np.full((J, P), c.pad_id, np.int32)
         tok[:, 0] = c.bos_id
         lengths = np.ones(J, np.int32)
         idx = np.full(J, g.slots, np.int32)  # padding rows (and cancelled requests) are dropped
-        temp, top_p, ignore = np.zeros(J, np.float32), np.ones(J, np.float32), np.zeros(J, bool)
+        temp, top_p, stops = np.zeros(J, np.float32), np.ones(J, np.float32), np.full((J, 1), c.eos_id, np.int32)
         budget, keys, last = np.zeros(J, np.int32), np.zeros((J, 2), np.uint32), np.zeros(J, np.int32)
         for j, (slot, req) in enumerate(joining):
             if req.cancelled:
@@ -521,8 +451,8 @@ class Engine:
             tok[j, : len(prompt)] = prompt
             lengths[j], last[j] = len(prompt), (len(prompt) - 1) // c.chunk_size
             idx[j], temp[j], top_p[j], budget[j] = slot, req.temperature, req.top_p, req.max_tokens
-            ignore[j] = req.ignore_eos
-            keys[j] = np.asarray(jax.random.PRNGKey(req.seed))
+            stops[j] = -1 if req.ignore_eos else c.eos_id  # -1: never sampled
+            keys[j] = np.asarray(row_keys(req.seed, 1)[0])
             refs: list = []
             if req.mode == "rag":
                 refs = found["rag_refs"][j]
@@ -533,23 +463,23 @@ class Engine:
                 refs = per_chunk[-1]  # the first generated chunk reads the last prompt chunk's memories
             g.rows[slot] = _Row(req, prompt, refs)
         mem = None
-        if g.state["memory"] is not None:
+        if g.memory is not None:
             mem = found["memory"] if found["memory"] is not None else ChunkMemory.empty(
                 c, J, chunks, dtype=jnp.dtype(c.dtype))
-        logits, cache = _prefill(self.params, c, self.prefix, jnp.asarray(tok), init_cache(c, J, g.S),
-                                 jnp.asarray(lengths), mem)
-        rows = {"cache": cache, "logits": logits.astype(jnp.float32), "done": jnp.zeros((J,), bool),
-                "budget": jnp.asarray(budget), "keys": jnp.asarray(keys), "step": jnp.zeros((J,), jnp.int32),
-                "temperature": jnp.asarray(temp), "top_p": jnp.asarray(top_p), "ignore_eos": jnp.asarray(ignore),
-                "memory": None if mem is None else _last_chunk_memory(mem, chunks, jnp.asarray(last))}
+        logits, cache = prefill(self.params, c, self.prefix, jnp.asarray(tok), init_cache(c, J, g.S),
+                                jnp.asarray(lengths), mem)
+        rows = DecodeState.create(cache, logits, budget=budget, key_B=keys, stops_BX=stops, temperature=temp,
+                                  top_p=top_p)
         g.state = _insert_rows(g.state, rows, jnp.asarray(idx))
+        if mem is not None:
+            g.memory = _insert_memory(g.memory, first_round_memory(mem, jnp.asarray(last)), jnp.asarray(idx))
 
     # ---------------------------------------------------------------- rounds
     def _prepare(self, g: _Group) -> None:
         """Before a round: swap in the memories retrieved with the last chunk, insert joiners."""
         if g.swap_future is not None:
             new, described = g.swap_future.result()
-            g.state["memory"] = _merge_memory(g.state["memory"], new, jnp.asarray(g.swap_rows))
+            g.memory = _merge_memory(g.memory, new, jnp.asarray(g.swap_rows))
             for s, row in enumerate(g.rows):
                 if row is not None and g.swap_rows[s]:
                     row.refs = described[s]
@@ -558,12 +488,9 @@ class Engine:
             self._insert_joiners(g)
 
     def _dispatch(self, g: _Group) -> None:
-        st = g.state
         g.t_dispatch = time.perf_counter()
-        out, ran, st["cache"], st["logits"], st["done"], st["budget"] = _round(
-            self.params, self.config, self.prefix, st["cache"], st["memory"], st["logits"], st["keys"], st["step"],
-            st["done"], st["budget"], st["temperature"], st["top_p"], st["ignore_eos"], self.stop_S)
-        st["step"] = st["step"] + ran
+        g.state, out, ran = decode_round(self.params, self.config, self.prefix, g.memory, g.state,
+                                         jnp.int32(self.config.chunk_size))
         g.out = (out, ran)
 
     def _collect(self, g: _Group) -> None:
@@ -619,7 +546,7 @@ class Engine:
                 swap[s] = True
                 queries[s] = row.generated[-c.chunk_size:]
         if free_rows:
-            g.state["done"] = g.state["done"].at[jnp.asarray(free_rows)].set(True)
+            g.state = g.state.replace(done_B=g.state.done_B.at[jnp.asarray(free_rows)].set(True))
         if self.metrics is not None:
             self.metrics.round(new_tokens, time.perf_counter() - g.t_dispatch)
         if swap.any():

@@ -174,10 +174,10 @@ def read_meta(path: str | os.PathLike, step: int | None = None) -> dict[str, Any
 
 
 def _abstract_params(model_cfg: ModelConfig, mesh, dtype: str | None = None):
-    from m3jax import sharding as S
+    from m3jax.model.placement import abstract_params
 
     cfg = dataclasses.replace(model_cfg, param_dtype=dtype) if dtype else model_cfg
-    return S.abstract_params(cfg, mesh)
+    return abstract_params(cfg, mesh)
 
 
 def load_params(path: str | os.PathLike, model_cfg: ModelConfig, mesh=None, *, step: int | None = None) -> Params:

@@ -35,7 +35,7 @@ resumes where it stopped and ends with the params of an uninterrupted run):
      temporary directory and renamed, read by `m3jax generate/eval/build-memory --model`.
 
 Multi-host: the same command on every host. `init_distributed` (before any JAX computation)
-joins the hosts (`m3jax.sharding.maybe_initialize_distributed`: TPU pod / SLURM / Open MPI
+joins the hosts (`m3jax.distributed.maybe_initialize_distributed`: TPU pod / SLURM / Open MPI
 environment, `JAX_COORDINATOR_ADDRESS`, `M3JAX_DISTRIBUTED=1`, or `--coordinator`
 `--num-processes` `--process-id`). Process 0 prepares (data, tokenizer, pairs) while the others
 wait at a barrier, then every process reads the caches; each host reads its own shard of the
@@ -144,7 +144,7 @@ def init_distributed(coordinator: str | None = None, num_processes: int | None =
                      process_id: int | None = None) -> bool:
     """`maybe_initialize_distributed`, forced when any argument is given. Call it before any
     JAX computation."""
-    from m3jax.sharding import maybe_initialize_distributed
+    from m3jax.distributed import maybe_initialize_distributed
 
     kwargs: dict[str, Any] = {}
     if coordinator:

@@ -57,6 +57,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from m3jax import sharding as S
 from m3jax.config import ModelConfig, TrainConfig
 from m3jax.memory.encode import encode
+from m3jax.model.placement import param_shardings, shard_params
 from m3jax.model import ChunkMemory, MemoryKV, check_params, forward, init
 from m3jax.model import lora
 from m3jax.model.transformer import Params, param_axes
@@ -226,9 +227,9 @@ def abstract_state(model_cfg: ModelConfig, train_cfg: TrainConfig) -> TrainState
 
 def state_shardings(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh) -> TrainState:
     """NamedShardings of every `TrainState` leaf on `mesh`: params by the logical rules
-    (`sharding.param_shardings`); every optimizer leaf shaped like a param (Adam moments, fp32
+    (`model.placement.param_shardings`); every optimizer leaf shaped like a param (Adam moments, fp32
     master) like that param; the rest (counters, step) replicated."""
-    pshard = S.param_shardings(model_cfg, mesh)
+    pshard = param_shardings(model_cfg, mesh)
     abstract = abstract_state(model_cfg, train_cfg)
     frozen = None
     if train_cfg.lora_rank:  # the base is placed like the model's params; the adapter's factors
@@ -294,7 +295,7 @@ def create_state(model_cfg: ModelConfig, train_cfg: TrainConfig, params: Params 
                          "params (init_params)")
     if params is not None:
         if mesh is not None:
-            params = S.shard_params(params, model_cfg, mesh)  # checks them too
+            params = shard_params(params, model_cfg, mesh)  # checks them too
         else:
             check_params(params, model_cfg)
         return _state_initializer(model_cfg, train_cfg, mesh, True)(params)
