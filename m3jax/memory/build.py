@@ -62,11 +62,13 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from m3jax.config import ModelConfig
-from m3jax.memory.bank import MemoryBank, build_bank, params_fingerprint
+from m3jax.memory.bank import MemoryBank
 from m3jax.memory.embed import Embedder, SentenceEmbedder
 from m3jax.memory.encode import make_encode_fn
+from m3jax.memory.fingerprint import params_fingerprint
 from m3jax.memory.index import VectorIndex, read_npy, source_of
 from m3jax.memory.overlap import EVAL_THRESHOLD
+from m3jax.memory.populate import build_bank
 from m3jax.memory.references import Reference, split_references
 from m3jax.memory.retrieve import Retriever
 

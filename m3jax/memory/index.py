@@ -148,7 +148,7 @@ def _as_ids(ids: Any, n: int, name: str = "ids") -> np.ndarray:
     return a
 
 
-def _exact_topk(db: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def exact_topk(db: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Positions [q, k] and scores [q, k] of the k largest q @ db.T per row, best first.
     Ties go to the lower position. Computed in query blocks to bound memory."""
     n = db.shape[0]
@@ -234,7 +234,7 @@ class VectorIndex:
             if len(q) == 0:
                 return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
             if self.method == "exact":
-                pos, sc = _exact_topk(self._vectors, q, k)
+                pos, sc = exact_topk(self._vectors, q, k)
                 return self._ids[pos], sc
             return self._search_scann(q, k)
 

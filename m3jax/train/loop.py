@@ -275,7 +275,7 @@ def _fingerprint(params: Params | None) -> str | None:
     """`params_fingerprint` of host-addressable params (None for params spread over hosts)."""
     if params is None or not all(getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(params)):
         return None
-    from m3jax.memory.bank import params_fingerprint
+    from m3jax.memory.fingerprint import params_fingerprint
 
     return params_fingerprint(params)
 
