@@ -184,7 +184,7 @@ def test_two_processes_match_one(tmp_path):
     """2 processes x 2 CPU devices (jax.distributed on localhost) == 1 process x 4 devices."""
     import portpicker
 
-    from m3jax.train.loop import load_params
+    from m3jax.train.checkpoint import load_params
 
     t0 = time.perf_counter()
     s = _setup(str(tmp_path))

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 
-from m3jax.config import ModelConfig
+from m3jax.config import RUNTIME_FIELDS, ModelConfig
 from m3jax.memory.codec import Codec, CodecError
 from m3jax.memory.errors import BankConfigError, BankCorruptError, BankError
 from m3jax.memory.references import INFO_FIELDS
@@ -36,10 +36,8 @@ FORMAT_VERSION = 1
 MANIFEST_KEY = "manifest.json"
 CODEC_KEY = "codec.npz"
 
-# ModelConfig fields that change how a model runs, not the values of its weights: a checkpoint or a
-# bank written under one value serves the others.
-RUNTIME_FIELDS = ("name", "dtype", "param_dtype", "max_len", "remat")
-# ... and those that matter only when memories are read (how many, per how many tokens, when to stop).
+# ModelConfig fields that matter only when memories are read (how many, per how many tokens, when to
+# stop) or how the model runs (RUNTIME_FIELDS): a bank written under one value serves the others.
 READ_FIELDS = RUNTIME_FIELDS + ("chunk_size", "memories_per_chunk", "eos_id", "tie_embeddings")
 # ModelConfig fields that change what a memory holds (shapes, or the values the memory layers
 # compute): every other field. A bank written before a field existed reads back with the field's

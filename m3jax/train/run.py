@@ -196,7 +196,7 @@ def checkpoint_stage(out: str) -> tuple[int, str] | None:
     d = os.path.join(out, "checkpoints")
     if not os.path.isdir(d) or not any(n.isdigit() for n in os.listdir(d)):
         return None
-    from m3jax.train.loop import read_meta
+    from m3jax.train.checkpoint import read_meta
 
     meta = read_meta(out)
     return int(meta["step"]), str(meta.get("stage"))
