@@ -225,7 +225,7 @@ def run(out: str, st: Settings = Settings(), *, save_model: bool = False, progre
     from m3jax import convert
     from m3jax import sharding as S
     from m3jax.config import MeshConfig, TrainConfig
-    from m3jax.eval import evaluate, perplexity
+    from m3jax.eval import EvalConfig, evaluate, perplexity
     from m3jax.memory.build import build_knowledge_base, default_embedder
     from m3jax.train import data as D
     from m3jax.train.loop import train
@@ -317,9 +317,10 @@ def run(out: str, st: Settings = Settings(), *, save_model: bool = False, progre
         return kb.retriever(embedder, tokenizer=tok)
 
     def evaluation(p, retriever) -> dict[str, Any]:
-        r = evaluate(p, cfg, tokenizer=tok, retriever=retriever, heldout_articles=heldout, modes=MODES,
-                     n_ppl=st.eval_docs, n_qa=st.qa, fanoutqa=False, batch_size=st.eval_batch,
-                     max_new_tokens=16 if st.qa else 0, progress=progress, log=log)
+        settings = EvalConfig(modes=MODES, n_ppl=st.eval_docs, n_qa=st.qa, fanoutqa=False, batch_size=st.eval_batch,
+                              max_new_tokens=16 if st.qa else 0)
+        r = evaluate(p, cfg, tok, settings, retriever=retriever, heldout_articles=heldout, progress=progress,
+                     log=log)
         r["retrieval"] = {k: v for k, v in retriever.stats.as_dict().items() if isinstance(v, int)}
         return r
 

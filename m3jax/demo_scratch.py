@@ -76,7 +76,7 @@ def run_from_scratch(out: str = "demo_scratch_out", cfg: ScratchConfig = Scratch
 
     from m3jax import convert
     from m3jax.decode import Generator
-    from m3jax.eval import evaluate, heldout_split, qa_text
+    from m3jax.eval import EvalConfig, evaluate, heldout_split, qa_text
     from m3jax.memory.build import build_knowledge_base, default_embedder
     from m3jax.train import data as D
     from m3jax.train.loop import load_params, train
@@ -199,9 +199,9 @@ def run_from_scratch(out: str = "demo_scratch_out", cfg: ScratchConfig = Scratch
     eval_path = os.path.join(out, "eval.json")
 
     def stage_eval():
-        res = evaluate(params, model_cfg, tokenizer=tok, retriever=retriever, heldout_articles=heldout,
-                       n_ppl=cfg.n_eval_ppl, n_qa=cfg.n_eval_qa,
-                       fanoutqa=cfg.n_fanoutqa > 0, n_fanoutqa=cfg.n_fanoutqa or None,
+        settings = EvalConfig(n_ppl=cfg.n_eval_ppl, n_qa=cfg.n_eval_qa, fanoutqa=cfg.n_fanoutqa > 0,
+                              n_fanoutqa=cfg.n_fanoutqa or None)
+        res = evaluate(params, model_cfg, tok, settings, retriever=retriever, heldout_articles=heldout,
                        corpus_articles=articles)
         with open(eval_path, "w", encoding="utf-8") as f:
             json.dump(res, f, indent=1)
