@@ -31,11 +31,10 @@ import jax
 import numpy as np
 from matplotlib.figure import Figure  # no pyplot: leaves the session's backend alone
 
-from m3jax import assets
 from m3jax.config import DecodeConfig, ModelConfig
 from m3jax.convert import load_model, model_dir
 from m3jax.decode import MODES, Generator
-from m3jax.eval import EvalConfig, evaluate, heldout_split, make_generator, score_facts
+from m3jax.eval import EvalConfig, evaluate, heldout_split, leads_in_order, make_generator, score_facts
 from m3jax.facts import FactDoc, make_facts
 from m3jax.memory.build import KnowledgeBase, build_knowledge_base, default_embedder, open_knowledge_base
 from m3jax.memory.retrieve import Retriever
@@ -143,16 +142,13 @@ def _tfidf(texts: list[str], dim: int = 1 << 12) -> np.ndarray:
 
 
 def leads_in_demo_order() -> list[Any]:
-    """The shipped leads with a text and a description, in the demos' fixed pseudo-random order (varied
-    topics; salted: the held-out split hashes the bare title, a selection by it would be all held out)."""
-    pool = [a for a in assets.wiki_leads() if a.text.strip() and a.description.strip()]
-    pool.sort(key=lambda a: hashlib.sha256(b"m3jax-demo:" + a.title.encode()).hexdigest())
-    return pool
+    """The shipped leads with a text and a description, in the demos' fixed pseudo-random order."""
+    return leads_in_order(b"m3jax-demo:")
 
 
 def _articles(n: int, n_held: int) -> tuple[list[Any], list[Any]]:
     """(knowledge-base leads, held-out evaluation leads): `n_held` leads of the held-out split
-    (never trained on: `m3jax.train.data.is_heldout`) with a description, in a fixed pseudo-random
+    (never trained on: `m3jax.train.split.is_heldout`) with a description, in a fixed pseudo-random
     order, then their nearest neighbours among all leads (TF-IDF cosine of the texts, taken
     round-robin) up to `n`: the knowledge base covers what the evaluated leads are about."""
     pool = leads_in_demo_order()
@@ -399,6 +395,44 @@ def _bytes_per_document(kb, tok, leads, facts, bank: dict[str, Any]) -> dict[str
     mem = refs_per_doc * (bank["bytes_per_memory"] + bank["metadata_bytes_per_memory"])
     return {"memory": round(mem, 1), "rag": round(text_bytes, 1), "none": 0.0,
             "references_per_document": round(refs_per_doc, 3), "bytes_per_memory": bank["bytes_per_memory"]}
+
+
+# ------------------------------------------------------------------------------ goals
+def goals(m: dict[str, Any]) -> list[dict[str, Any]]:
+    """The goals of explicit memory as rows (goal, measured, target, met, detail) from the demo's
+    metrics:
+
+        new facts:   memory accuracy >= 0.7 x RAG accuracy   and   >= none + 0.4
+        decoding:    memory tokens/s >= 2 x RAG on the same batch
+        perplexity:  held-out perplexity with memory >= 5% below none
+    """
+    acc, tps, ppl = m["new_facts_accuracy"], m["decode_tokens_per_s"], m["ppl"]
+    rows = [
+        {"goal": "new facts: memory >= 0.7 x RAG", "measured": acc["memory"], "target": 0.7 * acc["rag"],
+         "detail": f"memory {acc['memory']:.3f}, RAG {acc['rag']:.3f}"},
+        {"goal": "new facts: memory >= none + 0.4", "measured": acc["memory"], "target": acc["none"] + 0.4,
+         "detail": f"memory {acc['memory']:.3f}, none {acc['none']:.3f}"},
+        {"goal": "decode: memory >= 2 x RAG tokens/s", "measured": tps["memory"] / tps["rag"], "target": 2.0,
+         "detail": f"memory {tps['memory']:.1f}, RAG {tps['rag']:.1f} tokens/s"},
+        {"goal": "held-out perplexity: memory >= 5% below none", "measured": 1 - ppl["memory"] / ppl["none"],
+         "target": 0.05, "detail": f"memory {ppl['memory']:.3f}, none {ppl['none']:.3f}"},
+    ]
+    for r in rows:
+        r["met"] = bool(r["measured"] >= r["target"])
+    return rows
+
+
+def goals_table(m: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """The results by mode and the goal rows as Markdown tables."""
+    lines = ["| mode | new facts | new facts, new wordings | description -> title | perplexity | tokens/s |",
+             "|---|---|---|---|---|---|"]
+    for mode in MODES:
+        lines.append(f"| {mode} | {m['new_facts_accuracy'][mode]:.3f} | {m['new_facts_accuracy_new_wording'][mode]:.3f} | "
+                     f"{m['qa_exact_match'][mode]:.3f} | {m['ppl'][mode]:.3f} | {m['decode_tokens_per_s'][mode]:.1f} |")
+    lines += ["", "| goal | measured | target | met | |", "|---|---|---|---|---|"]
+    lines += [f"| {r['goal']} | {r['measured']:.3f} | {r['target']:.3f} | {'yes' if r['met'] else 'NO'} | {r['detail']} |"
+              for r in rows]
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------ report

@@ -22,10 +22,10 @@ from m3jax.eval.mc import MCItem, load_mc_jsonl, score_mc
 from m3jax.eval.qa import (FANOUTQA_TEMPLATE, QA_TEMPLATE, QAItem, answer_correct, answer_parts, fanoutqa_items,
                            normalize_answer, qa_items, qa_text, render_answer, score_facts, score_qa)
 from m3jax.eval.scoring import ScoreInput, SeqScore, as_sequence, perplexity, score_sequences
-from m3jax.eval.suite import EvalConfig, evaluate, heldout_split, load_retriever
+from m3jax.eval.suite import EvalConfig, evaluate, heldout_split, leads_in_order, load_retriever, select_leads
 
 __all__ = ["MODES", "generate_answers", "make_generator", "MCItem", "load_mc_jsonl", "score_mc",
            "FANOUTQA_TEMPLATE", "QA_TEMPLATE", "QAItem", "answer_correct", "answer_parts", "fanoutqa_items",
            "normalize_answer", "qa_items", "qa_text", "render_answer", "score_facts", "score_qa", "ScoreInput",
            "SeqScore", "as_sequence", "perplexity", "score_sequences", "EvalConfig", "evaluate", "heldout_split",
-           "load_retriever"]
+           "leads_in_order", "load_retriever", "select_leads"]

@@ -4,6 +4,7 @@ multiple-choice sets, in every mode, with one generator for all of them."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import time
 from typing import Any, Callable, Sequence
@@ -21,6 +22,7 @@ from m3jax.memory.build import open_knowledge_base
 from m3jax.memory.overlap import EVAL_THRESHOLD
 from m3jax.memory.retrieve import Retriever
 from m3jax.model.transformer import Params, check_params
+from m3jax.train.split import DEFAULT_HELDOUT_FRACTION, heldout_key, is_heldout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,12 +42,39 @@ class EvalConfig:
     threshold: float = EVAL_THRESHOLD  # the leakage filter
 
 
+def leads_in_order(salt: bytes) -> list[assets.Article]:
+    """The shipped leads with a text and a description, in a fixed pseudo-random order set by `salt`
+    (varied topics; salted: the held-out split hashes the bare title, an order by it alone would
+    put the held-out leads first)."""
+    pool = [a for a in assets.wiki_leads() if a.text.strip() and a.description.strip()]
+    pool.sort(key=lambda a: hashlib.sha256(salt + a.title.encode()).hexdigest())
+    return pool
+
+
+def select_leads(n_docs: int, n_heldout: int, fraction: float | None = None, *, salt: bytes
+                 ) -> tuple[list[assets.Article], list[assets.Article]]:
+    """(all selected leads, the held-out ones), in doc_id order: the first `n_heldout` leads of
+    `leads_in_order(salt)` that the training pipeline holds out (`heldout_split`'s rule at `fraction`)
+    and the first `n_docs - n_heldout` it trains on."""
+    frac = DEFAULT_HELDOUT_FRACTION if fraction is None else fraction
+    held, train = [], []
+    for a in leads_in_order(salt):
+        if is_heldout(heldout_key(a.title, a.text), frac):
+            if len(held) < n_heldout:
+                held.append(a)
+        elif len(train) < n_docs - n_heldout:
+            train.append(a)
+        if len(held) == n_heldout and len(train) == n_docs - n_heldout:
+            break
+    if len(held) < n_heldout:
+        raise ValueError(f"only {len(held)} leads are held out at fraction {frac}; ask for fewer held-out leads")
+    by_id = lambda xs: sorted(xs, key=lambda a: a.doc_id)  # noqa: E731
+    return by_id(held + train), by_id(held)
+
+
 def heldout_split(articles: Sequence[Any] | None = None, fraction: float | None = None) -> list[Any]:
     """The articles of the held-out split (the training pipeline's hash rule,
-    `m3jax.train.data.is_heldout`); default: the shipped Wikipedia leads."""
-    # local: m3jax.train.data imports tensorflow_datasets (seconds), which nothing else here needs
-    from m3jax.train.data import DEFAULT_HELDOUT_FRACTION, heldout_key, is_heldout
-
+    `m3jax.train.split.is_heldout`); default: the shipped Wikipedia leads."""
     arts = assets.wiki_leads() if articles is None else articles
     frac = DEFAULT_HELDOUT_FRACTION if fraction is None else fraction
     return [a for a in arts if is_heldout(heldout_key(a.title, a.text), frac)]
