@@ -1,6 +1,6 @@
 """Teaching a pretrained model to read memory, and the main job around it: invented facts, the
 reading recipe, LoRA training through `m3jax train` (and its resume onto the base), adapters that
-refuse other base weights, `m3jax demo --quick` end to end and the goals script, on a tiny model."""
+refuse other base weights, `m3jax demo --quick` end to end, resumed, and its goals, on a tiny model."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import pytest
 
 from m3jax import cli, config as C, model as M
 from m3jax.facts import answer_in, make_facts
-
 
 
 # ------------------------------------------------------------------------------ facts

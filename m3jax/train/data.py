@@ -32,11 +32,12 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import grain
+import jax
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from m3jax.assets import file_sha256
+from m3jax.assets import file_sha256, wiki_leads
 from m3jax.tokenizer import Tokenizer, train_bpe
 from m3jax.train.split import DEFAULT_HELDOUT_FRACTION, heldout_key, is_heldout  # noqa: F401 - also re-exported
 
@@ -107,8 +108,6 @@ class DataConfig:
         """(shard_index, shard_count): explicit, or this JAX process among all processes."""
         if self.shard_count is not None:
             return self.shard_index, self.shard_count
-        import jax
-
         return jax.process_index(), jax.process_count()
 
 
@@ -221,8 +220,6 @@ class M3jaxText(tfds.core.GeneratorBasedBuilder):
     def _documents(self) -> list[dict[str, Any]]:
         cfg = self.builder_config
         if cfg.corpus is None:
-            from m3jax.assets import wiki_leads
-
             return [dataclasses.asdict(a) for a in wiki_leads()]
         return _jsonl_documents(cfg.corpus)
 

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from m3jax import sharding as S
 from m3jax.config import ConfigError, ModelConfig, TrainConfig
+from m3jax.convert import save_adapter
 from m3jax.model.transformer import Params
 from m3jax.train import checkpoint as ckpt
 from m3jax.train.checkpoint import load_params, read_meta  # noqa: F401 - re-exported: their former home
@@ -138,8 +139,6 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data: DataSource, out_
         if state.frozen is None:
             return state.params
         if jax.process_index() == 0:
-            from m3jax.convert import save_adapter  # local: convert imports the training modules
-
             save_adapter(os.path.join(out_dir, "adapter.safetensors"), jax.device_get(state.params), tc,
                          base_fingerprint=base_fp)
         return jax.jit(model_params, static_argnums=1)(state, tc)
