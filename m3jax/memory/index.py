@@ -406,7 +406,7 @@ def _load_scann(sdir: str, count: int) -> Any:
     """The ScaNN searcher serialized in `sdir`, built from its assets without unpickling anything
     (what `scann_ops_pybind.load_searcher` does, less its pickle of docids: the docids of our
     searchers are always the positions 0..count-1)."""
-    from scann.scann_ops.py import scann_ops_pybind
+    from scann.scann_ops.py import scann_ops_pybind  # local: heavy, and exact indexes need no ScaNN
 
     assets_path = os.path.join(sdir, _SCANN_ASSETS)
     for name in (_SCANN_ASSETS, _SCANN_CONFIG):
@@ -435,7 +435,7 @@ def _load_scann(sdir: str, count: int) -> Any:
 
 
 def _build_scann(v: np.ndarray, p: ScannParams) -> Any:
-    from scann.scann_ops.py import scann_ops_pybind
+    from scann.scann_ops.py import scann_ops_pybind  # local: heavy, and exact indexes need no ScaNN
 
     n = len(v)
     b = scann_ops_pybind.builder(v, min(10, n), "dot_product")
