@@ -383,16 +383,16 @@ class MemoryBank:
 
     # ------------------------------------------------------------------ writing
     def append(self, memories: MemoryKV, metadata: "ReferenceBatch | dict[str, Any]") -> np.ndarray:
-        """Encode and append N memories (kv [N, Lm, 2, K, T, H], mask [N, T]) with their metadata.
+        """Encode and append N memories (kv [I, L, Z, K, E, H], mask [I, E]) with their metadata.
         Returns their ids [N] int64 (consecutive). Commits before returning."""
         memories.check(self._config)
         check_finite(memories.kv_NLZKTH, f"bank {self.url}")
         codes = self._codec.encode(memories.kv_NLZKTH)
         return self.append_codes(codes, np.asarray(memories.mask_NT), metadata)
 
-    def append_codes(self, codes: np.ndarray, mask_NT: np.ndarray,
+    def append_codes(self, codes: np.ndarray, mask_IE: np.ndarray,
                      metadata: "ReferenceBatch | dict[str, Any]") -> np.ndarray:
-        """Append already coded memories: codes [N, *code_shape], mask [N, T] bool, metadata."""
+        """Append already coded memories: codes [I, *code_shape], mask [I, E] bool, metadata."""
         if not self._writable:
             raise BankReadOnlyError(f"bank {self.url} was opened read-only; open it with mode='a'")
         codes = np.asarray(codes)
@@ -401,7 +401,7 @@ class MemoryBank:
         if codes.ndim == 0 or tuple(codes.shape[1:]) != want or codes.dtype != self._codec.code_dtype:
             raise BankError(f"codes {codes.dtype}{list(codes.shape)}: expected "
                             f"{self._codec.code_dtype.name}[N, {', '.join(map(str, want))}]")
-        mask = np.asarray(mask_NT, bool)
+        mask = np.asarray(mask_IE, bool)
         if mask.shape != (n, self._config.tokens_per_memory):
             raise BankError(f"mask of shape {mask.shape}, expected ({n}, {self._config.tokens_per_memory})")
         meta = ReferenceBatch.coerce(metadata, n, self._config.reference_len, self._config.pad_id)
@@ -467,7 +467,7 @@ class MemoryBank:
 
     def gather_codes_async(self, ids: Any) -> PendingGather:
         """Start reading the codes and masks of `ids` (any order, repeats allowed); returns a
-        PendingGather whose result() is (codes [n, *code_shape], mask [n, T]). The reads of one
+        PendingGather whose result() is (codes [n, *code_shape], mask [n, E]). The reads of one
         call are coalesced in one `ts.Batch` (sorted, deduplicated ids)."""
         ids = self._check_ids(ids)
         if ids.size == 0:
@@ -485,17 +485,17 @@ class MemoryBank:
         return PendingGather(self, futs, None if same else inv, ids)
 
     def gather_codes(self, ids: Any) -> tuple[np.ndarray, np.ndarray]:
-        """(codes [n, *code_shape] NumPy, mask [n, T] bool) of the memories `ids`, in order."""
+        """(codes [n, *code_shape] NumPy, mask [n, E] bool) of the memories `ids`, in order."""
         return self.gather_codes_async(ids).result()
 
-    def decode(self, codes: Any, mask_NT: Any, dtype: Any = None) -> MemoryKV:
+    def decode(self, codes: Any, mask_IE: Any, dtype: Any = None) -> MemoryKV:
         """Codes from gather_codes -> MemoryKV on device (kv in `dtype`, default config.dtype)."""
         kv = self._codec.decode(codes, jnp.dtype(dtype or self._config.dtype))
-        return MemoryKV(kv, jnp.asarray(mask_NT))
+        return MemoryKV(kv, jnp.asarray(mask_IE))
 
     def gather(self, ids: Any, dtype: Any = None) -> MemoryKV:
         """Memories `ids` (any order, repeats allowed) decoded on device: MemoryKV with
-        kv [n, Lm, 2, K, T, H] in `dtype` (default config.dtype) and mask [n, T]."""
+        kv [n, L, Z, K, E, H] in `dtype` (default config.dtype) and mask [n, E]."""
         codes, mask = self.gather_codes(ids)
         return self.decode(codes, mask, dtype)
 

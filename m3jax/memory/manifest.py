@@ -6,7 +6,7 @@ arrays.
     codec.npz         codec arrays (pq codebooks), absent for bf16 / f32 / int8
     codes/            zarr3 [capacity, *code_shape] code dtype: one memory per inner chunk, memory
                       id = dim 0, `sharding_indexed` shards of `shard_size` memories
-    mask/             zarr3 [capacity, T] bool: valid token slots of each memory
+    mask/             zarr3 [capacity, E] bool: valid token slots of each memory
     refs/tokens/      zarr3 [capacity, R] int32: the reference token ids, padded with pad_id
     refs/info/        zarr3 [capacity, 4] int64: (length, doc_id, char_start, char_end)
 
@@ -56,9 +56,9 @@ def default_shard_size(memory_bytes: int, target_bytes: int = 64 << 20) -> int:
 def array_layout(config: ModelConfig, codec: Codec, shard: int) -> dict[str, tuple[list[int], np.dtype, bool]]:
     """The arrays of a bank: name -> (initial shape [shard, ...], dtype, sharded: one memory per
     inner chunk)."""
-    T, R = config.tokens_per_memory, config.reference_len
+    E, R = config.tokens_per_memory, config.reference_len
     return {"codes": ([shard] + list(codec.code_shape(config)), codec.code_dtype, True),
-            "mask": ([shard, T], np.dtype(bool), False),
+            "mask": ([shard, E], np.dtype(bool), False),
             "refs/tokens": ([shard, R], np.dtype(np.int32), False),
             "refs/info": ([shard, len(INFO_FIELDS)], np.dtype(np.int64), False)}
 

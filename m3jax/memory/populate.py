@@ -23,7 +23,7 @@ from m3jax.memory.store import default_context, describe, kvstore_spec
 from m3jax.model.memory import MemoryKV
 
 EncodeFn = Callable[[np.ndarray, np.ndarray], MemoryKV]
-# encoded memories not yet written: (codes or kv [n, ...], mask [n, T], their references)
+# encoded memories not yet written: (codes or kv [n, ...], mask [n, E], their references)
 _Pending = list[tuple[np.ndarray, np.ndarray, ReferenceBatch]]
 
 
@@ -44,7 +44,7 @@ def _reference_batch(refs: Sequence[Reference], config: ModelConfig, batch_size:
 
 def _encode_batch(encode_fn: EncodeFn, refs: Sequence[Reference], config: ModelConfig, batch_size: int
                   ) -> tuple[Any, np.ndarray, ReferenceBatch]:
-    """(kv [n, Lm, 2, K, T, H] as encode_fn returned it (left on device), mask [n, T], meta)."""
+    """(kv [n, L, Z, K, E, H] as encode_fn returned it (left on device), mask [n, E], meta)."""
     tokens, mask, meta = _reference_batch(refs, config, batch_size)
     mem = encode_fn(tokens, mask)
     if not isinstance(mem, MemoryKV):
