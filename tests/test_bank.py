@@ -109,6 +109,7 @@ def test_round_trip(tmp_path, codec):
     s = bank.summary()
     assert s["count"] == 37 and s["bytes_per_memory"] == CFG.memory_bytes(codec, **bank.codec.options())
     assert bank.nbytes >= 37 * s["bytes_per_memory"]
+    assert MemoryBank.exists(str(tmp_path / "b")) and not MemoryBank.exists(str(tmp_path / "nothing"))
 
 
 def test_gather_order_duplicates_and_bounds(tmp_path):
