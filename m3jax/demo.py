@@ -328,34 +328,47 @@ def _finish(d: _Demo, t_start: float) -> dict[str, Any]:
     return metrics
 
 
-def _decode_bench(d: _Demo, retriever: Retriever) -> dict[str, Any]:
-    """Decode tokens/s of one batch in each mode (prompts cut from held-out leads, EOS ignored,
-    a first call compiles), retrieval caches off so every mode retrieves for real."""
-    cfg, config, tok = d.cfg, d.config, d.tok
-    rng = np.random.default_rng(cfg.seed)
+def bench_prompts(articles: list[Any], tok: Any, bos_id: int, n: int, length: int, seed: int) -> list[list[int]]:
+    """`n` prompts of `length` tokens (BOS first) cut from the texts of `articles` drawn at random
+    (a short text is repeated until it is long enough)."""
+    rng = np.random.default_rng(seed)
     prompts = []
-    for a in rng.choice(np.array(d.held, dtype=object), size=cfg.bench_batch, replace=len(d.held) < cfg.bench_batch):
+    for a in rng.choice(np.array(articles, dtype=object), size=n, replace=len(articles) < n):
         ids = tok.encode(a.text)
-        while len(ids) < cfg.bench_prompt:
+        while len(ids) < length:
             ids = ids + tok.encode(" " + a.text)
-        prompts.append([config.bos_id] + ids[: cfg.bench_prompt - 1])
-    need = cfg.bench_prompt + cfg.bench_new + config.memories_per_chunk * config.reference_len
-    dc = DecodeConfig(max_new_tokens=cfg.bench_new, max_cache_len=min(config.max_len, -(-need // 64) * 64),
-                      prompt_bucket=config.chunk_size)
-    gen = Generator(d.params, config, tok, retriever, dc)
+        prompts.append([bos_id] + ids[: length - 1])
+    return prompts
+
+
+def decode_throughput(gen: Generator, retriever: Retriever, prompts: list[list[int]], new_tokens: int,
+                      modes: tuple[str, ...] = MODES) -> dict[str, dict[str, float]]:
+    """Decode tokens/s and the retrieval seconds waited for, of one batch in each mode: a first call
+    compiles, EOS is ignored, the retriever's cache is off so that every mode retrieves for real."""
     cache, retriever.cache_size = retriever.cache_size, 0
-    out: dict[str, Any] = {"tokens_per_s": {}, "retrieval_s": {}, "batch": cfg.bench_batch,
-                           "prompt": cfg.bench_prompt, "new": cfg.bench_new}
+    out: dict[str, dict[str, float]] = {"tokens_per_s": {}, "retrieval_s": {}}
     try:
-        for mode in MODES:
-            gen.generate(prompts, mode=mode, max_new_tokens=cfg.bench_new, ignore_eos=True)  # compile
-            r = gen.generate(prompts, mode=mode, max_new_tokens=cfg.bench_new, ignore_eos=True)
+        for mode in modes:
+            gen.generate(prompts, mode=mode, max_new_tokens=new_tokens, ignore_eos=True)  # compile
+            r = gen.generate(prompts, mode=mode, max_new_tokens=new_tokens, ignore_eos=True)
             out["tokens_per_s"][mode] = r.stats.tokens_per_s
             out["retrieval_s"][mode] = r.stats.retrieval_s
             log(f"  [{mode}] {r.stats.tokens_per_s:.1f} tokens/s")
     finally:
         retriever.cache_size = cache
     return out
+
+
+def _decode_bench(d: _Demo, retriever: Retriever) -> dict[str, Any]:
+    """Decode tokens/s of one batch in each mode, prompts cut from held-out leads."""
+    cfg, config = d.cfg, d.config
+    prompts = bench_prompts(d.held, d.tok, config.bos_id, cfg.bench_batch, cfg.bench_prompt, cfg.seed)
+    need = cfg.bench_prompt + cfg.bench_new + config.memories_per_chunk * config.reference_len
+    dc = DecodeConfig(max_new_tokens=cfg.bench_new, max_cache_len=min(config.max_len, -(-need // 64) * 64),
+                      prompt_bucket=config.chunk_size)
+    gen = Generator(d.params, config, d.tok, retriever, dc)
+    return {**decode_throughput(gen, retriever, prompts, cfg.bench_new), "batch": cfg.bench_batch,
+            "prompt": cfg.bench_prompt, "new": cfg.bench_new}
 
 
 def _update_demo(d: _Demo) -> dict[str, Any]:

@@ -29,7 +29,8 @@ from matplotlib.figure import Figure  # no pyplot: leaves the session's backend 
 from m3jax import assets, convert
 from m3jax.config import DecodeConfig, ModelConfig, TrainConfig, preset
 from m3jax.decode import MODES, Generator
-from m3jax.demo import Stages, leads_in_demo_order, load_json, log as _log, run_stage, save_json
+from m3jax.demo import (Stages, bench_prompts, decode_throughput, leads_in_demo_order, load_json, log as _log,
+                        run_stage, save_json)
 from m3jax.eval import QA_TEMPLATE, EvalConfig, evaluate, heldout_split, qa_text
 from m3jax.memory.build import KnowledgeBase, build_knowledge_base, default_embedder, open_knowledge_base
 from m3jax.memory.retrieve import Retriever
@@ -182,21 +183,9 @@ def _samples_and_bench(s: _Scratch, params, retriever: Retriever) -> dict[str, A
             row[mode + "_refs"] = [[tok.decode(t)[:80] for t in retriever.reference_tokens(np.array([ids]))[0]]
                                    for ids in r.retrieved[0][:1]]
         samples.append(row)
-    rng = np.random.default_rng(c.seed)
-    prompts = []
-    for a in rng.choice(s.heldout, size=c.bench_batch, replace=len(s.heldout) < c.bench_batch):
-        ids = tok.encode(a.text, bos=True)
-        while len(ids) < c.bench_prompt:
-            ids = ids + tok.encode(" " + a.text)
-        prompts.append(ids[: c.bench_prompt])
-    tps = {}
-    cache_size, retriever.cache_size = retriever.cache_size, 0
-    for mode in ("none", "memory", "rag"):
-        gen.generate(prompts, mode=mode, max_new_tokens=c.bench_new, ignore_eos=True)  # compile
-        r = gen.generate(prompts, mode=mode, max_new_tokens=c.bench_new, ignore_eos=True)
-        tps[mode] = r.stats.tokens_per_s
-    retriever.cache_size = cache_size
-    return {"samples": samples, "decode_tokens_per_s": tps}
+    prompts = bench_prompts(s.heldout, tok, cfg.bos_id, c.bench_batch, c.bench_prompt, c.seed)
+    bench = decode_throughput(gen, retriever, prompts, c.bench_new, modes=("none", "memory", "rag"))
+    return {"samples": samples, "decode_tokens_per_s": bench["tokens_per_s"]}
 
 
 def run_from_scratch(out: str = "demo_scratch_out", cfg: ScratchConfig = ScratchConfig()) -> dict[str, Any]:
