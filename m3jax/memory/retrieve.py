@@ -22,7 +22,6 @@ import time
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Iterator, Sequence
 
-import jax.numpy as jnp
 import numpy as np
 
 from m3jax.memory.embed import Embedder
