@@ -33,8 +33,8 @@ import numpy as np  # noqa: E402
 # ---------------------------------------------------------------------------- device
 def device_info() -> dict[str, Any]:
     """The first device, named: platform, kind, count, dense bf16 peak FLOP/s (None on CPU or
-    unknown accelerators; `m3jax.train.loop.PEAK_FLOPS`), and the string `jax.devices()[0]`."""
-    from m3jax.train.loop import peak_flops
+    unknown accelerators; `m3jax.train.metrics.PEAK_FLOPS`), and the string `jax.devices()[0]`."""
+    from m3jax.train.metrics import peak_flops
 
     dev = jax.devices()[0]
     return {"platform": dev.platform, "kind": str(getattr(dev, "device_kind", dev.platform)),

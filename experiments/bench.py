@@ -26,8 +26,8 @@ Timing (see `_bench_utils`): compile time measured alone (AOT `lower().compile()
 Generator and the retriever, the first call), then the median of repeated runs after warm-up;
 cases compared by a ratio (forward memory/none, train continual/warmup, decode memory/none and
 memory/rag) run interleaved in one process. MFU is reported on accelerators with a known peak
-(`m3jax.train.loop.PEAK_FLOPS`: H100 989 TFLOP/s dense bf16, TPU per generation) from the model
-FLOPs of `m3jax.train.loop.flops_per_token` (forward = 1/3 of it, plus memory reads) and, for
+(`m3jax.train.metrics.PEAK_FLOPS`: H100 989 TFLOP/s dense bf16, TPU per generation) from the model
+FLOPs of `m3jax.train.metrics.flops_per_token` (forward = 1/3 of it, plus memory reads) and, for
 encoding, `cost_model.write_flops`.
 """
 
@@ -177,7 +177,7 @@ def bench_train_section(cfg, args, info) -> tuple[list[dict], dict]:
     from m3jax import sharding as S
     from m3jax.config import MeshConfig, TrainConfig
     from m3jax.model.placement import init_sharded
-    from m3jax.train import loop as L
+    from m3jax.train import metrics as L
 
     T = args.train_seq_len
     mesh_cfg = MeshConfig(1, -1, 1)

@@ -14,7 +14,7 @@ run, then `--steps` rounds are timed, each running one step of every mode in rot
 table reports each mode's median step time, its ratio to the warmup median, and the median over
 rounds of the per-round ratio.
 tokens/s counts B x T context tokens per step. MFU is printed on accelerators with a known peak
-(`m3jax.train.loop.PEAK_FLOPS`), from the model FLOPs of `flops_per_token`.
+(`m3jax.train.metrics.PEAK_FLOPS`), from the model FLOPs of `flops_per_token`.
 Target (brief): continual without memory_grad <= 1.5x a warmup step (the paper: ~2x).
 """
 
@@ -38,7 +38,7 @@ from _bench_utils import compile_timed, interleaved, write_json  # noqa: E402
 from m3jax import sharding as S  # noqa: E402
 from m3jax.config import MeshConfig, TrainConfig, apply_overrides, preset  # noqa: E402
 from m3jax.model.placement import init_sharded  # noqa: E402
-from m3jax.train import loop as L  # noqa: E402
+from m3jax.train import metrics as L  # noqa: E402
 from m3jax.train import step as ST  # noqa: E402
 
 MODES = (("warmup", "warmup", True), ("continual_nograd", "continual", False), ("continual_grad", "continual", True))

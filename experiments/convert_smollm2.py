@@ -141,26 +141,10 @@ def load_smollm2(memory_layers: int | None = None, max_len: int = 2048):
 
 def select_articles(n_docs: int, n_heldout: int, fraction: float) -> tuple[list[Any], list[Any]]:
     """(all selected articles, the held-out ones), in doc_id order: `n_heldout` articles that the
-    data module holds out and `n_docs - n_heldout` it trains on, the first of each kind in a fixed
-    pseudo-random order of the leads that have a description."""
-    from m3jax import assets
-    from m3jax.train.data import heldout_key, is_heldout
+    data module holds out and `n_docs - n_heldout` it trains on (`m3jax.eval.select_leads`)."""
+    from m3jax.eval import select_leads
 
-    pool = [a for a in assets.wiki_leads() if a.text.strip() and a.description.strip()]
-    pool.sort(key=lambda a: hashlib.sha256(_SALT + a.title.encode()).hexdigest())
-    held, train = [], []
-    for a in pool:
-        if is_heldout(heldout_key(a.title, a.text), fraction):
-            if len(held) < n_heldout:
-                held.append(a)
-        elif len(train) < n_docs - n_heldout:
-            train.append(a)
-        if len(held) == n_heldout and len(train) == n_docs - n_heldout:
-            break
-    if len(held) < n_heldout:
-        raise ValueError(f"only {len(held)} leads are held out at fraction {fraction}; lower --eval-docs")
-    by_id = lambda xs: sorted(xs, key=lambda a: a.doc_id)  # noqa: E731
-    return by_id(held + train), by_id(held)
+    return select_leads(n_docs, n_heldout, fraction, salt=_SALT)
 
 
 def write_corpus(path: str, articles: Sequence[Any], heldout: Sequence[Any]) -> None:
@@ -225,7 +209,7 @@ def run(out: str, st: Settings = Settings(), *, save_model: bool = False, progre
     from m3jax import convert
     from m3jax import sharding as S
     from m3jax.config import MeshConfig, TrainConfig
-    from m3jax.eval import evaluate, perplexity
+    from m3jax.eval import EvalConfig, evaluate, perplexity
     from m3jax.memory.build import build_knowledge_base, default_embedder
     from m3jax.train import data as D
     from m3jax.train.loop import train
@@ -317,9 +301,10 @@ def run(out: str, st: Settings = Settings(), *, save_model: bool = False, progre
         return kb.retriever(embedder, tokenizer=tok)
 
     def evaluation(p, retriever) -> dict[str, Any]:
-        r = evaluate(p, cfg, tokenizer=tok, retriever=retriever, heldout_articles=heldout, modes=MODES,
-                     n_ppl=st.eval_docs, n_qa=st.qa, fanoutqa=False, batch_size=st.eval_batch,
-                     max_new_tokens=16 if st.qa else 0, progress=progress, log=log)
+        settings = EvalConfig(modes=MODES, n_ppl=st.eval_docs, n_qa=st.qa, fanoutqa=False, batch_size=st.eval_batch,
+                              max_new_tokens=16 if st.qa else 0)
+        r = evaluate(p, cfg, tok, settings, retriever=retriever, heldout_articles=heldout, progress=progress,
+                     log=log)
         r["retrieval"] = {k: v for k, v in retriever.stats.as_dict().items() if isinstance(v, int)}
         return r
 

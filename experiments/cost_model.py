@@ -13,7 +13,7 @@ storage   one memory = (memory_layers, 2, kv_heads, tokens_per_memory, head_dim)
           1.12e8). The unsparsified figure keeps every layer, every query head and every reference
           token (the paper's 7.17 PiB), and the GQA one every layer and kv head (what a KV cache
           holds). Our bank also stores per reference its tokens, info and slot mask
-          (`m3jax.memory.bank._array_layout`) and, for pq, one set of codebooks.
+          (`m3jax.memory.manifest.array_layout`) and, for pq, one set of codebooks.
 index     ScaNN (`m3jax.memory.index.ScannParams.for_size(n)`): asymmetric-hashing codes of
           dims_per_block dims per 4-bit code (16 centers per block), the reorder data (float32 as
           m3jax builds it; int8 / bf16 when quantized), int64 ids, tree centers; for our embedder
@@ -170,11 +170,11 @@ def metadata_bytes(cfg: ModelConfig, codec: str = "bf16") -> int:
     """Bytes our bank stores per reference besides the codes (tokens, info, slot mask)."""
     import numpy as np
 
-    from m3jax.memory.bank import _array_layout
+    from m3jax.memory.manifest import array_layout
 
     c = make_codec(codec if codec != "pq" else "bf16", cfg.head_dim)
     return sum(int(np.prod(shape[1:])) * np.dtype(dt).itemsize
-               for name, (shape, dt, _) in _array_layout(cfg, c, 1).items() if name != "codes")
+               for name, (shape, dt, _) in array_layout(cfg, c, 1).items() if name != "codes")
 
 
 def pq_codebook_bytes(cfg: ModelConfig) -> int:

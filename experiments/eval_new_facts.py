@@ -10,8 +10,8 @@ work, measured on held-out invented facts (never in any training text) and held-
 
 It runs the demo's measurements (`m3jax.demo.run`: knowledge base of Wikipedia leads written by
 the model, invented-fact documents added after training, memory / RAG / none), so a run resumes
-and its directory holds the demo's report too; then prints the goals table and writes
-`OUT/goals.json`.
+and its directory holds the demo's report too; then prints the goals table (`m3jax.demo.goals`)
+and writes `OUT/goals.json`.
 """
 
 from __future__ import annotations
@@ -23,36 +23,6 @@ import sys
 from typing import Any, Sequence
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-
-def goals(m: dict[str, Any]) -> list[dict[str, Any]]:
-    """The goal rows from a demo metrics dict: name, measured, target, met."""
-    acc, tps, ppl = m["new_facts_accuracy"], m["decode_tokens_per_s"], m["ppl"]
-    rows = [
-        {"goal": "new facts: memory >= 0.7 x RAG", "measured": acc["memory"], "target": 0.7 * acc["rag"],
-         "detail": f"memory {acc['memory']:.3f}, RAG {acc['rag']:.3f}"},
-        {"goal": "new facts: memory >= none + 0.4", "measured": acc["memory"], "target": acc["none"] + 0.4,
-         "detail": f"memory {acc['memory']:.3f}, none {acc['none']:.3f}"},
-        {"goal": "decode: memory >= 2 x RAG tokens/s", "measured": tps["memory"] / tps["rag"], "target": 2.0,
-         "detail": f"memory {tps['memory']:.1f}, RAG {tps['rag']:.1f} tokens/s"},
-        {"goal": "held-out perplexity: memory >= 5% below none", "measured": 1 - ppl["memory"] / ppl["none"],
-         "target": 0.05, "detail": f"memory {ppl['memory']:.3f}, none {ppl['none']:.3f}"},
-    ]
-    for r in rows:
-        r["met"] = bool(r["measured"] >= r["target"])
-    return rows
-
-
-def table(m: dict[str, Any], rows: list[dict[str, Any]]) -> str:
-    lines = ["| mode | new facts | new facts, new wordings | description -> title | perplexity | tokens/s |",
-             "|---|---|---|---|---|---|"]
-    for mode in ("memory", "rag", "none"):
-        lines.append(f"| {mode} | {m['new_facts_accuracy'][mode]:.3f} | {m['new_facts_accuracy_new_wording'][mode]:.3f} | "
-                     f"{m['qa_exact_match'][mode]:.3f} | {m['ppl'][mode]:.3f} | {m['decode_tokens_per_s'][mode]:.1f} |")
-    lines += ["", "| goal | measured | target | met | |", "|---|---|---|---|---|"]
-    lines += [f"| {r['goal']} | {r['measured']:.3f} | {r['target']:.3f} | {'yes' if r['met'] else 'NO'} | {r['detail']} |"
-              for r in rows]
-    return "\n".join(lines)
 
 
 def base_rag(out: str, cfg) -> dict[str, float]:
@@ -82,7 +52,7 @@ def base_rag(out: str, cfg) -> dict[str, float]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    from m3jax.demo import DemoConfig, run
+    from m3jax.demo import DemoConfig, goals, goals_table, run
 
     d = DemoConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -105,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         bench_new=a.bench_new)
     m = run(a.out, cfg)
     rows = goals(m)
-    print(table(m, rows))
+    print(goals_table(m, rows))
     res = {"model": a.model, "probes": m["new_facts_probes"], "device": m["device"], "goals": rows,
            "new_facts_accuracy": m["new_facts_accuracy"],
            "new_facts_accuracy_new_wording": m["new_facts_accuracy_new_wording"],

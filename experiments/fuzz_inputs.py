@@ -154,7 +154,9 @@ class ManifestTarget:
         import numpy as np
 
         from m3jax.config import preset
-        from m3jax.memory.bank import MemoryBank, build_bank
+        from m3jax.memory.bank import MemoryBank
+        from m3jax.memory.populate import build_bank
+        from m3jax.memory.references import Reference
         from m3jax.model.memory import MemoryKV
 
         cfg = preset("tiny")
@@ -169,8 +171,7 @@ class ManifestTarget:
             return MemoryKV(kv, mask[:, :cfg.tokens_per_memory])
 
         rng = np.random.default_rng(0)
-        refs = [dict(tokens=rng.integers(7, 200, 12).tolist(), doc_id=i, char_start=0, char_end=5)
-                for i in range(24)]
+        refs = [Reference(i, i, 0, 5, tuple(rng.integers(7, 200, 12).tolist())) for i in range(24)]
         build_bank(self.path, cfg, "fp", refs, enc, codec="int8", batch_size=8, shard_size=8, show_progress=False)
         self.bank_cls = MemoryBank
         self.count = 24

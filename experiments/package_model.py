@@ -27,7 +27,7 @@ def main(argv=None) -> str:
     from m3jax.assets import asset_path, file_sha256
     from m3jax.config import ModelConfig, TrainConfig
     from m3jax.convert import load_adapter, load_base_params, save_adapter
-    from m3jax.memory.bank import params_fingerprint
+    from m3jax.memory.fingerprint import params_fingerprint
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, help="an `m3jax train` LoRA run directory")

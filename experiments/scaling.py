@@ -207,9 +207,9 @@ def index_scaling(args, sizes: list[int]) -> dict[str, Any]:
                     scann_ids = ids
                 del idx
             if truth is None:  # exact top-k of the queries by brute force, in blocks
-                from m3jax.memory.index import _exact_topk
+                from m3jax.memory.index import exact_topk
 
-                truth = _exact_topk(db, queries, k)[0]
+                truth = exact_topk(db, queries, k)[0]
             row["scann"]["recall_at_5"] = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(scann_ids, truth)]))
             out["rows"].append(row)
             s = row["scann"]

@@ -85,7 +85,7 @@ def train(a: argparse.Namespace) -> None:
                      warmup_steps=min(a.steps, max(1, a.steps // 20)), lora_rank=a.lora_rank, seed=a.seed,
                      checkpoint_every=a.steps)
     _, base, _ = convert.load_gguf(a.gguf, memory_layers=cfg.memory_layers, reference_prefix=None)
-    from m3jax.memory.bank import params_fingerprint
+    from m3jax.memory.fingerprint import params_fingerprint
 
     fp = params_fingerprint(jax.device_get(base))
     mesh = S.make_mesh(tc.mesh)

@@ -562,11 +562,11 @@ def _eval(args: argparse.Namespace) -> int:
     n = lambda v, task: 0 if task not in tasks else (None if v is None or v < 0 else v)  # noqa: E731
     held = ev.heldout_split(fraction=args.heldout_fraction) if {"ppl", "qa"} & set(tasks) else []
     with CompileMeter() as meter:
-        metrics = ev.evaluate(params, config, tokenizer=tokenizer, retriever=retriever, heldout_articles=held,
-                              modes=modes, n_ppl=n(args.n_ppl, "ppl"), n_qa=n(args.n_qa, "qa"),
-                              fanoutqa="fanoutqa" in tasks, n_fanoutqa=n(args.n_fanoutqa, "fanoutqa"),
-                              mc_paths=mc_paths, batch_size=args.batch_size, max_tokens=args.max_tokens,
-                              max_new_tokens=args.max_new_tokens, generator_kwargs=gen_kw,
+        settings = ev.EvalConfig(modes=tuple(modes), n_ppl=n(args.n_ppl, "ppl"), n_qa=n(args.n_qa, "qa"),
+                                 fanoutqa="fanoutqa" in tasks, n_fanoutqa=n(args.n_fanoutqa, "fanoutqa"),
+                                 mc_paths=tuple(mc_paths), batch_size=args.batch_size, max_tokens=args.max_tokens,
+                                 max_new_tokens=args.max_new_tokens, decode_kwargs=gen_kw)
+        metrics = ev.evaluate(params, config, tokenizer, settings, retriever=retriever, heldout_articles=held,
                               progress=not args.no_progress, log=lambda s: print(s, file=sys.stderr))
     metrics["seconds"]["compile"] = round(meter.seconds, 2)
     metrics["tasks"] = list(tasks)

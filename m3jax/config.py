@@ -211,6 +211,11 @@ class ModelConfig:
         return cls(**d)
 
 
+# ModelConfig fields that change how a model runs, not the values its weights compute: a training
+# checkpoint or a memory bank written under one value serves the others.
+RUNTIME_FIELDS = ("name", "dtype", "param_dtype", "max_len", "remat")
+
+
 # ---------------------------------------------------------------------- presets
 _PRESETS: dict[str, ModelConfig] = {
     # Small enough for unit tests; chunk/reference geometry shrunk so tests cross boundaries.

@@ -20,14 +20,25 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import jax
 import numpy as np
+from matplotlib.figure import Figure  # no pyplot: leaves the session's backend alone
 
-MODES = ("memory", "rag", "none")
+from m3jax.config import DecodeConfig, ModelConfig
+from m3jax.convert import load_model, model_dir
+from m3jax.decode import MODES, Generator
+from m3jax.eval import EvalConfig, evaluate, heldout_split, leads_in_order, make_generator, score_facts
+from m3jax.facts import FactDoc, make_facts
+from m3jax.memory.build import KnowledgeBase, build_knowledge_base, default_embedder, open_knowledge_base
+from m3jax.memory.retrieve import Retriever
+
 FACT_DOC_IDS = 10_000_000  # doc ids of the invented-fact documents (after every Wikipedia lead)
 FACT_BATCH = 16  # probes per generate call (probe counts that are multiples of it compile one shape)
 
@@ -77,14 +88,14 @@ def run_stage(stages: Stages, name: str, title: str, fn: Callable[[], dict[str, 
     return stages.done(name)
 
 
-def _save_json(path: str, obj: Any) -> None:
+def save_json(path: str, obj: Any) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1)
     os.replace(tmp, path)
 
 
-def _load_json(path: str) -> Any:
+def load_json(path: str) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
@@ -116,9 +127,6 @@ class DemoConfig:
 
 def _tfidf(texts: list[str], dim: int = 1 << 12) -> np.ndarray:
     """Unit rows of hashed TF-IDF vectors (sublinear term frequency) of `texts`."""
-    import re
-    import zlib
-
     rows = []
     df = np.zeros(dim, np.float32)
     for t in texts:
@@ -133,16 +141,17 @@ def _tfidf(texts: list[str], dim: int = 1 << 12) -> np.ndarray:
     return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
 
 
+def leads_in_demo_order() -> list[Any]:
+    """The shipped leads with a text and a description, in the demos' fixed pseudo-random order."""
+    return leads_in_order(b"m3jax-demo:")
+
+
 def _articles(n: int, n_held: int) -> tuple[list[Any], list[Any]]:
     """(knowledge-base leads, held-out evaluation leads): `n_held` leads of the held-out split
-    (never trained on: `m3jax.train.data.is_heldout`) with a description, in a fixed pseudo-random
+    (never trained on: `m3jax.train.split.is_heldout`) with a description, in a fixed pseudo-random
     order, then their nearest neighbours among all leads (TF-IDF cosine of the texts, taken
     round-robin) up to `n`: the knowledge base covers what the evaluated leads are about."""
-    from m3jax import assets
-    from m3jax.eval import heldout_split
-
-    pool = [a for a in assets.wiki_leads() if a.text.strip() and a.description.strip()]
-    pool.sort(key=lambda a: hashlib.sha256(b"m3jax-demo:" + a.title.encode()).hexdigest())
+    pool = leads_in_demo_order()
     held_ids = {a.doc_id for a in heldout_split(pool)}
     held = [a for a in pool if a.doc_id in held_ids][:n_held]
     chosen = {a.doc_id: a for a in held}
@@ -161,21 +170,45 @@ def _articles(n: int, n_held: int) -> tuple[list[Any], list[Any]]:
 
 
 # ------------------------------------------------------------------------------ the job
-def run(out: str = "demo_out", cfg: DemoConfig = DemoConfig()) -> dict[str, Any]:
-    """Run (or resume) the demo; returns the metrics written to `out/metrics.json`."""
-    import jax
+@dataclass
+class _Demo:
+    """One demo run: its settings, output directory, model, and the documents and probes it uses."""
 
-    from m3jax.convert import load_model, model_dir
-    from m3jax.eval import evaluate, make_generator, score_facts
-    from m3jax.facts import make_facts
-    from m3jax.memory.build import build_knowledge_base, default_embedder, open_knowledge_base
+    out: str
+    cfg: DemoConfig
+    stages: Stages
+    config: ModelConfig
+    params: Any
+    tok: Any
+    load_s: float
+    embedder: Any
+    leads: list[Any]  # the knowledge base's Wikipedia leads
+    held: list[Any]  # the held-out leads evaluated
+    facts: list[FactDoc]  # the invented-fact documents added after training
 
-    t_start = time.perf_counter()
-    os.makedirs(out, exist_ok=True)
+    @property
+    def kb_dir(self) -> str:
+        return os.path.join(self.out, "kb")
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.out, name)
+
+    def kb(self) -> KnowledgeBase:
+        return open_knowledge_base(self.kb_dir, self.config, self.params)
+
+    @property
+    def probes(self) -> list[Any]:
+        return [p for f in self.facts for p in f.probes]
+
+    @property
+    def new_wording(self) -> list[Any]:
+        return [p for f in self.facts[:self.cfg.n_new_wording] for p in f.new_wording_probes]
+
+
+def _load(out: str, cfg: DemoConfig) -> _Demo:
+    """The model, the stage record, the leads and the invented facts of a run."""
     fp = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode()).hexdigest()[:12]
     stages = Stages(out, fp)
-
-    # ------------------------------------------------------------ model
     t0 = time.perf_counter()
     config, params, tok = load_model(cfg.model)
     load_s = time.perf_counter() - t0
@@ -183,95 +216,94 @@ def run(out: str = "demo_out", cfg: DemoConfig = DemoConfig()) -> dict[str, Any]
         f"0..{config.memory_layers - 1} of {config.num_layers}, {config.tokens_per_memory} tokens per kv head "
         f"(selection {config.score}), {config.memories_per_chunk} memories per {config.chunk_size}-token chunk "
         f"({load_s:.0f} s to load)")
-
-    def stage_model():  # the model any --model reads (an adapter dir stays an adapter dir)
-        src, dst = model_dir(cfg.model), os.path.join(out, "model")
-        tmp = dst + ".partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(src, tmp)
-        shutil.rmtree(dst, ignore_errors=True)
-        os.replace(tmp, dst)
-        return {"load_s": round(load_s, 1)}
-
-    run_stage(stages, "model", f"export the memory-capable model to {out}/model", stage_model)
-
-    # ------------------------------------------------------------ knowledge base
-    embedder = default_embedder()
     leads, held = _articles(cfg.n_leads, max(cfg.n_eval_qa, cfg.n_eval_ppl))
     facts = make_facts(cfg.n_facts, split="eval", seed=cfg.seed, start_id=FACT_DOC_IDS)
-    kb_dir = os.path.join(out, "kb")
+    return _Demo(out, cfg, stages, config, params, tok, load_s, default_embedder(), leads, held, facts)
 
-    def stage_kb():
-        kb = build_knowledge_base(kb_dir, params, config, tok, [(a.doc_id, a.text, a.title) for a in leads],
-                                  embedder=embedder, codec=cfg.codec, log=log)
-        return {"documents": len(leads), "references": kb.info["references"]}
 
-    run_stage(stages, "kb", f"knowledge base of {len(leads)} Wikipedia leads, written by the model ({cfg.codec})",
-              stage_kb)
+def _export_model(d: _Demo) -> dict[str, Any]:
+    """The model any --model reads (an adapter dir stays an adapter dir), in out/model."""
+    src, dst = model_dir(d.cfg.model), d.path("model")
+    tmp = dst + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
+    return {"load_s": round(d.load_s, 1)}
 
-    def stage_add():
-        kb = open_knowledge_base(kb_dir, config, params)
-        have = {d.doc_id for d in kb.documents()}
-        new = [(f.doc_id, f.text, f.title) for f in facts if f.doc_id not in have]
-        if new:
-            kb.add(new, params, config, tok, embedder=embedder, log=log)
-        return {"fact_documents": len(facts)}
 
-    run_stage(stages, "add", f"add {len(facts)} documents of invented facts (never seen in training)", stage_add)
-    kb = open_knowledge_base(kb_dir, config, params)
-    retriever = kb.retriever(embedder, tokenizer=tok)
+def _build_kb(d: _Demo) -> dict[str, Any]:
+    kb = build_knowledge_base(d.kb_dir, d.params, d.config, d.tok, [(a.doc_id, a.text, a.title) for a in d.leads],
+                              embedder=d.embedder, codec=d.cfg.codec, log=log)
+    return {"documents": len(d.leads), "references": kb.info["references"]}
 
-    # ------------------------------------------------------------ evaluation
-    probes = [p for f in facts for p in f.probes]
-    new_wording = [p for f in facts[:cfg.n_new_wording] for p in f.new_wording_probes]
-    facts_path = os.path.join(out, "facts_eval.json")
 
-    def stage_facts():
-        res: dict[str, Any] = {}
-        longest = 1 + max(len(tok.encode(p.prompt)) for p in probes + new_wording)
-        for mode in MODES:  # one generator per mode for both probe sets: compiled once
-            gen = make_generator(params, config, tok, retriever if mode != "none" else None, longest,
-                                 cfg.max_new_tokens, rag=mode == "rag")
-            for name, ps in (("new_facts", probes), ("new_facts_new_wording", new_wording)):
-                r = score_facts(params, config, ps, mode=mode, retriever=retriever, tokenizer=tok, generator=gen,
-                                max_new_tokens=cfg.max_new_tokens, batch_size=FACT_BATCH, progress=False)
-                res.setdefault(name, {})[mode] = r
-                log(f"  [{mode}] {name}: {r['accuracy']:.3f} of {r['n']} probes")
-        _save_json(facts_path, res)
+def _add_facts(d: _Demo) -> dict[str, Any]:
+    kb = d.kb()
+    have = {doc.doc_id for doc in kb.documents()}
+    new = [(f.doc_id, f.text, f.title) for f in d.facts if f.doc_id not in have]
+    if new:
+        kb.add(new, d.params, d.config, d.tok, embedder=d.embedder, log=log)
+    return {"fact_documents": len(d.facts)}
 
-    run_stage(stages, "facts", f"new facts: {len(probes)} completion probes (+ {len(new_wording)} in wordings never "
-                               "trained on) in memory / rag / none", stage_facts)
-    wiki_path = os.path.join(out, "wiki_eval.json")
 
-    def stage_wiki():
-        res = evaluate(params, config, tokenizer=tok, retriever=retriever, heldout_articles=held, modes=MODES,
-                       n_ppl=cfg.n_eval_ppl, n_qa=cfg.n_eval_qa, fanoutqa=False, max_new_tokens=cfg.max_new_tokens,
-                       progress=False, log=lambda s: log("  " + s))
-        _save_json(wiki_path, res)
+def _ask_facts(d: _Demo, retriever: Retriever) -> None:
+    """The fact probes (seen and new wordings) in every mode -> facts_eval.json."""
+    res: dict[str, Any] = {}
+    longest = 1 + max(len(d.tok.encode(p.prompt)) for p in d.probes + d.new_wording)
+    for mode in MODES:  # one generator per mode for both probe sets: compiled once
+        gen = make_generator(d.params, d.config, d.tok, retriever if mode != "none" else None, longest,
+                             d.cfg.max_new_tokens, rag=mode == "rag")
+        for name, ps in (("new_facts", d.probes), ("new_facts_new_wording", d.new_wording)):
+            r = score_facts(d.params, d.config, ps, mode=mode, retriever=retriever, tokenizer=d.tok, generator=gen,
+                            max_new_tokens=d.cfg.max_new_tokens, batch_size=FACT_BATCH, progress=False)
+            res.setdefault(name, {})[mode] = r
+            log(f"  [{mode}] {name}: {r['accuracy']:.3f} of {r['n']} probes")
+    save_json(d.path("facts_eval.json"), res)
 
-    run_stage(stages, "wiki", f"held-out leads: perplexity ({cfg.n_eval_ppl}) and description -> title "
-                              f"({cfg.n_eval_qa}) in memory / rag / none", stage_wiki)
-    bench_path = os.path.join(out, "decode_bench.json")
 
-    def stage_bench():
-        _save_json(bench_path, _decode_bench(params, config, tok, retriever, held, cfg))
+def _eval_wiki(d: _Demo, retriever: Retriever) -> None:
+    """Held-out leads: perplexity and description -> title in every mode -> wiki_eval.json."""
+    settings = EvalConfig(modes=MODES, n_ppl=d.cfg.n_eval_ppl, n_qa=d.cfg.n_eval_qa, fanoutqa=False,
+                          max_new_tokens=d.cfg.max_new_tokens)
+    res = evaluate(d.params, d.config, d.tok, settings, retriever=retriever, heldout_articles=d.held,
+                   progress=False, log=lambda s: log("  " + s))
+    save_json(d.path("wiki_eval.json"), res)
 
-    run_stage(stages, "bench", f"decode throughput by mode (batch {cfg.bench_batch}, {cfg.bench_prompt} prompt + "
-                               f"{cfg.bench_new} new tokens)", stage_bench)
-    update_path = os.path.join(out, "update.json")
 
-    def stage_update():
-        _save_json(update_path, _update_demo(kb_dir, params, config, tok, embedder, facts, facts_path, cfg))
+def run(out: str = "demo_out", cfg: DemoConfig = DemoConfig()) -> dict[str, Any]:
+    """Run (or resume) the demo; returns the metrics written to `out/metrics.json`."""
+    t_start = time.perf_counter()
+    os.makedirs(out, exist_ok=True)
+    d = _load(out, cfg)
+    run_stage(d.stages, "model", f"export the memory-capable model to {out}/model", lambda: _export_model(d))
+    run_stage(d.stages, "kb", f"knowledge base of {len(d.leads)} Wikipedia leads, written by the model "
+                              f"({cfg.codec})", lambda: _build_kb(d))
+    run_stage(d.stages, "add", f"add {len(d.facts)} documents of invented facts (never seen in training)",
+              lambda: _add_facts(d))
+    retriever = d.kb().retriever(d.embedder, tokenizer=d.tok)
+    run_stage(d.stages, "facts", f"new facts: {len(d.probes)} completion probes (+ {len(d.new_wording)} in wordings "
+                                 "never trained on) in memory / rag / none", lambda: _ask_facts(d, retriever))
+    run_stage(d.stages, "wiki", f"held-out leads: perplexity ({cfg.n_eval_ppl}) and description -> title "
+                                f"({cfg.n_eval_qa}) in memory / rag / none", lambda: _eval_wiki(d, retriever))
+    run_stage(d.stages, "bench", f"decode throughput by mode (batch {cfg.bench_batch}, {cfg.bench_prompt} prompt + "
+                                 f"{cfg.bench_new} new tokens)",
+              lambda: save_json(d.path("decode_bench.json"), _decode_bench(d, retriever)))
+    run_stage(d.stages, "update", "knowledge update: delete a fact document, ask again, add it back",
+              lambda: save_json(d.path("update.json"), _update_demo(d)))
+    return _finish(d, t_start)
 
-    run_stage(stages, "update", "knowledge update: delete a fact document, ask again, add it back", stage_update)
 
-    # ------------------------------------------------------------ report
-    fe, we, be, ue = (_load_json(p) for p in (facts_path, wiki_path, bench_path, update_path))
-    kb = open_knowledge_base(kb_dir, config, params)
+def _finish(d: _Demo, t_start: float) -> dict[str, Any]:
+    """metrics.json, the plots and report.md from the stages' results."""
+    fe, we, be, ue = (load_json(d.path(name)) for name in
+                      ("facts_eval.json", "wiki_eval.json", "decode_bench.json", "update.json"))
+    kb = d.kb()
     bank = kb.bank.summary()
-    per_doc = _bytes_per_document(kb, tok, leads, facts, bank)
+    config, cfg = d.config, d.cfg
+    stage_s = {k: v["seconds"] for k, v in d.stages.data["stages"].items()}
     metrics = {
-        "wall_s": round(sum(s["seconds"] for s in stages.data["stages"].values()) + load_s, 1),
+        "wall_s": round(sum(stage_s.values()) + d.load_s, 1),
         "wall_s_this_run": round(time.perf_counter() - t_start, 1),
         "device": str(jax.devices()[0].device_kind),
         "model": {"name": cfg.model, "params": config.num_params(embedding=True),
@@ -279,47 +311,46 @@ def run(out: str = "demo_out", cfg: DemoConfig = DemoConfig()) -> dict[str, Any]
                   "tokens_per_memory": config.tokens_per_memory, "score": config.score},
         "new_facts_accuracy": {m: fe["new_facts"][m]["accuracy"] for m in MODES},
         "new_facts_accuracy_new_wording": {m: fe["new_facts_new_wording"][m]["accuracy"] for m in MODES},
-        "new_facts_probes": len(probes),
+        "new_facts_probes": len(d.probes),
         "ppl": we["ppl"], "qa_exact_match": we["qa_exact_match"], "qa_logprob": we.get("qa_logprob"),
         "decode_tokens_per_s": be["tokens_per_s"],
-        "bytes_per_document": per_doc,
+        "bytes_per_document": _bytes_per_document(kb, d.tok, d.leads, d.facts, bank),
         "knowledge_update": {k: v for k, v in ue.items() if k != "answers"},
-        "stages": {k: v["seconds"] for k, v in stages.data["stages"].items()},
+        "stages": stage_s,
         "bank": bank,
     }
-    _save_json(os.path.join(out, "metrics.json"), metrics)
-    _plots(out, metrics)
-    _report(out, cfg, metrics, fe, we, ue, kb, held)
-    log(f"demo finished: {out}/report.md; new facts: " + ", ".join(
+    save_json(d.path("metrics.json"), metrics)
+    _plots(d.out, metrics)
+    _report(d.out, cfg, metrics, fe, ue, kb)
+    log(f"demo finished: {d.out}/report.md; new facts: " + ", ".join(
         f"{m} {metrics['new_facts_accuracy'][m]:.2f}" for m in MODES)
         + f" (total {metrics['wall_s']:.0f} s of stage time)")
     return metrics
 
 
-def _decode_bench(params, config, tok, retriever, held, cfg: DemoConfig) -> dict[str, Any]:
-    """Decode tokens/s of one batch in each mode (prompts cut from held-out leads, EOS ignored,
-    a first call compiles), retrieval caches off so every mode retrieves for real."""
-    from m3jax.config import DecodeConfig
-    from m3jax.decode import Generator
-
-    rng = np.random.default_rng(cfg.seed)
+def bench_prompts(articles: list[Any], tok: Any, bos_id: int, n: int, length: int, seed: int) -> list[list[int]]:
+    """`n` prompts of `length` tokens (BOS first) cut from the texts of `articles` drawn at random
+    (a short text is repeated until it is long enough)."""
+    rng = np.random.default_rng(seed)
     prompts = []
-    for a in rng.choice(np.array(held, dtype=object), size=cfg.bench_batch, replace=len(held) < cfg.bench_batch):
+    for a in rng.choice(np.array(articles, dtype=object), size=n, replace=len(articles) < n):
         ids = tok.encode(a.text)
-        while len(ids) < cfg.bench_prompt:
+        while len(ids) < length:
             ids = ids + tok.encode(" " + a.text)
-        prompts.append([config.bos_id] + ids[: cfg.bench_prompt - 1])
-    need = cfg.bench_prompt + cfg.bench_new + config.memories_per_chunk * config.reference_len
-    dc = DecodeConfig(max_new_tokens=cfg.bench_new, max_cache_len=min(config.max_len, -(-need // 64) * 64),
-                      prompt_bucket=config.chunk_size)
-    gen = Generator(params, config, tok, retriever, dc)
+        prompts.append([bos_id] + ids[: length - 1])
+    return prompts
+
+
+def decode_throughput(gen: Generator, retriever: Retriever, prompts: list[list[int]], new_tokens: int,
+                      modes: tuple[str, ...] = MODES) -> dict[str, dict[str, float]]:
+    """Decode tokens/s and the retrieval seconds waited for, of one batch in each mode: a first call
+    compiles, EOS is ignored, the retriever's cache is off so that every mode retrieves for real."""
     cache, retriever.cache_size = retriever.cache_size, 0
-    out: dict[str, Any] = {"tokens_per_s": {}, "retrieval_s": {}, "batch": cfg.bench_batch,
-                           "prompt": cfg.bench_prompt, "new": cfg.bench_new}
+    out: dict[str, dict[str, float]] = {"tokens_per_s": {}, "retrieval_s": {}}
     try:
-        for mode in MODES:
-            gen.generate(prompts, mode=mode, max_new_tokens=cfg.bench_new, ignore_eos=True)  # compile
-            r = gen.generate(prompts, mode=mode, max_new_tokens=cfg.bench_new, ignore_eos=True)
+        for mode in modes:
+            gen.generate(prompts, mode=mode, max_new_tokens=new_tokens, ignore_eos=True)  # compile
+            r = gen.generate(prompts, mode=mode, max_new_tokens=new_tokens, ignore_eos=True)
             out["tokens_per_s"][mode] = r.stats.tokens_per_s
             out["retrieval_s"][mode] = r.stats.retrieval_s
             log(f"  [{mode}] {r.stats.tokens_per_s:.1f} tokens/s")
@@ -328,29 +359,39 @@ def _decode_bench(params, config, tok, retriever, held, cfg: DemoConfig) -> dict
     return out
 
 
-def _update_demo(kb_dir, params, config, tok, embedder, facts, facts_path, cfg: DemoConfig) -> dict[str, Any]:
+def _decode_bench(d: _Demo, retriever: Retriever) -> dict[str, Any]:
+    """Decode tokens/s of one batch in each mode, prompts cut from held-out leads."""
+    cfg, config = d.cfg, d.config
+    prompts = bench_prompts(d.held, d.tok, config.bos_id, cfg.bench_batch, cfg.bench_prompt, cfg.seed)
+    need = cfg.bench_prompt + cfg.bench_new + config.memories_per_chunk * config.reference_len
+    dc = DecodeConfig(max_new_tokens=cfg.bench_new, max_cache_len=min(config.max_len, -(-need // 64) * 64),
+                      prompt_bucket=config.chunk_size)
+    gen = Generator(d.params, config, d.tok, retriever, dc)
+    return {**decode_throughput(gen, retriever, prompts, cfg.bench_new), "batch": cfg.bench_batch,
+            "prompt": cfg.bench_prompt, "new": cfg.bench_new}
+
+
+def _update_demo(d: _Demo) -> dict[str, Any]:
     """Delete the document of a fact that memory answered, ask its probes again (the retriever never
     returns a deleted reference), then add the document back and ask once more."""
-    from m3jax.eval import score_facts
-    from m3jax.memory.build import open_knowledge_base
-
-    res = _load_json(facts_path)["new_facts"]["memory"]["items"]
-    by_prompt = {p.prompt: f for f in facts for p in f.probes}
-    hit = next((by_prompt[it["prompt"]] for it in res if it["correct"]), facts[0])
-    kb = open_knowledge_base(kb_dir, config, params)
+    res = load_json(d.path("facts_eval.json"))["new_facts"]["memory"]["items"]
+    by_prompt = {p.prompt: f for f in d.facts for p in f.probes}
+    hit = next((by_prompt[it["prompt"]] for it in res if it["correct"]), d.facts[0])
+    kb = d.kb()
 
     def ask(stage):
-        r = score_facts(params, config, list(hit.probes), mode="memory", retriever=kb.retriever(embedder, tokenizer=tok),
-                        tokenizer=tok, max_new_tokens=cfg.max_new_tokens, progress=False)
+        r = score_facts(d.params, d.config, list(hit.probes), mode="memory",
+                        retriever=kb.retriever(d.embedder, tokenizer=d.tok), tokenizer=d.tok,
+                        max_new_tokens=d.cfg.max_new_tokens, progress=False)
         log(f"  {stage}: {r['accuracy']:.2f} of {r['n']} probes of {hit.title!r} answered")
         return r
 
     before = ask("in the knowledge base")
-    if hit.doc_id in {d.doc_id for d in kb.documents()}:
+    if hit.doc_id in {doc.doc_id for doc in kb.documents()}:
         kb.delete([hit.doc_id])
     deleted = ask("deleted")
-    kb.add([(hit.doc_id, hit.text, hit.title)], params, config, tok, embedder=embedder, log=lambda s: None)
-    kb = open_knowledge_base(kb_dir, config, params)
+    kb.add([(hit.doc_id, hit.text, hit.title)], d.params, d.config, d.tok, embedder=d.embedder, log=lambda s: None)
+    kb = d.kb()
     added = ask("added back")
     return {"document": hit.title, "doc_id": hit.doc_id, "accuracy_before": before["accuracy"],
             "accuracy_deleted": deleted["accuracy"], "accuracy_added_back": added["accuracy"],
@@ -369,10 +410,46 @@ def _bytes_per_document(kb, tok, leads, facts, bank: dict[str, Any]) -> dict[str
             "references_per_document": round(refs_per_doc, 3), "bytes_per_memory": bank["bytes_per_memory"]}
 
 
+# ------------------------------------------------------------------------------ goals
+def goals(m: dict[str, Any]) -> list[dict[str, Any]]:
+    """The goals of explicit memory as rows (goal, measured, target, met, detail) from the demo's
+    metrics:
+
+        new facts:   memory accuracy >= 0.7 x RAG accuracy   and   >= none + 0.4
+        decoding:    memory tokens/s >= 2 x RAG on the same batch
+        perplexity:  held-out perplexity with memory >= 5% below none
+    """
+    acc, tps, ppl = m["new_facts_accuracy"], m["decode_tokens_per_s"], m["ppl"]
+    rows = [
+        {"goal": "new facts: memory >= 0.7 x RAG", "measured": acc["memory"], "target": 0.7 * acc["rag"],
+         "detail": f"memory {acc['memory']:.3f}, RAG {acc['rag']:.3f}"},
+        {"goal": "new facts: memory >= none + 0.4", "measured": acc["memory"], "target": acc["none"] + 0.4,
+         "detail": f"memory {acc['memory']:.3f}, none {acc['none']:.3f}"},
+        {"goal": "decode: memory >= 2 x RAG tokens/s", "measured": tps["memory"] / tps["rag"], "target": 2.0,
+         "detail": f"memory {tps['memory']:.1f}, RAG {tps['rag']:.1f} tokens/s"},
+        {"goal": "held-out perplexity: memory >= 5% below none", "measured": 1 - ppl["memory"] / ppl["none"],
+         "target": 0.05, "detail": f"memory {ppl['memory']:.3f}, none {ppl['none']:.3f}"},
+    ]
+    for r in rows:
+        r["met"] = bool(r["measured"] >= r["target"])
+    return rows
+
+
+def goals_table(m: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """The results by mode and the goal rows as Markdown tables."""
+    lines = ["| mode | new facts | new facts, new wordings | description -> title | perplexity | tokens/s |",
+             "|---|---|---|---|---|---|"]
+    for mode in MODES:
+        lines.append(f"| {mode} | {m['new_facts_accuracy'][mode]:.3f} | {m['new_facts_accuracy_new_wording'][mode]:.3f} | "
+                     f"{m['qa_exact_match'][mode]:.3f} | {m['ppl'][mode]:.3f} | {m['decode_tokens_per_s'][mode]:.1f} |")
+    lines += ["", "| goal | measured | target | met | |", "|---|---|---|---|---|"]
+    lines += [f"| {r['goal']} | {r['measured']:.3f} | {r['target']:.3f} | {'yes' if r['met'] else 'NO'} | {r['detail']} |"
+              for r in rows]
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------ report
 def _plots(out: str, m: dict[str, Any]) -> None:
-    from matplotlib.figure import Figure  # no pyplot: leaves the session's backend alone
-
     colors = ["tab:green", "tab:orange", "tab:gray"]
     panels = [("new_facts_accuracy", "new facts: accuracy"), ("qa_exact_match", "held-out description -> title"),
               ("ppl", "held-out perplexity (lower is better)"), ("decode_tokens_per_s", "decode tokens/s")]
@@ -399,8 +476,8 @@ def _fmt(x: Any, spec: str = ".3f") -> str:
     return "n/a" if x is None else format(float(x), spec)
 
 
-def _report(out: str, cfg: DemoConfig, m: dict[str, Any], fe: dict[str, Any], we: dict[str, Any],
-            ue: dict[str, Any], kb, held) -> None:
+def _report(out: str, cfg: DemoConfig, m: dict[str, Any], fe: dict[str, Any], ue: dict[str, Any],
+            kb: KnowledgeBase) -> None:
     def titles(ids):
         return [t or f"#{i}" for i, t in zip(ids, kb.titles(np.asarray(ids, np.int64)))] if ids else []
 

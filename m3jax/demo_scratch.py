@@ -19,13 +19,24 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
+import grain
+import jax
 import numpy as np
+from matplotlib.figure import Figure  # no pyplot: leaves the session's backend alone
 
-from m3jax import assets
-from m3jax.config import DecodeConfig, TrainConfig, preset
-from m3jax.demo import Stages, log as _log, run_stage as _run_stage
+from m3jax import assets, convert
+from m3jax.config import DecodeConfig, ModelConfig, TrainConfig, preset
+from m3jax.decode import MODES, Generator
+from m3jax.demo import (Stages, bench_prompts, decode_throughput, leads_in_demo_order, load_json, log as _log,
+                        run_stage, save_json)
+from m3jax.eval import QA_TEMPLATE, EvalConfig, evaluate, heldout_split, qa_text
+from m3jax.memory.build import KnowledgeBase, build_knowledge_base, default_embedder, open_knowledge_base
+from m3jax.memory.retrieve import Retriever
+from m3jax.train import data as D
+from m3jax.train.loop import train
+from m3jax.train.pairs import PairedRows, pair_corpus, reference_lookup
 
 
 @dataclass(frozen=True)
@@ -62,213 +73,191 @@ class ScratchConfig:
                                     ("head_dim", 16)))
 
 
-def _select_articles(n: int) -> list[assets.Article]:
-    """n articles with a description, in a fixed pseudo-random order (varied topics)."""
-    arts = [a for a in assets.wiki_leads() if a.text.strip() and a.description.strip()]
-    # (salted: the held-out split hashes the bare title, a selection by it would be all held out)
-    arts.sort(key=lambda a: hashlib.sha256(b"m3jax-demo:" + a.title.encode()).hexdigest())
-    return sorted(arts[:n], key=lambda a: a.doc_id)
+@dataclass
+class _Scratch:
+    """One from-scratch run: its settings, output directory, documents, data and tokenizer."""
+
+    out: str
+    cfg: ScratchConfig
+    stages: Stages
+    articles: list[assets.Article]  # every document (the knowledge base)
+    heldout: list[assets.Article]  # never trained on: evaluated
+    train_articles: list[assets.Article]
+    embedder: Any = None
+    data: D.DataConfig | None = None
+    tok: Any = None
+    model_cfg: ModelConfig | None = None
+
+    def path(self, *names: str) -> str:
+        return os.path.join(self.out, *names)
+
+    @property
+    def corpus(self) -> str:
+        return self.path("data", "corpus.jsonl")
+
+    @property
+    def docs(self) -> list[tuple[int, str]]:
+        return [(a.doc_id, a.text) for a in self.articles]
+
+    def train_config(self, stage: str) -> TrainConfig:
+        """The TrainConfig of stage 1 (warmup) or 2 (continual)."""
+        c = self.cfg
+        steps = c.warmup_steps if stage == "warmup" else c.continual_steps
+        return TrainConfig(stage=stage, seq_len=c.seq_len, batch_size=c.batch_size, steps=steps,
+                           lr=c.lr if stage == "warmup" else c.continual_lr,
+                           warmup_steps=max(1, steps // 20), seed=c.seed + (1 if stage == "continual" else 0),
+                           log_every=max(1, steps // 50), checkpoint_every=max(10, steps // 4))
+
+
+def _write_corpus(s: _Scratch) -> dict[str, Any]:
+    """The leads and, from training-split leads only, the QA format, as a JSONL corpus."""
+    os.makedirs(os.path.dirname(s.corpus), exist_ok=True)
+    with open(s.corpus + ".tmp", "w", encoding="utf-8") as f:
+        for a in s.articles:
+            f.write(json.dumps({"doc_id": a.doc_id, "title": a.title, "text": a.text,
+                                "description": a.description, "topic": a.topic}) + "\n")
+        for a in s.train_articles:
+            f.write(json.dumps({"doc_id": 1_000_000 + a.doc_id, "title": "QA: " + a.title,
+                                "text": qa_text(a), "description": "", "topic": "qa"}) + "\n")
+    os.replace(s.corpus + ".tmp", s.corpus)
+    return {"articles": len(s.articles), "heldout_articles": len(s.heldout), "train_articles": len(s.train_articles)}
+
+
+def _model_config(s: _Scratch) -> ModelConfig:
+    c, tok = s.cfg, s.tok
+    cfg = preset(c.preset, vocab_size=tok.vocab_size, reference_prefix=tok.reference_prefix(), bos_id=tok.bos_id,
+                 eos_id=tok.eos_id, pad_id=tok.pad_id, max_len=1024, **dict(c.model_overrides))
+    _log(f"model {cfg.name}: {cfg.num_params() / 1e6:.2f}M non-embedding params, "
+         f"{cfg.num_params(embedding=True) / 1e6:.2f}M total; memory layers 0..{cfg.memory_layers - 1}")
+    return cfg
+
+
+def _pairs(s: _Scratch, rows: dict[str, np.ndarray]) -> PairedRows:
+    """Each training chunk paired with a reference (the embeddings, the index in kb/ and the pairs
+    are cached: a second call only reads)."""
+    kb = s.path("kb")
+    return pair_corpus(s.docs, rows, s.tok, reference_len=s.model_cfg.reference_len,
+                       chunk_size=s.model_cfg.chunk_size, pairs_path=s.path("pairs.npy"),
+                       embeddings_path=os.path.join(kb, "embeddings.npy"), embedder=s.embedder,
+                       index_dir=os.path.join(kb, "index"))
+
+
+def _train_warmup(s: _Scratch) -> dict[str, Any]:
+    """Stage 1: plain LM training of a fresh model on the training split."""
+    train(s.model_cfg, s.train_config("warmup"), lambda: D.make_iterator(s.data, s.tok, "train"),
+          s.path("stage1_warmup"))
+    return {"steps": s.cfg.warmup_steps}
+
+
+def _train_continual(s: _Scratch, rows: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Stage 2 from the stage-1 checkpoint, each chunk reading its paired reference; the final
+    model is written to out/model."""
+    paired = _pairs(s, rows)
+    rows2 = dict(rows, ref_ids=paired.ids)
+    c = s.cfg
+
+    def batches():
+        ds = D.rows_dataset(rows2, batch_size=c.batch_size, seed=c.seed + 1)
+        return ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)).__iter__()
+
+    params = train(s.model_cfg, s.train_config("continual"), batches, s.path("stage2_continual"),
+                   init_params=s.path("stage1_warmup"),
+                   reference_fn=reference_lookup(paired.reference_tokens, s.model_cfg.reference_len, s.tok.pad_id))
+    convert.save_checkpoint_dir(s.path("model"), s.model_cfg, jax.device_get(params), s.tok)
+    return {"steps": c.continual_steps}
+
+
+def _samples_and_bench(s: _Scratch, params, retriever: Retriever) -> dict[str, Any]:
+    """Sample answers to held-out QA prompts in every mode, and decode throughput by mode (the
+    paper's setting scaled down: prompt, new tokens, batch; one run after a compile)."""
+    c, cfg, tok = s.cfg, s.model_cfg, s.tok
+    dc = DecodeConfig(max_new_tokens=max(24, c.bench_new), max_cache_len=1024, prompt_bucket=cfg.chunk_size)
+    gen = Generator(params, cfg, tok, retriever, dc)
+    samples = []
+    for a in s.heldout[: c.n_samples]:
+        prompt = QA_TEMPLATE.format(description=a.description)
+        row = {"prompt": prompt, "answer": a.title}
+        for mode in MODES:
+            r = gen.generate([prompt], mode=mode, max_new_tokens=16, stop_tokens=tok.encode("\n"))
+            row[mode] = r.texts[0]
+            row[mode + "_refs"] = [[tok.decode(t)[:80] for t in retriever.reference_tokens(np.array([ids]))[0]]
+                                   for ids in r.retrieved[0][:1]]
+        samples.append(row)
+    prompts = bench_prompts(s.heldout, tok, cfg.bos_id, c.bench_batch, c.bench_prompt, c.seed)
+    bench = decode_throughput(gen, retriever, prompts, c.bench_new, modes=("none", "memory", "rag"))
+    return {"samples": samples, "decode_tokens_per_s": bench["tokens_per_s"]}
 
 
 def run_from_scratch(out: str = "demo_scratch_out", cfg: ScratchConfig = ScratchConfig()) -> dict[str, Any]:
     """Run (or resume) the demo; returns the metrics written to `out/metrics.json`."""
-    import jax
-
-    from m3jax import convert
-    from m3jax.decode import Generator
-    from m3jax.eval import evaluate, heldout_split, qa_text
-    from m3jax.memory.build import build_knowledge_base, default_embedder
-    from m3jax.train import data as D
-    from m3jax.train.loop import load_params, train
-    from m3jax.train.pairs import pair_corpus, reference_lookup
-
     t_start = time.perf_counter()
     os.makedirs(out, exist_ok=True)
     fp = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:12]
-    stages = Stages(out, fp)
-
-    # ------------------------------------------------------------ data + tokenizer
-    articles = _select_articles(cfg.n_docs)
+    articles = sorted(leads_in_demo_order()[:cfg.n_docs], key=lambda a: a.doc_id)
     heldout = heldout_split(articles)  # the data pipeline's own hash rule and fraction
     held = set(heldout)
-    train_arts = [a for a in articles if a not in held]
-    corpus = os.path.join(out, "data", "corpus.jsonl")
+    s = _Scratch(out, cfg, Stages(out, fp), articles, heldout, [a for a in articles if a not in held])
 
-    def stage_data():
-        os.makedirs(os.path.dirname(corpus), exist_ok=True)
-        with open(corpus + ".tmp", "w", encoding="utf-8") as f:
-            for a in articles:
-                f.write(json.dumps({"doc_id": a.doc_id, "title": a.title, "text": a.text,
-                                    "description": a.description, "topic": a.topic}) + "\n")
-            for a in train_arts:  # the QA format, from training-split articles only
-                f.write(json.dumps({"doc_id": 1_000_000 + a.doc_id, "title": "QA: " + a.title,
-                                    "text": qa_text(a), "description": "", "topic": "qa"}) + "\n")
-        os.replace(corpus + ".tmp", corpus)
-        return {"articles": len(articles), "heldout_articles": len(heldout), "train_articles": len(train_arts)}
+    # data and tokenizer
+    run_stage(s.stages, "data", f"write the corpus ({cfg.n_docs} Wikipedia leads + QA items)", lambda: _write_corpus(s))
+    s.data = D.DataConfig(data_dir=s.path("data", "tfds"), corpus=s.corpus, seq_len=cfg.seq_len,
+                          batch_size=cfg.batch_size, seed=cfg.seed)
+    run_stage(s.stages, "prepare", "TFDS builder -> array_record", lambda: {"tfds": D.prepare(s.data)})
+    s.tok = D.prepare_tokenizer(lambda: [a.text for a in s.train_articles], s.path("tokenizer"),
+                                vocab_size=cfg.vocab_size)
+    s.model_cfg = _model_config(s)
 
-    _run_stage(stages, "data", f"write the corpus ({cfg.n_docs} Wikipedia leads + QA items)", stage_data)
-    dcfg = D.DataConfig(data_dir=os.path.join(out, "data", "tfds"), corpus=corpus,
-                        seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed)
+    # stage 1, pairs, stage 2
+    run_stage(s.stages, "warmup", "stage 1: warmup pretraining without memory", lambda: _train_warmup(s))
+    s.embedder = default_embedder()
+    rows = D.pack_rows(D.token_stream(s.data, s.tok, "train"), cfg.seq_len, s.tok.pad_id)
+    run_stage(s.stages, "pairs", "embed references, build the index, pair each training chunk with a reference",
+              lambda: _describe_pairs(_pairs(s, rows)))
+    run_stage(s.stages, "continual", "stage 2: continual training with memory", lambda: _train_continual(s, rows))
+    _, params, _ = convert.load_checkpoint_dir(s.path("model"))
 
-    def stage_prepare():
-        name = D.prepare(dcfg)
-        return {"tfds": name}
+    # memory bank, evaluation, samples
+    bank_info = run_stage(s.stages, "memory", "memory bank + ScaNN index with the final weights", lambda: _kb_info(
+        build_knowledge_base(s.path("kb"), params, s.model_cfg, s.tok, s.docs, embedder=s.embedder, codec=cfg.codec)))
+    retriever = open_knowledge_base(s.path("kb"), s.model_cfg, params).retriever(s.embedder, tokenizer=s.tok)
+    settings = EvalConfig(n_ppl=cfg.n_eval_ppl, n_qa=cfg.n_eval_qa, fanoutqa=cfg.n_fanoutqa > 0,
+                          n_fanoutqa=cfg.n_fanoutqa or None)
+    run_stage(s.stages, "eval", "evaluate held-out articles: perplexity and QA with memory / RAG / none",
+              lambda: save_json(s.path("eval.json"), evaluate(params, s.model_cfg, s.tok, settings, retriever=retriever,
+                                                              heldout_articles=heldout, corpus_articles=articles)))
+    run_stage(s.stages, "samples", "sample answers and decode throughput by mode",
+              lambda: save_json(s.path("samples.json"), _samples_and_bench(s, params, retriever)))
+    return _finish(s, bank_info, t_start)
 
-    _run_stage(stages, "prepare", "TFDS builder -> array_record", stage_prepare)
-    tok = D.prepare_tokenizer(lambda: [a.text for a in train_arts], os.path.join(out, "tokenizer"),
-                              vocab_size=cfg.vocab_size)
-    model_cfg = preset(cfg.preset, vocab_size=tok.vocab_size, reference_prefix=tok.reference_prefix(),
-                       bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id, max_len=1024,
-                       **dict(cfg.model_overrides))
-    _log(f"model {model_cfg.name}: {model_cfg.num_params() / 1e6:.2f}M non-embedding params, "
-         f"{model_cfg.num_params(embedding=True) / 1e6:.2f}M total; memory layers 0..{model_cfg.memory_layers - 1}")
 
-    # ------------------------------------------------------------ stage 1
-    stage1_dir = os.path.join(out, "stage1_warmup")
-    warm_cfg = TrainConfig(stage="warmup", seq_len=cfg.seq_len, batch_size=cfg.batch_size, steps=cfg.warmup_steps,
-                           lr=cfg.lr, warmup_steps=max(1, cfg.warmup_steps // 20), seed=cfg.seed,
-                           log_every=max(1, cfg.warmup_steps // 50), checkpoint_every=max(10, cfg.warmup_steps // 4))
+def _describe_pairs(p: PairedRows) -> dict[str, Any]:
+    return {"references": len(p.references), "rows": int(p.ids.shape[0]),
+            "chunks_with_reference": float((p.ids >= 0).mean()), "filtered_by_overlap": p.filtered}
 
-    def stage_warmup():
-        train(model_cfg, warm_cfg, lambda: D.make_iterator(dcfg, tok, "train"), stage1_dir)
-        return {"steps": cfg.warmup_steps}
 
-    _run_stage(stages, "warmup", "stage 1: warmup pretraining without memory", stage_warmup)
+def _kb_info(kb: KnowledgeBase) -> dict[str, Any]:
+    return {"bank": kb.info["bank"], "index_method": kb.info["index_method"]}
 
-    # ------------------------------------------------------------ references, embeddings, index, pairs
-    kb_dir = os.path.join(out, "kb")
-    docs = [(a.doc_id, a.text) for a in articles]
-    embedder = default_embedder()
-    stream = D.token_stream(dcfg, tok, "train")
-    rows = D.pack_rows(stream, cfg.seq_len, tok.pad_id)
 
-    def pairs():  # the embeddings, the index (in kb/) and the pairs are cached: a second call only reads
-        return pair_corpus(docs, rows, tok, reference_len=model_cfg.reference_len, chunk_size=model_cfg.chunk_size,
-                           pairs_path=os.path.join(out, "pairs.npy"),
-                           embeddings_path=os.path.join(kb_dir, "embeddings.npy"), embedder=embedder,
-                           index_dir=os.path.join(kb_dir, "index"))
-
-    def stage_pairs():
-        p = pairs()
-        return {"references": len(p.references), "rows": int(p.ids.shape[0]),
-                "chunks_with_reference": float((p.ids >= 0).mean()), "filtered_by_overlap": p.filtered}
-
-    _run_stage(stages, "pairs", "embed references, build the index, pair each training chunk with a reference",
-               stage_pairs)
-
-    # ------------------------------------------------------------ stage 2
-    stage2_dir = os.path.join(out, "stage2_continual")
-    cont_cfg = TrainConfig(stage="continual", seq_len=cfg.seq_len, batch_size=cfg.batch_size,
-                           steps=cfg.continual_steps, lr=cfg.continual_lr,
-                           warmup_steps=max(1, cfg.continual_steps // 20), seed=cfg.seed + 1,
-                           log_every=max(1, cfg.continual_steps // 50),
-                           checkpoint_every=max(10, cfg.continual_steps // 4))
-    model_dir = os.path.join(out, "model")
-
-    def stage_continual():
-        paired = pairs()
-        rows2 = dict(rows)
-        rows2["ref_ids"] = paired.ids
-
-        def it():
-            ds = D.rows_dataset(rows2, batch_size=cfg.batch_size, seed=cfg.seed + 1)
-            import grain
-
-            return ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)).__iter__()
-
-        params = train(model_cfg, cont_cfg, it, stage2_dir, init_params=stage1_dir,
-                       reference_fn=reference_lookup(paired.reference_tokens, model_cfg.reference_len, tok.pad_id))
-        convert.save_checkpoint_dir(model_dir, model_cfg, jax.device_get(params), tok)
-        return {"steps": cfg.continual_steps}
-
-    _run_stage(stages, "continual", "stage 2: continual training with memory", stage_continual)
-    _, params, _ = convert.load_checkpoint_dir(model_dir)
-
-    # ------------------------------------------------------------ memory bank
-    def stage_bank():
-        kb = build_knowledge_base(kb_dir, params, model_cfg, tok, docs, embedder=embedder, codec=cfg.codec)
-        return {"bank": kb.info["bank"], "index_method": kb.info["index_method"]}
-
-    bank_info = _run_stage(stages, "memory", "memory bank + ScaNN index with the final weights", stage_bank)
-    from m3jax.memory.build import open_knowledge_base
-
-    kb = open_knowledge_base(kb_dir, model_cfg, params)
-    retriever = kb.retriever(embedder, tokenizer=tok)
-
-    # ------------------------------------------------------------ evaluation
-    eval_path = os.path.join(out, "eval.json")
-
-    def stage_eval():
-        res = evaluate(params, model_cfg, tokenizer=tok, retriever=retriever, heldout_articles=heldout,
-                       n_ppl=cfg.n_eval_ppl, n_qa=cfg.n_eval_qa,
-                       fanoutqa=cfg.n_fanoutqa > 0, n_fanoutqa=cfg.n_fanoutqa or None,
-                       corpus_articles=articles)
-        with open(eval_path, "w", encoding="utf-8") as f:
-            json.dump(res, f, indent=1)
-        return {}
-
-    _run_stage(stages, "eval", "evaluate held-out articles: perplexity and QA with memory / RAG / none", stage_eval)
-    with open(eval_path, encoding="utf-8") as f:
-        ev = json.load(f)
-
-    # ------------------------------------------------------------ samples + decode throughput
-    samples_path = os.path.join(out, "samples.json")
-
-    def stage_samples():
-        dc = DecodeConfig(max_new_tokens=max(24, cfg.bench_new), max_cache_len=1024, prompt_bucket=model_cfg.chunk_size)
-        gen = Generator(params, model_cfg, tok, retriever, dc)
-        from m3jax.eval import QA_TEMPLATE
-
-        samples = []
-        for a in heldout[: cfg.n_samples]:
-            prompt = QA_TEMPLATE.format(description=a.description)
-            row = {"prompt": prompt, "answer": a.title}
-            for mode in ("memory", "rag", "none"):
-                r = gen.generate([prompt], mode=mode, max_new_tokens=16, stop_tokens=tok.encode("\n"))
-                row[mode] = r.texts[0]
-                row[mode + "_refs"] = [[tok.decode(t)[:80] for t in retriever.reference_tokens(np.array([ids]))[0]]
-                                       for ids in r.retrieved[0][:1]]
-            samples.append(row)
-        # throughput: the paper's setting scaled down (prompt, new tokens, batch), same model, one run
-        rng = np.random.default_rng(cfg.seed)
-        prompts = []
-        for a in rng.choice(heldout, size=cfg.bench_batch, replace=len(heldout) < cfg.bench_batch):
-            ids = tok.encode(a.text, bos=True)
-            while len(ids) < cfg.bench_prompt:
-                ids = ids + tok.encode(" " + a.text)
-            prompts.append(ids[: cfg.bench_prompt])
-        tps = {}
-        cache_size, retriever.cache_size = retriever.cache_size, 0
-        for mode in ("none", "memory", "rag"):
-            gen.generate(prompts, mode=mode, max_new_tokens=cfg.bench_new, ignore_eos=True)  # compile
-            r = gen.generate(prompts, mode=mode, max_new_tokens=cfg.bench_new, ignore_eos=True)
-            tps[mode] = r.stats.tokens_per_s
-        retriever.cache_size = cache_size
-        with open(samples_path, "w", encoding="utf-8") as f:
-            json.dump({"samples": samples, "decode_tokens_per_s": tps}, f, indent=1)
-        return {}
-
-    _run_stage(stages, "samples", "sample answers and decode throughput by mode", stage_samples)
-    with open(samples_path, encoding="utf-8") as f:
-        smp = json.load(f)
-
-    # ------------------------------------------------------------ report
+def _finish(s: _Scratch, bank_info: dict[str, Any], t_start: float) -> dict[str, Any]:
+    """metrics.json, the plots and report.md from the stages' results."""
+    ev, smp = load_json(s.path("eval.json")), load_json(s.path("samples.json"))
+    cfg = s.model_cfg
     metrics = {
-        "wall_s": round(sum(s["seconds"] for s in stages.data["stages"].values()), 1),
+        "wall_s": round(sum(v["seconds"] for v in s.stages.data["stages"].values()), 1),
         "wall_s_this_run": round(time.perf_counter() - t_start, 1),
         "device": str(jax.devices()[0].device_kind),
-        "model": {"preset": model_cfg.name, "non_embedding_params": model_cfg.num_params(),
-                  "params": model_cfg.num_params(embedding=True), "memory_layers": model_cfg.memory_layers},
+        "model": {"preset": cfg.name, "non_embedding_params": cfg.num_params(),
+                  "params": cfg.num_params(embedding=True), "memory_layers": cfg.memory_layers},
         "ppl": ev["ppl"], "qa_exact_match": ev["qa_exact_match"], "qa_logprob": ev.get("qa_logprob"),
         "fanoutqa": ev.get("fanoutqa"), "decode_tokens_per_s": smp["decode_tokens_per_s"],
-        "stages": {k: v["seconds"] for k, v in stages.data["stages"].items()},
+        "stages": {k: v["seconds"] for k, v in s.stages.data["stages"].items()},
         "bank": bank_info.get("bank"),
     }
-    with open(os.path.join(out, "metrics.json"), "w", encoding="utf-8") as f:
-        json.dump(metrics, f, indent=1)
-    _plots(out, stage1_dir, stage2_dir, metrics)
-    _report(out, cfg, metrics, smp["samples"], stages.data["stages"])
-    _log(f"demo finished: {out}/report.md (total {metrics['wall_s']:.0f} s of stage time)")
+    save_json(s.path("metrics.json"), metrics)
+    _plots(s.out, s.path("stage1_warmup"), s.path("stage2_continual"), metrics)
+    _report(s.out, s.cfg, metrics, smp["samples"], s.stages.data["stages"])
+    _log(f"demo finished: {s.out}/report.md (total {metrics['wall_s']:.0f} s of stage time)")
     return metrics
 
 
@@ -280,8 +269,6 @@ def _read_jsonl(path: str) -> list[dict[str, Any]]:
 
 
 def _plots(out: str, stage1: str, stage2: str, m: dict[str, Any]) -> None:
-    from matplotlib.figure import Figure  # no pyplot: leaves the session's backend alone
-
     fig = Figure(figsize=(7, 4))
     ax = fig.subplots()
     r1, r2 = _read_jsonl(os.path.join(stage1, "metrics.jsonl")), _read_jsonl(os.path.join(stage2, "metrics.jsonl"))

@@ -26,12 +26,16 @@ import pytest
 from m3jax import cli, convert
 from m3jax import model as M
 from m3jax.config import preset
-from m3jax.memory import bank as BK
 from m3jax.memory import build as B
-from m3jax.memory.bank import BankCorruptError, BankError, BankExistsError, BankLockedError, MemoryBank
+from m3jax.memory import lease as LS
+from m3jax.memory import manifest as MF
+from m3jax.memory import store as ST
+from m3jax.memory.bank import MemoryBank
 from m3jax.memory.build import KnowledgeBaseError, build_knowledge_base, embed_cached, open_knowledge_base
 from m3jax.memory.embed import FunctionEmbedder
+from m3jax.memory.errors import BankCorruptError, BankError, BankExistsError, BankLockedError
 from m3jax.memory.index import VectorIndex
+from m3jax.memory.populate import build_bank
 from m3jax.memory.references import CorpusError, read_jsonl_corpus
 from m3jax.model.memory import MemoryKV
 from m3jax.tokenizer import train_bpe
@@ -139,7 +143,8 @@ _WRITER = textwrap.dedent("""
     sys.path.insert(0, {repo!r})
     import jax.numpy as jnp, numpy as np
     from m3jax.config import preset
-    from m3jax.memory.bank import BankError, MemoryBank
+    from m3jax.memory.bank import MemoryBank
+    from m3jax.memory.errors import BankError
     from m3jax.model.memory import MemoryKV
     path, w, n, go = {path!r}, {w}, {n}, {go!r}
     cfg = preset("tiny")
@@ -189,10 +194,10 @@ def test_two_processes_appending_lose_no_acknowledged_memory(tmp_path):
 
 
 def _live_lease(path, pid: int) -> None:
-    kv = BK._open_kvstore(BK.kvstore_spec(path), BK.default_context())
-    rec = {"format": BK.LOCK_FORMAT, "host": BK._host_id(), "pid": pid, "start": BK._process_start(pid),
+    kv = ST.open_kvstore(ST.kvstore_spec(path), ST.default_context())
+    rec = {"format": LS.LOCK_FORMAT, "host": LS.host_id(), "pid": pid, "start": LS.process_start(pid),
            "token": "x", "since": 0.0}
-    kv.write(BK.LOCK_KEY, json.dumps(rec).encode()).result()
+    kv.write(LS.LOCK_KEY, json.dumps(rec).encode()).result()
 
 
 def _one_memory(value: float = 1.0):
@@ -215,13 +220,13 @@ def test_losing_writer_fails_before_touching_anything_and_stale_leases_are_taken
         with pytest.raises(BankLockedError):
             MemoryBank.create(str(tmp_path / "b2"), CFG, "bf16", "fp-A")
         assert _tree_digest(path) == before and len(MemoryBank.open(str(path))) == 20
-        assert sorted(os.listdir(tmp_path / "b2")) == [BK.LOCK_KEY]  # the refused create wrote nothing
+        assert sorted(os.listdir(tmp_path / "b2")) == [LS.LOCK_KEY]  # the refused create wrote nothing
     finally:
         holder.kill()
         holder.wait()
     # the holder is gone (killed): its lease is taken over, and released after the append
     assert bank.append(*_one_memory()).tolist() == [20]
-    assert not (path / BK.LOCK_KEY).exists()
+    assert not (path / LS.LOCK_KEY).exists()
     # a writer that opened before another one committed fails before writing (manifest moved on)
     other = MemoryBank.open(str(path), CFG, "fp-A", mode="a")
     other.append(*_one_memory(2.0))
@@ -297,7 +302,7 @@ def test_the_bank_refuses_non_finite_memories(tmp_path):
         return MemoryKV(m.kv_NLZKTH.at[2].set(jnp.nan), m.mask_NT)
 
     with pytest.raises(BankError, match="NaN or inf"):
-        BK.build_bank(str(path / "built"), CFG, "fp-A", tb.make_refs(5), nan_encoder, batch_size=8, shard_size=4,
+        build_bank(str(path / "built"), CFG, "fp-A", tb.make_refs(5), nan_encoder, batch_size=8, shard_size=4,
                       show_progress=False)
 
 
@@ -574,7 +579,7 @@ def test_bad_checkpoints_and_flags_get_one_line(tmp_path):
     (kb_dir / "bank").mkdir(parents=True)
     (kb_dir / "kb.json").write_text(json.dumps({"format": B.KB_FORMAT, "references": 1}))
     path = kb_dir / "bank"
-    man = {"format": BK.FORMAT, "format_version": BK.FORMAT_VERSION, "config": CFG.to_dict(), "codec": {},
+    man = {"format": MF.FORMAT, "format_version": MF.FORMAT_VERSION, "config": CFG.to_dict(), "codec": {},
            "fingerprint": "fp", "count": True, "shard_size": 4, "code_shape": []}
     (path / "manifest.json").write_text(json.dumps(man))
     _cli_error(["kb", "info", "--kb", str(kb_dir)], "m3jax kb info: error:", "manifest.json has a bad count True")

@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 
 from m3jax.config import preset
-from m3jax.memory.bank import (BankConfigError, BankCorruptError, BankError, BankExistsError,
-                               BankFingerprintError, BankIndexError, BankNotFoundError,
-                               BankReadOnlyError, MemoryBank, ReferenceMeta, build_bank,
-                               params_fingerprint)
+from m3jax.memory.bank import MemoryBank
 from m3jax.memory.codec import make_codec, memory_bytes, relative_error
+from m3jax.memory.errors import (BankConfigError, BankCorruptError, BankError, BankExistsError,
+                                 BankFingerprintError, BankIndexError, BankNotFoundError, BankReadOnlyError)
+from m3jax.memory.fingerprint import params_fingerprint
+from m3jax.memory.populate import build_bank
+from m3jax.memory.references import Reference, ReferenceBatch
 from m3jax.model.memory import MemoryKV
 
 CFG = preset("tiny")  # Lm=2, K=2, T=4, H=16, R=32
@@ -42,15 +44,16 @@ def fake_encode(tokens, mask):
 
 def make_refs(n, seed=0):
     rng = np.random.default_rng(seed)
-    return [dict(tokens=rng.integers(7, CFG.vocab_size, int(rng.integers(1, CFG.reference_len + 1))).tolist(),
-                 doc_id=i // 3, char_start=10 * i, char_end=10 * i + 9) for i in range(n)]
+    return [Reference(i, i // 3, 10 * i, 10 * i + 9,
+                      tuple(rng.integers(7, CFG.vocab_size, int(rng.integers(1, CFG.reference_len + 1))).tolist()))
+            for i in range(n)]
 
 
 def expected(refs):
     tokens = np.full((len(refs), CFG.reference_len), CFG.pad_id, np.int32)
     for i, r in enumerate(refs):
-        tokens[i, : len(r["tokens"])] = r["tokens"]
-    mask = np.arange(CFG.reference_len)[None] < np.array([len(r["tokens"]) for r in refs])[:, None]
+        tokens[i, : len(r.tokens)] = r.tokens
+    mask = np.arange(CFG.reference_len)[None] < np.array([len(r.tokens) for r in refs])[:, None]
     m = fake_encode(tokens, mask)
     return np.asarray(m.kv_NLZKTH), np.asarray(m.mask_NT)
 
@@ -73,7 +76,7 @@ def same_bank(a: MemoryBank, b: MemoryBank):
     cb, mb = b.gather_codes(ids)
     np.testing.assert_array_equal(ca.view(np.uint8), cb.view(np.uint8))
     np.testing.assert_array_equal(ma, mb)
-    for f in dataclasses.fields(ReferenceMeta):
+    for f in dataclasses.fields(ReferenceBatch):
         np.testing.assert_array_equal(getattr(a.metadata(ids), f.name), getattr(b.metadata(ids), f.name))
     assert a.codec.state()["options"] == b.codec.state()["options"]
     for k, v in a.codec.state()["arrays"].items():
@@ -98,14 +101,15 @@ def test_round_trip(tmp_path, codec):
         np.testing.assert_array_equal(y, np.asarray(bank.codec.decode(bank.codec.encode(kv))))
         assert relative_error(kv, y, mask) < 0.2  # measured 0.057 (3 bytes / 16 dims, 24 training memories)
     meta = bank.metadata(np.arange(37))
-    np.testing.assert_array_equal(meta.lengths, [len(r["tokens"]) for r in refs])
-    np.testing.assert_array_equal(meta.doc_id, [r["doc_id"] for r in refs])
-    np.testing.assert_array_equal(meta.char_start, [r["char_start"] for r in refs])
-    np.testing.assert_array_equal(meta.char_end, [r["char_end"] for r in refs])
-    assert meta.tokens[5, : meta.lengths[5]].tolist() == refs[5]["tokens"]
+    np.testing.assert_array_equal(meta.lengths, [len(r.tokens) for r in refs])
+    np.testing.assert_array_equal(meta.doc_id, [r.doc_id for r in refs])
+    np.testing.assert_array_equal(meta.char_start, [r.char_start for r in refs])
+    np.testing.assert_array_equal(meta.char_end, [r.char_end for r in refs])
+    assert meta.tokens[5, : meta.lengths[5]].tolist() == list(refs[5].tokens)
     s = bank.summary()
     assert s["count"] == 37 and s["bytes_per_memory"] == memory_bytes(CFG, codec, **bank.codec.options())
     assert bank.nbytes >= 37 * s["bytes_per_memory"]
+    assert MemoryBank.exists(str(tmp_path / "b")) and not MemoryBank.exists(str(tmp_path / "nothing"))
 
 
 def test_gather_order_duplicates_and_bounds(tmp_path):
@@ -117,7 +121,7 @@ def test_gather_order_duplicates_and_bounds(tmp_path):
     np.testing.assert_array_equal(np.asarray(got.kv_NLZKTH),
                                   kv[ids].astype(ml_dtypes.bfloat16).astype(np.float32))
     np.testing.assert_array_equal(np.asarray(got.mask_NT), mask[ids])
-    assert bank.metadata(ids).doc_id.tolist() == [refs[i]["doc_id"] for i in ids]
+    assert bank.metadata(ids).doc_id.tolist() == [refs[i].doc_id for i in ids]
     codes, m = bank.gather_codes_async(np.array(ids)).result()
     assert codes.shape == (6,) + bank.codec.code_shape(CFG) and m.shape == (6, CFG.tokens_per_memory)
     assert bank.gather([]).kv_NLZKTH.shape[0] == 0
@@ -135,10 +139,10 @@ def test_append_api_and_read_only(tmp_path):
     meta = dict(tokens=tokens[:, :10], lengths=np.full(6, 10), doc_id=np.arange(6),
                 char_start=np.zeros(6, int), char_end=np.full(6, 50))
     assert bank.append(mem, meta).tolist() == list(range(6))
-    assert bank.append(mem.take(slice(0, 3)), ReferenceMeta.coerce(meta, 6, 32).take(slice(0, 3))).tolist() == [6, 7, 8]
+    assert bank.append(mem.take(slice(0, 3)), ReferenceBatch.coerce(meta, 6, 32).take(slice(0, 3))).tolist() == [6, 7, 8]
     # zero memories are stored too (not dropped as fill values)
     zero = MemoryKV(jnp.zeros_like(mem.kv_NLZKTH[:1]), jnp.zeros_like(mem.mask_NT[:1]))
-    assert bank.append(zero, ReferenceMeta.coerce(meta, 6, 32).take(slice(0, 1))).tolist() == [9]
+    assert bank.append(zero, ReferenceBatch.coerce(meta, 6, 32).take(slice(0, 1))).tolist() == [9]
     ro = MemoryBank.open(path, CFG, "fp-A", check="full")
     assert len(ro) == 10 and not ro.writable
     assert float(jnp.abs(ro.gather([9]).kv_NLZKTH).max()) == 0.0
@@ -149,13 +153,13 @@ def test_append_api_and_read_only(tmp_path):
     with pytest.raises(BankError, match="lacks"):
         bank.append(mem, {"tokens": tokens})
     # a reader sees later appends after refresh()
-    bank.append(mem.take(slice(0, 2)), ReferenceMeta.coerce(meta, 6, 32).take(slice(0, 2)))
+    bank.append(mem.take(slice(0, 2)), ReferenceBatch.coerce(meta, 6, 32).take(slice(0, 2)))
     assert ro.refresh() == 12 and ro.gather([11]).num == 1
     # a second writer: whoever commits second is refused
     other = MemoryBank.open(path, CFG, "fp-A", mode="a")
-    other.append(mem.take(slice(0, 1)), ReferenceMeta.coerce(meta, 6, 32).take(slice(0, 1)))
+    other.append(mem.take(slice(0, 1)), ReferenceBatch.coerce(meta, 6, 32).take(slice(0, 1)))
     with pytest.raises(BankError, match="another writer"):
-        bank.append(mem.take(slice(3, 4)), ReferenceMeta.coerce(meta, 6, 32).take(slice(3, 4)))
+        bank.append(mem.take(slice(3, 4)), ReferenceBatch.coerce(meta, 6, 32).take(slice(3, 4)))
     np.testing.assert_array_equal(MemoryBank.open(path).gather_codes([12])[0],
                                   bank.codec.encode(mem.kv_NLZKTH[:1]))  # not overwritten
 
@@ -244,7 +248,7 @@ def test_resume_after_sigkill(tmp_path):
         sys.path.insert(0, {REPO!r}); sys.path.insert(0, {os.path.dirname(__file__)!r})
         os.environ["JAX_PLATFORMS"] = "cpu"
         import test_bank as tb
-        from m3jax.memory.bank import build_bank
+        from m3jax.memory.populate import build_bank
         calls = [0]
         def enc(tokens, mask):
             calls[0] += 1

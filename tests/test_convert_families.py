@@ -420,7 +420,7 @@ def test_configs_written_before_the_family_fields_still_match():
     """A model dir, bank manifest or training checkpoint written before the family fields existed
     reads them as their defaults (the plain Llama) and still matches; a Qwen config does not."""
     from m3jax.config import ModelConfig, preset
-    from m3jax.train.loop import _config_diff
+    from m3jax.train.checkpoint import config_diff as _config_diff
 
     cfg = preset("tiny")
     new = ("rope_type", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len",

@@ -12,6 +12,7 @@ import pytest
 
 from m3jax import config as C
 from m3jax import eval as ev
+from m3jax.eval import scoring
 from m3jax import model as M
 from m3jax.assets import Article, wiki_leads
 from m3jax.memory import encode
@@ -133,8 +134,8 @@ def test_memory_mode_is_one_forward_with_per_chunk_memories(monkeypatch):
     prompt, answer = _seq(rng, 20), list(map(int, rng.integers(3, 256, 30)))  # answer fills chunks 1..3
     qa = prompt + answer
     calls = []
-    real = ev._forward_scores
-    monkeypatch.setattr(ev, "_forward_scores", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = scoring._forward_scores
+    monkeypatch.setattr(scoring, "_forward_scores", lambda *a, **k: calls.append(1) or real(*a, **k))
     ret.calls.clear()
     got = ev.score_sequences(p, CFG, [ev.ScoreInput(doc), ev.ScoreInput(qa, start=20, query_end=20)],
                              mode="memory", retriever=ret, batch_size=2)
@@ -376,9 +377,9 @@ def test_mc_scoring_equals_hand_computation():
 def test_evaluate_all_modes_and_cli(tmp_path, capsys, monkeypatch):
     p, ret = _params(), _stub()
     mc = _write(tmp_path, [{"ctx": "Snow is", "endings": ["white", "hot"], "label": 0}], "toy.jsonl")
-    res = ev.evaluate(p, CFG, tokenizer=TOK, retriever=ret, heldout_articles=ARTS, n_ppl=2, n_qa=2,
-                      corpus_articles=ARTS, n_fanoutqa=2, mc_paths=[mc], max_new_tokens=2, progress=False,
-                      log=None)
+    settings = ev.EvalConfig(n_ppl=2, n_qa=2, n_fanoutqa=2, mc_paths=(mc,), max_new_tokens=2)
+    res = ev.evaluate(p, CFG, TOK, settings, retriever=ret, heldout_articles=ARTS, corpus_articles=ARTS,
+                      progress=False, log=None)
     for key in ("ppl", "qa_exact_match", "qa_logprob"):
         assert set(res[key]) == set(ev.MODES) and all(v is not None for v in res[key].values())
     assert res["ppl"]["memory"] != res["ppl"]["none"] and res["fanoutqa"]["n"] == 2

@@ -12,9 +12,10 @@ from m3jax import cli
 from m3jax import model as M
 from m3jax.config import preset
 from m3jax.memory import build as B
-from m3jax.memory.bank import BankFingerprintError, MemoryBank
+from m3jax.memory.bank import MemoryBank
 from m3jax.memory.build import KnowledgeBaseError, build_knowledge_base, open_knowledge_base
 from m3jax.memory.embed import FunctionEmbedder
+from m3jax.memory.errors import BankFingerprintError
 from m3jax.memory.index import VectorIndex
 from m3jax.memory.retrieve import Retriever
 from m3jax.tokenizer import train_bpe
@@ -256,7 +257,8 @@ def test_bank_append_from_first_id_resumes_mid_append(tmp_path):
     """build_bank(first_id=n) appends references as memories n.. and resumes a killed append."""
     from test_bank import CFG, Boom, build, exploding, make_refs, same_bank
 
-    from m3jax.memory.bank import BankError, BankNotFoundError, build_bank
+    from m3jax.memory.errors import BankError, BankNotFoundError
+    from m3jax.memory.populate import build_bank
 
     refs = make_refs(61)
     full = build(tmp_path / "full", refs)

@@ -1,13 +1,12 @@
 """Teaching a pretrained model to read memory, and the main job around it: invented facts, the
 reading recipe, LoRA training through `m3jax train` (and its resume onto the base), adapters that
-refuse other base weights, `m3jax demo --quick` end to end and the goals script, on a tiny model."""
+refuse other base weights, `m3jax demo --quick` end to end, resumed, and its goals, on a tiny model."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import sys
 
 import jax
 import numpy as np
@@ -15,8 +14,6 @@ import pytest
 
 from m3jax import cli, config as C, model as M
 from m3jax.facts import answer_in, make_facts
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ------------------------------------------------------------------------------ facts
@@ -137,8 +134,8 @@ def test_lora_train_resume_and_adapter_dir(tiny_model, tmp_path):
         load_model(os.path.join(out, "model"))
 
 
-def test_demo_quick_end_to_end_and_goals_script(tiny_model, tmp_path, capsys):
-    from m3jax.demo import DemoConfig, run
+def test_demo_quick_end_to_end_resume_and_goals(tiny_model, tmp_path, capsys):
+    from m3jax.demo import DemoConfig, goals, goals_table, run
 
     out = str(tmp_path / "demo")
     m = run(out, DemoConfig.quick(tiny_model))
@@ -159,14 +156,13 @@ def test_demo_quick_end_to_end_and_goals_script(tiny_model, tmp_path, capsys):
     load_model(os.path.join(out, "model"))
     report = open(os.path.join(out, "report.md")).read()
     assert "| memory |" in report and "Knowledge update" in report and "(read:" in report
-    # the goals script over the same (resumed) run
-    sys.path.insert(0, os.path.join(REPO, "experiments"))
-    import eval_new_facts
-
+    # the same run again resumes: nothing is recomputed; the goals (experiments/eval_new_facts.py) of it
     capsys.readouterr()
-    res = eval_new_facts.main(["--model", tiny_model, "--out", out, "--quick"])
+    again = run(out, DemoConfig.quick(tiny_model))
     printed = capsys.readouterr().out
-    assert "[facts]" in printed and "skipped" in printed  # resumed, nothing recomputed
-    assert [g["goal"] for g in res["goals"]][0].startswith("new facts") and len(res["goals"]) == 4
-    assert json.load(open(os.path.join(out, "goals.json")))["goals"] == res["goals"]
-    assert "| goal |" in printed
+    assert "[facts]" in printed and "skipped" in printed
+    assert again["new_facts_accuracy"] == m["new_facts_accuracy"] and again["ppl"] == m["ppl"]
+    rows = goals(again)
+    assert [g["goal"] for g in rows][0].startswith("new facts") and len(rows) == 4
+    assert rows[0]["target"] == pytest.approx(0.7 * again["new_facts_accuracy"]["rag"])
+    assert "| goal |" in goals_table(again, rows)

@@ -48,7 +48,8 @@ def _setup(tmp: str) -> dict:
     from m3jax.config import preset
     from m3jax.convert import save_checkpoint_dir
     from m3jax.model import init
-    from m3jax.memory.bank import MemoryBank, ReferenceMeta
+    from m3jax.memory.bank import MemoryBank
+    from m3jax.memory.references import ReferenceBatch
     from m3jax.model.memory import MemoryKV
     from m3jax.tokenizer import train_bpe
     from m3jax.train import data as D
@@ -81,7 +82,7 @@ def _setup(tmp: str) -> dict:
     bank_dir = os.path.join(tmp, "bank")
     bank = MemoryBank.create("file://" + bank_dir, cfg, "bf16", "test")
     bank.append(MemoryKV(kv, jnp.ones((n_refs, cfg.tokens_per_memory), bool)),
-                ReferenceMeta(ref_tokens, lengths, np.arange(n_refs), np.zeros(n_refs, np.int64),
+                ReferenceBatch(ref_tokens, lengths, np.arange(n_refs), np.zeros(n_refs, np.int64),
                               np.zeros(n_refs, np.int64)))
     pairs = rng.integers(-1, n_refs, (n_rows, C)).astype(np.int32)
     pairs_path = os.path.join(tmp, "pairs.npy")
@@ -137,7 +138,8 @@ def test_bank_reference_fn_reads_memory_kvstore():
 
     from m3jax.config import preset
     from m3jax.train.pairs import bank_reference_fn
-    from m3jax.memory.bank import MemoryBank, ReferenceMeta
+    from m3jax.memory.bank import MemoryBank
+    from m3jax.memory.references import ReferenceBatch
     from m3jax.model.memory import MemoryKV
 
     cfg = preset("tiny")
@@ -147,7 +149,7 @@ def test_bank_reference_fn_reads_memory_kvstore():
     bank = MemoryBank.create("memory://m3jax_test_launch_bank/", cfg, "bf16", "fp")
     kv = jnp.zeros((n, cfg.memory_layers, 2, cfg.num_kv_heads, cfg.tokens_per_memory, cfg.head_dim))
     bank.append(MemoryKV(kv, jnp.ones((n, cfg.tokens_per_memory), bool)),
-                ReferenceMeta(tokens, lengths, np.arange(n), np.zeros(n, np.int64), np.zeros(n, np.int64)))
+                ReferenceBatch(tokens, lengths, np.arange(n), np.zeros(n, np.int64), np.zeros(n, np.int64)))
     add = bank_reference_fn("memory://m3jax_test_launch_bank/", R, cfg.pad_id, cfg.vocab_size)
     ids = np.array([[0, -1, 2], [4, 4, 1]], np.int32)
     out = add({"tokens": np.zeros((2, 48), np.int32), "ref_ids": ids})
@@ -182,7 +184,7 @@ def test_two_processes_match_one(tmp_path):
     """2 processes x 2 CPU devices (jax.distributed on localhost) == 1 process x 4 devices."""
     import portpicker
 
-    from m3jax.train.loop import load_params
+    from m3jax.train.checkpoint import load_params
 
     t0 = time.perf_counter()
     s = _setup(str(tmp_path))

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from m3jax.memory.references import Reference, pad_references, split_references
+from m3jax.memory.errors import BankError
+from m3jax.memory.references import Reference, ReferenceBatch, pad_references, split_references
 from m3jax.tokenizer import train_bpe
 
 _SENTENCES = [
@@ -145,6 +146,23 @@ def test_pad_references(tok, docs):
     assert empty_t.shape == empty_m.shape == (0, 16)
     with pytest.raises(ValueError, match="more than length"):
         pad_references(refs, 4)
+
+
+def test_reference_batch_is_the_columns_of_references(tok, docs):
+    """One reference type: `ReferenceBatch.of` turns `Reference`s into the bank's columns and
+    `references` gives the same `Reference`s back; anything else is refused."""
+    refs = split_references(docs[:6], tok, max_tokens=32)
+    batch = ReferenceBatch.of(refs, 40, pad_id=0)
+    tokens, _ = pad_references(refs, 40)
+    np.testing.assert_array_equal(batch.tokens, tokens)
+    assert batch.lengths.tolist() == [len(r) for r in refs]
+    assert batch.info().tolist() == [[len(r), r.doc_id, r.char_start, r.char_end] for r in refs]
+    assert batch.references([r.ref_id for r in refs]) == refs
+    assert batch.take(slice(2, 4)).references([2, 3]) == refs[2:4]
+    with pytest.raises(BankError, match="reference 0 is a dict, not an m3jax.memory.references.Reference"):
+        ReferenceBatch.of([{"tokens": [5], "doc_id": 0, "char_start": 0, "char_end": 1}], 40)
+    with pytest.raises(BankError, match="more than reference_len=4"):
+        ReferenceBatch.of(refs, 4)
 
 
 def test_wiki_leads_speed_and_size():

@@ -5,7 +5,7 @@ import pytest
 
 from m3jax.memory.embed import FunctionEmbedder
 from m3jax.memory.index import VectorIndex
-from m3jax.memory.retrieve import Retriever
+from m3jax.memory.retrieve import Retriever, SequenceFilter, chunk_queries, rag_prompt
 from m3jax.model.memory import MemoryKV
 from m3jax.train.pairs import load_or_pair, pair_references, reference_lookup
 
@@ -163,3 +163,59 @@ def test_pairing_one_reference_per_chunk_respecting_the_filter(setup, tmp_path):
     assert b["ref_tokens"].shape == (2, 2, 24)
     assert b["ref_mask"][0, 1].sum() == 20 and not b["ref_mask"][1, 1].any()
     np.testing.assert_array_equal(b["ref_tokens"][0, 1, :20], refs[9])
+
+
+# ------------------------------------------------------------------------------ the memory-source protocol
+def test_chunk_queries_and_rag_prompt():
+    assert chunk_queries([1, 2, 3, 4, 5], 2, 4) == [[1, 2], [3, 4], [5], []]
+    refs = [[10, 11], [12, 13, 14]]
+    assert rag_prompt([1, 7, 8], refs) == [1, 10, 11, 12, 13, 14, 7, 8]
+    assert rag_prompt([1, 7, 8], refs, room=2) == [1, 13, 14, 7, 8]  # cut from the left
+    assert rag_prompt([1, 7], refs, room=0) == rag_prompt([1, 7], refs, room=-3) == [1, 7]
+
+
+class Recorder:
+    """A memory source that records the filter text and threshold of every search."""
+
+    k = 2
+
+    def __init__(self):
+        self.calls = []
+
+    def search(self, queries, filter_tokens=None, threshold=None, **kwargs):
+        self.calls.append((filter_tokens, threshold))
+        return np.arange(2 * len(queries)).reshape(len(queries), 2)
+
+    def memories(self, ids):
+        return ("memories", ids.shape)
+
+    def reference_tokens(self, ids):
+        return [[[5, 6, 7], [8, 9]] for _ in np.asarray(ids)]
+
+
+def test_sequence_filter_filters_each_query_against_its_own_sequence(setup):
+    rec = Recorder()
+    src = SequenceFilter(rec, threshold=0.5)
+    src.search([[1], [2]])
+    assert rec.calls[-1] == (None, None)  # outside `sequences`: the plain retriever
+    with src.sequences([[1, 1], [2, 2]], reference_room=[3, 0]):
+        ids, mem = src.retrieve([[1], [1], [1], [2], [2], [2]])  # a prefill: 2 sequences x 3 chunks
+        assert rec.calls[-1] == ([[1, 1]] * 3 + [[2, 2]] * 3, 0.5) and mem == ("memories", (6, 2))
+        src.search([[1], [2]])  # a swap: one query per sequence
+        assert rec.calls[-1] == ([[1, 1], [2, 2]], 0.5)
+        assert src.reference_tokens(ids[:2]) == [[[7, 8, 9]], []]  # cut to each sequence's room
+        with src.sequences([[3]], threshold=2.0):
+            src.search([[3]])
+            assert rec.calls[-1] == ([[3]], 2.0)
+        src.search([[1], [2]])
+        assert rec.calls[-1] == ([[1, 1], [2, 2]], 0.5)  # the outer block is back
+    src.search([[1]])
+    assert rec.calls[-1] == (None, None)
+    # a real Retriever: its own threshold by default, and the filter does drop a leaking reference
+    refs, ret, _ = setup
+    source = ret.per_sequence()
+    assert source.threshold == ret.threshold and source.prepare == ret.prepare
+    q = refs[7][:5]  # 5 of 20 tokens: no leak on its own
+    assert 7 in source.search([q])[0]
+    with source.sequences([refs[7]]):  # its sequence holds reference 7 whole
+        assert 7 not in source.search([q])[0]

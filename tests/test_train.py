@@ -4,6 +4,7 @@ Compiles are the cost here (2 shared CPU cores): every test reuses the few cache
 the two configs below (`make_train_step` is cached per (configs, mesh)).
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -18,7 +19,9 @@ from m3jax import sharding as S
 from m3jax.config import ConfigError, MeshConfig, TrainConfig, preset
 from m3jax.memory.encode import encode
 from m3jax.model import placement as PL
+from m3jax.train import checkpoint as CK
 from m3jax.train import loop as L
+from m3jax.train import metrics as MT
 from m3jax.train import step as ST
 
 CFG = preset("tiny")
@@ -281,7 +284,7 @@ def test_warmup_run_learns_and_writes_outputs(stage1):
     assert os.path.getsize(os.path.join(out, "loss.png")) > 1000
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(out, "tb")))
     assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["20", "30"]  # keep 2
-    assert L.read_meta(out)["step"] == 30
+    assert CK.read_meta(out)["step"] == 30
 
 
 def test_killed_run_resumes_exactly(stage1, tmp_path):
@@ -289,7 +292,7 @@ def test_killed_run_resumes_exactly(stage1, tmp_path):
     out = str(tmp_path / "run")
     with pytest.raises(RuntimeError, match="simulated crash"):
         L.train(CFG, WARM, Batches(fail_at=15), out, progress=False, mesh=_one_device_mesh())
-    assert L.read_meta(out)["step"] == 10
+    assert CK.read_meta(out)["step"] == 10
     # resumes at step 10 with the data iterator's state of step 10
     got = L.train(CFG, WARM, Batches(), out, progress=False, mesh=_one_device_mesh())
     _close(_np(got), want, atol=0, rtol=0)
@@ -302,7 +305,8 @@ def test_killed_run_resumes_exactly(stage1, tmp_path):
 def test_restore_onto_another_mesh(stage1, sizes):
     out, want = stage1
     mesh = S.make_mesh(MeshConfig(*sizes))
-    state, data_state, meta = L.restore_state(out, CFG, WARM, mesh)
+    with contextlib.closing(CK.manager(os.path.join(out, "checkpoints"), read_only=True)) as mngr:
+        state, data_state, meta = CK.restore(mngr, 30, CFG, WARM, mesh, out)
     assert meta["step"] == 30 and int(state.step) == 30
     it, fresh = Batches(), Batches()
     it.set_state(data_state)
@@ -313,7 +317,7 @@ def test_restore_onto_another_mesh(stage1, sizes):
     S.check_sharded(state.params, min_size=1 << 12, mesh=mesh)
     mu = state.opt_state[1][0].mu["blocks"]["w_up"]
     assert mu.sharding.spec == PL.param_shardings(CFG, mesh)["blocks"]["w_up"].spec
-    params = L.load_params(out, CFG, mesh, step=20)
+    params = CK.load_params(out, CFG, mesh, step=20)
     assert params["embed"].sharding.mesh.shape == mesh.shape
 
 
@@ -343,9 +347,9 @@ def test_stage2_from_checkpoint_of_another_model(stage1, tmp_path):
 
 
 def test_flops_per_token():
-    warm = L.flops_per_token(CFG, T)
+    warm = MT.flops_per_token(CFG, T)
     assert warm > 6 * CFG.num_params()
-    on = L.flops_per_token(CFG, T, stage="continual", memory_grad=True)
-    off = L.flops_per_token(CFG, T, stage="continual", memory_grad=False)
+    on = MT.flops_per_token(CFG, T, stage="continual", memory_grad=True)
+    off = MT.flops_per_token(CFG, T, stage="continual", memory_grad=False)
     assert warm < off < on
-    assert L.peak_flops(jax.devices()[0]) is None  # CPU: no MFU
+    assert MT.peak_flops(jax.devices()[0]) is None  # CPU: no MFU

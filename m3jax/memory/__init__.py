@@ -28,6 +28,10 @@ _LAZY = {
     "default_embedder": "m3jax.memory.build",
     # storing
     "MemoryBank": "m3jax.memory.bank",
+    "build_bank": "m3jax.memory.populate",
+    "params_fingerprint": "m3jax.memory.fingerprint",
+    "Reference": "m3jax.memory.references",
+    "ReferenceBatch": "m3jax.memory.references",
     "make_codec": "m3jax.memory.codec",
     # finding
     "Retriever": "m3jax.memory.retrieve",

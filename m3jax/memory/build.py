@@ -60,13 +60,16 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from m3jax.config import ModelConfig
-from m3jax.memory.bank import MemoryBank, build_bank, params_fingerprint
+from m3jax.memory.bank import MemoryBank
 from m3jax.memory.embed import Embedder, SentenceEmbedder
 from m3jax.memory.encode import make_encode_fn
+from m3jax.memory.fingerprint import params_fingerprint
 from m3jax.memory.index import VectorIndex, read_npy, source_of
 from m3jax.memory.overlap import EVAL_THRESHOLD
+from m3jax.memory.populate import build_bank
 from m3jax.memory.references import Reference, split_references
 from m3jax.memory.retrieve import Retriever
 
@@ -288,8 +291,6 @@ def embed_cached(texts: Sequence[str], embedder: Embedder, path: str, *, block: 
     The cache is used only when its sidecar `<path>.json` holds the same `embeddings_key` (the
     texts and the embedder): other texts or another embedder recompute it. A partial file that
     cannot be read (a half-written block) is dropped and embedding restarts from zero."""
-    from tqdm.auto import tqdm
-
     n = len(texts)
     key = embeddings_key(texts, embedder)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -2,7 +2,7 @@
 
 A memory is `(Lm, 2, K, T, H)` vectors: memory layers x (key, value) x kv heads x tokens x head dim
 (`MemoryKV.kv_NLZKTH` without its batch axis). A codec turns a batch of memories
-`[N, Lm, 2, K, T, H]` (float) into a NumPy array of codes `[N, *code_shape]` of one fixed dtype (what
+`[I, L, Z, K, E, H]` (float) into a NumPy array of codes `[I, *code_shape]` of one fixed dtype (what
 the bank stores, one memory per chunk) and back into a JAX array on device.
 
 - `bf16`: raw bfloat16, `2 * H` bytes per vector (exact up to bf16 rounding).
@@ -82,7 +82,7 @@ class CodecError(ValueError):
 
 
 def _kv_and_mask(sample: Any) -> tuple[Any, np.ndarray | None]:
-    """(kv [N, Lm, 2, K, T, H], mask [N, T] or None) from a MemoryKV or a bare array."""
+    """(kv [I, L, Z, K, E, H], mask [I, E] or None) from a MemoryKV or a bare array."""
     if hasattr(sample, "kv_NLZKTH"):
         return sample.kv_NLZKTH, np.asarray(sample.mask_NT, bool)
     return sample, None
@@ -150,33 +150,33 @@ class Codec:
 
     # ------------------------------------------------------------------ coding
     def fit(self, sample: Any, **kwargs: Any) -> "Codec":
-        """Train on a sample (MemoryKV or array [N, Lm, 2, K, T, H]); a no-op for raw codecs."""
+        """Train on a sample (MemoryKV or array [I, L, Z, K, E, H]); a no-op for raw codecs."""
         return self
 
     def encode(self, kv: Any) -> np.ndarray:
-        """kv [N, Lm, 2, K, T, H] float (NumPy or JAX) -> codes [N, *code_shape] NumPy."""
+        """kv [I, L, Z, K, E, H] float (NumPy or JAX) -> codes [I, *code_shape] NumPy."""
         raise NotImplementedError
 
     def decode(self, codes: Any, dtype: Any = None) -> Array:
-        """codes [N, *code_shape] (NumPy or JAX) -> jax array [N, Lm, 2, K, T, H] on device."""
+        """codes [I, *code_shape] (NumPy or JAX) -> jax array [I, L, Z, K, E, H] on device."""
         raise NotImplementedError
 
     def codes_finite(self, codes: np.ndarray) -> bool:
-        """Whether host codes [N, *code_shape] decode to finite values only (index codes always do)."""
+        """Whether host codes [I, *code_shape] decode to finite values only (index codes always do)."""
         return True
 
     def _check_codes(self, codes: Any) -> None:
         want = self.vector_code_shape()
         if codes.ndim != 5 + len(want) or tuple(codes.shape[5:]) != want or codes.shape[2] != 2:
             raise CodecError(f"{self.name} codes of shape {tuple(codes.shape)}: expected "
-                             f"[N, Lm, 2, K, T, {', '.join(map(str, want))}]")
+                             f"[I, L, Z, K, E, {', '.join(map(str, want))}]")
         if np.dtype(codes.dtype) != self.code_dtype:
             raise CodecError(f"{self.name} codes have dtype {codes.dtype}, expected {self.code_dtype}")
 
     def _check_kv(self, kv: Any) -> None:
         if kv.ndim != 6 or kv.shape[2] != 2 or kv.shape[-1] != self.head_dim:
             raise CodecError(f"{self.name} codec: kv of shape {tuple(kv.shape)} is not "
-                             f"[N, Lm, 2, K, T, {self.head_dim}]")
+                             f"[I, L, Z, K, E, {self.head_dim}]")
 
     # ------------------------------------------------------------------ persistence
     def state(self) -> dict[str, Any]:
@@ -382,23 +382,23 @@ def _split(x: Array, split_idx: np.ndarray) -> Array:
 
 
 @functools.partial(jax.jit, static_argnames=("batch",))
-def _pq_encode(x_NLZKTH: Array, cb_LZKMCD: Array, split_idx: Array, batch: int) -> Array:
-    """Nearest centroid per subspace -> codes [N, Lm, 2, K, T, M] uint8."""
-    K = x_NLZKTH.shape[3]
-    cb = jnp.broadcast_to(cb_LZKMCD, cb_LZKMCD.shape[:2] + (K,) + cb_LZKMCD.shape[3:])
+def _pq_encode(x_ILZKEH: Array, cb_LZKUAD: Array, split_idx: Array, batch: int) -> Array:
+    """Nearest centroid per subspace -> codes [I, L, Z, K, E, U] uint8."""
+    K = x_ILZKEH.shape[3]
+    cb = jnp.broadcast_to(cb_LZKUAD, cb_LZKUAD.shape[:2] + (K,) + cb_LZKUAD.shape[3:])
     c2 = jnp.sum(cb * cb, axis=-1)  # [Lm, 2, K, M, C]
 
-    def one(x_LZKTH):
-        xs = _split(x_LZKTH.astype(jnp.float32), split_idx)  # [Lm, 2, K, T, M, d]
+    def one(x_LZKEH):
+        xs = _split(x_LZKEH.astype(jnp.float32), split_idx)  # [L, Z, K, E, U, d]
         dot = jnp.einsum("lzktmd,lzkmcd->lzktmc", xs, cb)
         return jnp.argmin(c2[:, :, :, None] - 2.0 * dot, axis=-1).astype(jnp.uint8)
 
-    return jax.lax.map(one, x_NLZKTH, batch_size=batch)
+    return jax.lax.map(one, x_ILZKEH, batch_size=batch)
 
 
 @functools.partial(jax.jit, static_argnames=("remap",))
 def _pq_decode(codes: Array, flat_cb: Array, base: Array, dec_cols: Array, remap: bool) -> Array:
-    """codes [N, Lm, 2, K, T, M] -> [N, Lm, 2, K, T, H]: one gather from the flat codebook."""
+    """codes [I, L, Z, K, E, U] -> [I, L, Z, K, E, H]: one gather from the flat codebook."""
     idx = codes.astype(jnp.int32) + base  # base [Lm, 2, K, 1, M]
     v = flat_cb.at[idx].get(mode="promise_in_bounds")  # [..., M, dmax]
     v = v.reshape(v.shape[:-2] + (v.shape[-2] * v.shape[-1],))
@@ -479,7 +479,7 @@ class PQCodec(Codec):
 
     # ------------------------------------------------------------------ training
     def fit(self, sample: Any, **kwargs: Any) -> "PQCodec":
-        """Train codebooks on sample kv [N, Lm, 2, K, T, H] (a MemoryKV: masked slots are skipped).
+        """Train codebooks on sample kv [I, L, Z, K, E, H] (a MemoryKV: masked slots are skipped).
 
         Returns a new fitted PQCodec (self is unchanged). Keyword overrides: iters, train_vectors,
         seed.
@@ -493,15 +493,15 @@ class PQCodec(Codec):
         self._check_kv(kv)
         N, Lm, _, K, T, H = kv.shape
         x = np.asarray(kv)  # any float dtype; only the chosen rows are converted to float32
-        valid_NT = np.ones((N, T), bool) if mask is None else mask.astype(bool)
-        if valid_NT.shape != (N, T):
-            raise CodecError(f"sample mask of shape {valid_NT.shape}, expected {(N, T)}")
+        valid_IE = np.ones((N, T), bool) if mask is None else mask.astype(bool)
+        if valid_IE.shape != (N, T):
+            raise CodecError(f"sample mask of shape {valid_IE.shape}, expected {(N, T)}")
         Kc = K if self.per_head else 1
         # rows of one codebook: (memory, token) per head, or (memory, head, token) when shared.
         if self.per_head:
-            rows = np.argwhere(valid_NT)  # [(n, t)]
+            rows = np.argwhere(valid_IE)  # [(n, t)]
         else:
-            v = np.broadcast_to(valid_NT[:, None, :], (N, K, T))
+            v = np.broadcast_to(valid_IE[:, None, :], (N, K, T))
             rows = np.argwhere(v)  # [(n, k, t)]
         if len(rows) == 0:
             raise CodecError("pq fit: the sample has no valid (unmasked) vectors")
@@ -581,12 +581,12 @@ def make_codec(codec: "str | Codec", head_dim: int, **options: Any) -> Codec:
     return _CODECS[codec](head_dim, **options)
 
 
-def relative_error(x: Any, y: Any, mask_NT: Any = None) -> float:
-    """||x - y|| / ||x|| over [N, Lm, 2, K, T, H] (only unmasked token slots when mask [N, T])."""
+def relative_error(x: Any, y: Any, mask_IE: Any = None) -> float:
+    """||x - y|| / ||x|| over [I, L, Z, K, E, H] (only unmasked token slots when mask [I, E])."""
     x = np.asarray(jnp.asarray(x, jnp.float32)) if isinstance(x, jax.Array) else np.asarray(x, np.float32)
     y = np.asarray(jnp.asarray(y, jnp.float32)) if isinstance(y, jax.Array) else np.asarray(y, np.float32)
-    if mask_NT is not None:
-        m = np.asarray(mask_NT, bool)[:, None, None, None, :, None]
+    if mask_IE is not None:
+        m = np.asarray(mask_IE, bool)[:, None, None, None, :, None]
         x, y = x * m, y * m
     den = float(np.sqrt(np.sum(x.astype(np.float64) ** 2)))
     return float(np.sqrt(np.sum((x.astype(np.float64) - y) ** 2))) / max(den, 1e-30)

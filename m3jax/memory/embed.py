@@ -28,6 +28,11 @@ from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors import safe_open
+from tokenizers import Tokenizer as HFTokenizer
+from tqdm.auto import tqdm
+
+from m3jax.assets import minilm_dir
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -160,8 +165,6 @@ def load_bert(model_dir: str, dtype: Any = jnp.float32) -> tuple[BertConfig, Par
     A `bert.` name prefix (BertFor* checkpoints) is accepted. Missing tensors raise KeyError
     naming the tensor and the file.
     """
-    from safetensors import safe_open
-
     _require_dir(model_dir)
     with open(_require_file(os.path.join(model_dir, "config.json")), encoding="utf-8") as f:
         cfg = BertConfig.from_hf(json.load(f))
@@ -283,11 +286,7 @@ class SentenceEmbedder:
 
     def __init__(self, model_dir: str | None = None, *, max_len: int = 128, batch_size: int = 64,
                  show_progress: bool = False):
-        from tokenizers import Tokenizer as HFTokenizer
-
         if model_dir is None:
-            from m3jax.assets import minilm_dir
-
             model_dir = minilm_dir()
         _require_dir(model_dir)
         tok_path = _require_file(os.path.join(model_dir, "tokenizer.json"))
@@ -350,8 +349,6 @@ class SentenceEmbedder:
         out = np.zeros((n, self.dim), np.float32)
         bar = None
         if self.show_progress and n > self.batch_size:
-            from tqdm.auto import tqdm
-
             bar = tqdm(total=n, desc="embed", unit="text")
         for idx, tok, mask in batches:
             out[idx] = np.asarray(self._run(tok, mask))[:len(idx)]

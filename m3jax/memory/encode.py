@@ -35,65 +35,65 @@ Array = jax.Array
 _NEG = -1e30
 
 
-def token_scores(q_NRKGH: Array, k_NRKH: Array, valid_NR: Array, *, score: str, group_reduce: str,
-                 v_NRKH: Array | None = None) -> Array:
-    """Log importance of each reference token per kv head: [N, K, R] (very negative for padding).
+def token_scores(q_IRKGH: Array, k_IRKH: Array, valid_IR: Array, *, score: str, group_reduce: str,
+                 v_IRKH: Array | None = None) -> Array:
+    """Log importance of each reference token per kv head: [I, K, R] (very negative for padding).
 
     Returned in log space for every score so that the top-k and the group reduction are stable.
-    `score="value_norm"` needs the values `v_NRKH` (and ignores q, k and `group_reduce`).
+    `score="value_norm"` needs the values `v_IRKH` (and ignores q, k and `group_reduce`).
     """
     if score == "value_norm":
-        if v_NRKH is None:
-            raise ValueError("score='value_norm' needs the values v_NRKH")
-        v = v_NRKH.astype(jnp.float32)
-        logw_NKR = 0.5 * jnp.log(jnp.maximum(jnp.einsum("NRKH,NRKH->NKR", v, v), 1e-30))
-        return jnp.where(valid_NR[:, None, :], logw_NKR, _NEG)
-    H = q_NRKGH.shape[-1]
-    q = q_NRKGH.astype(jnp.float32)
-    k = k_NRKH.astype(jnp.float32)
-    logits = jnp.einsum("NIKGH,NJKH->NKGIJ", q, k) * H ** -0.5
-    cand = valid_NR[:, None, None, None, :]
+        if v_IRKH is None:
+            raise ValueError("score='value_norm' needs the values v_IRKH")
+        v = v_IRKH.astype(jnp.float32)
+        logw_IKR = 0.5 * jnp.log(jnp.maximum(jnp.einsum("IRKH,IRKH->IKR", v, v), 1e-30))
+        return jnp.where(valid_IR[:, None, :], logw_IKR, _NEG)
+    H = q_IRKGH.shape[-1]
+    q = q_IRKGH.astype(jnp.float32)
+    k = k_IRKH.astype(jnp.float32)
+    logits = jnp.einsum("IRKGH,IJKH->IKGRJ", q, k) * H ** -0.5  # query positions R, candidates J
+    cand = valid_IR[:, None, None, None, :]
     logits = jnp.where(cand, logits, _NEG)
-    query_ok = valid_NR[:, None, None, :, None]
+    query_ok = valid_IR[:, None, None, :, None]
     if score == "softmax":
         contrib = jnp.where(query_ok, jax.nn.softmax(logits, axis=-1), 0.0)
-        w = jnp.sum(contrib, axis=3)  # [N, K, G, J]
-        logw_NKGJ = jnp.log(jnp.maximum(w, 1e-30))
+        w = jnp.sum(contrib, axis=3)  # [I, K, G, J]
+        logw_IKGJ = jnp.log(jnp.maximum(w, 1e-30))
     elif score == "exp":
-        logw_NKGJ = jax.nn.logsumexp(jnp.where(query_ok, logits, _NEG), axis=3)
+        logw_IKGJ = jax.nn.logsumexp(jnp.where(query_ok, logits, _NEG), axis=3)
     else:
         raise ValueError(f"unknown score {score!r}")
     if group_reduce == "sum":
-        logw_NKJ = jax.nn.logsumexp(logw_NKGJ, axis=2)
+        logw_IKJ = jax.nn.logsumexp(logw_IKGJ, axis=2)
     elif group_reduce == "max":
-        logw_NKJ = jnp.max(logw_NKGJ, axis=2)
+        logw_IKJ = jnp.max(logw_IKGJ, axis=2)
     else:
         raise ValueError(f"unknown group_reduce {group_reduce!r}")
-    return jnp.where(valid_NR[:, None, :], logw_NKJ, _NEG)
+    return jnp.where(valid_IR[:, None, :], logw_IKJ, _NEG)
 
 
-def select_tokens(logw_NKR: Array, valid_NR: Array, top: int) -> tuple[Array, Array]:
-    """Indices [N, K, T] of the `top` best-scored valid tokens (ascending positions, invalid
-    slots last and pointing at position 0) and the slot mask [N, T]."""
-    R = logw_NKR.shape[-1]
+def select_tokens(logw_IKR: Array, valid_IR: Array, top: int) -> tuple[Array, Array]:
+    """Indices [I, K, E] of the `top` best-scored valid tokens (ascending positions, invalid
+    slots last and pointing at position 0) and the slot mask [I, E]."""
+    R = logw_IKR.shape[-1]
     top_eff = min(top, R)
-    _, idx = jax.lax.top_k(logw_NKR, top_eff)
-    n_valid = jnp.sum(valid_NR, axis=-1)  # [N]
-    slot_ok_NT = jnp.arange(top_eff)[None, :] < n_valid[:, None]
-    idx = jnp.where(slot_ok_NT[:, None, :], idx, R)
+    _, idx = jax.lax.top_k(logw_IKR, top_eff)
+    n_valid = jnp.sum(valid_IR, axis=-1)  # [I]
+    slot_ok_IE = jnp.arange(top_eff)[None, :] < n_valid[:, None]
+    idx = jnp.where(slot_ok_IE[:, None, :], idx, R)
     idx = jnp.sort(idx, axis=-1)  # valid positions ascending, sentinel R last
     if top_eff < top:  # references padded shorter than `top`: pad with invalid slots
         idx = jnp.pad(idx, ((0, 0), (0, 0), (0, top - top_eff)), constant_values=R)
-        slot_ok_NT = jnp.pad(slot_ok_NT, ((0, 0), (0, top - top_eff)))
-    return jnp.where(idx == R, 0, idx), slot_ok_NT
+        slot_ok_IE = jnp.pad(slot_ok_IE, ((0, 0), (0, top - top_eff)))
+    return jnp.where(idx == R, 0, idx), slot_ok_IE
 
 
 def encode(params: Params, config: ModelConfig, ref_tokens: Array, ref_mask: Array) -> MemoryKV:
-    """Encode N references into N memories.
+    """Encode I references into I memories.
 
-    ref_tokens: int [N, R] with R <= reference_len (valid tokens first, padding after),
-    ref_mask: bool [N, R]. Returns `MemoryKV` with kv [N, Lm, 2, K, T, H] (keys post-RoPE at
-    their positions r..r+R-1 of the encoding sequence) and mask [N, T]. Jittable (config static);
+    ref_tokens: int [I, R] with R <= reference_len (valid tokens first, padding after),
+    ref_mask: bool [I, R]. Returns `MemoryKV` with kv [I, L, Z, K, E, H] (L: the memory layers) (keys post-RoPE at
+    their positions r..r+R-1 of the encoding sequence) and mask [I, E]. Jittable (config static);
     differentiable with respect to params through the gathered keys and values.
     """
     c = config
@@ -101,22 +101,22 @@ def encode(params: Params, config: ModelConfig, ref_tokens: Array, ref_mask: Arr
     ref_mask = jnp.asarray(ref_mask, bool)
     if ref_tokens.ndim != 2 or ref_tokens.shape != ref_mask.shape:
         raise ValueError(f"ref_tokens {tuple(ref_tokens.shape)} and ref_mask {tuple(ref_mask.shape)} "
-                         "must both be [N, R]")
-    N, R = ref_tokens.shape
-    K, G, H, T = c.num_kv_heads, c.group_size, c.head_dim, c.tokens_per_memory
+                         "must both be [I, R]")
+    n, R = ref_tokens.shape
+    K, G, H, E = c.num_kv_heads, c.group_size, c.head_dim, c.tokens_per_memory
 
     def per_layer(q_pre, k_pre, k_post, v):
-        logw = token_scores(q_pre.reshape(N, R, K, G, H), k_pre, ref_mask,
-                            score=c.score, group_reduce=c.group_reduce, v_NRKH=v)
-        idx_NKT, slot_ok = select_tokens(logw, ref_mask, T)
-        gather = jax.vmap(jax.vmap(lambda x_RH, i_T: x_RH[i_T], in_axes=(1, 0)), in_axes=(0, 0))
-        k_sel = gather(k_post, idx_NKT)  # [N, K, T, H]
-        v_sel = gather(v, idx_NKT)
-        return jnp.stack([k_sel, v_sel], axis=1), slot_ok  # [N, 2, K, T, H]
+        logw = token_scores(q_pre.reshape(n, R, K, G, H), k_pre, ref_mask,
+                            score=c.score, group_reduce=c.group_reduce, v_IRKH=v)
+        idx_IKE, slot_ok = select_tokens(logw, ref_mask, E)
+        gather = jax.vmap(jax.vmap(lambda x_RH, i_E: x_RH[i_E], in_axes=(1, 0)), in_axes=(0, 0))
+        k_sel = gather(k_post, idx_IKE)  # [I, K, E, H]
+        v_sel = gather(v, idx_IKE)
+        return jnp.stack([k_sel, v_sel], axis=1), slot_ok  # [I, Z, K, E, H]
 
-    kv_LNZKTH, ok_LNT = encode_states(params, c, ref_tokens, ref_mask, per_layer)
-    kv = jnp.transpose(kv_LNZKTH, (1, 0, 2, 3, 4, 5))
-    return MemoryKV(kv, ok_LNT[0])
+    kv_LIZKEH, ok_LIE = encode_states(params, c, ref_tokens, ref_mask, per_layer)
+    kv = jnp.transpose(kv_LIZKEH, (1, 0, 2, 3, 4, 5))
+    return MemoryKV(kv, ok_LIE[0])
 
 
 @functools.partial(jax.jit, static_argnums=(1,))

@@ -148,7 +148,7 @@ def _as_ids(ids: Any, n: int, name: str = "ids") -> np.ndarray:
     return a
 
 
-def _exact_topk(db: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def exact_topk(db: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Positions [q, k] and scores [q, k] of the k largest q @ db.T per row, best first.
     Ties go to the lower position. Computed in query blocks to bound memory."""
     n = db.shape[0]
@@ -234,7 +234,7 @@ class VectorIndex:
             if len(q) == 0:
                 return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
             if self.method == "exact":
-                pos, sc = _exact_topk(self._vectors, q, k)
+                pos, sc = exact_topk(self._vectors, q, k)
                 return self._ids[pos], sc
             return self._search_scann(q, k)
 
@@ -406,7 +406,7 @@ def _load_scann(sdir: str, count: int) -> Any:
     """The ScaNN searcher serialized in `sdir`, built from its assets without unpickling anything
     (what `scann_ops_pybind.load_searcher` does, less its pickle of docids: the docids of our
     searchers are always the positions 0..count-1)."""
-    from scann.scann_ops.py import scann_ops_pybind
+    from scann.scann_ops.py import scann_ops_pybind  # local: heavy, and exact indexes need no ScaNN
 
     assets_path = os.path.join(sdir, _SCANN_ASSETS)
     for name in (_SCANN_ASSETS, _SCANN_CONFIG):
@@ -435,7 +435,7 @@ def _load_scann(sdir: str, count: int) -> Any:
 
 
 def _build_scann(v: np.ndarray, p: ScannParams) -> Any:
-    from scann.scann_ops.py import scann_ops_pybind
+    from scann.scann_ops.py import scann_ops_pybind  # local: heavy, and exact indexes need no ScaNN
 
     n = len(v)
     b = scann_ops_pybind.builder(v, min(10, n), "dot_product")

@@ -37,12 +37,17 @@ refused the same way everywhere, with its file and line.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
 import re
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
+
+from m3jax.memory.errors import BankError
 
 _SENTENCE_END = re.compile(r"[.!?;:][\"'\)\]\u201d\u2019»]*$")
 
@@ -167,6 +172,100 @@ def pad_references(refs: Iterable[Reference], length: int, pad_id: int = 0) -> t
     return tokens, mask
 
 
+# ---------------------------------------------------------------------- many references as arrays
+INFO_FIELDS = ("length", "doc_id", "char_start", "char_end")  # the bank's refs/info columns
+
+
+@dataclasses.dataclass
+class ReferenceBatch:
+    """N references as NumPy columns, the form a memory bank stores and returns
+    (`MemoryBank.metadata`): the same fields as `Reference`, one row per reference.
+
+    tokens [N, R] int32 (token ids, padded with pad_id), lengths [N] int32, doc_id [N] int64,
+    char_start [N] int64, char_end [N] int64 (character span in the document). `of(references)`
+    makes one from `Reference`s, `references(ids)` gives them back.
+    """
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    doc_id: np.ndarray
+    char_start: np.ndarray
+    char_end: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.lengths.shape[0])
+
+    def take(self, idx: Any) -> "ReferenceBatch":
+        return ReferenceBatch(*(np.asarray(getattr(self, f.name))[idx] for f in dataclasses.fields(self)))
+
+    @staticmethod
+    def concat(items: "Sequence[ReferenceBatch]") -> "ReferenceBatch":
+        return ReferenceBatch(*(np.concatenate([getattr(m, f.name) for m in items])
+                                for f in dataclasses.fields(ReferenceBatch)))
+
+    def info(self) -> np.ndarray:
+        """[N, 4] int64: (length, doc_id, char_start, char_end), the stored layout (INFO_FIELDS)."""
+        return np.stack([self.lengths, self.doc_id, self.char_start, self.char_end], 1).astype(np.int64)
+
+    @classmethod
+    def from_info(cls, tokens: np.ndarray, info: np.ndarray) -> "ReferenceBatch":
+        return cls(tokens, info[:, 0].astype(np.int32), info[:, 1], info[:, 2], info[:, 3])
+
+    @classmethod
+    def of(cls, references: Sequence[Reference], reference_len: int, pad_id: int = 0) -> "ReferenceBatch":
+        """The columns of `references` (each of 1..reference_len tokens), tokens padded with pad_id."""
+        for i, r in enumerate(references):
+            if not isinstance(r, Reference):
+                raise BankError(f"reference {i} is a {type(r).__name__}, not an m3jax.memory.references.Reference")
+            if len(r.tokens) == 0:
+                raise BankError(f"reference {i} has no tokens")
+            if len(r.tokens) > reference_len:
+                raise BankError(f"reference {i} has {len(r.tokens)} tokens, more than reference_len={reference_len}")
+        tokens, mask = pad_references(references, reference_len, pad_id)
+        info = np.array([(r.doc_id, r.char_start, r.char_end) for r in references], np.int64).reshape(-1, 3)
+        return cls(tokens, mask.sum(1).astype(np.int32), info[:, 0], info[:, 1], info[:, 2])
+
+    def references(self, ids: Sequence[int] | None = None) -> list[Reference]:
+        """The rows as `Reference`s; `ids` are their reference ids (default 0..N-1)."""
+        ids = range(len(self)) if ids is None else ids
+        return [Reference(int(i), int(self.doc_id[j]), int(self.char_start[j]), int(self.char_end[j]),
+                          tuple(int(t) for t in self.tokens[j, : self.lengths[j]]))
+                for j, i in enumerate(ids)]
+
+    @classmethod
+    def coerce(cls, meta: "ReferenceBatch | dict[str, Any]", n: int, reference_len: int,
+               pad_id: int = 0) -> "ReferenceBatch":
+        """Validate (and convert a dict of the field names' columns) for n references of R tokens;
+        shorter token rows are padded with `pad_id`."""
+        if isinstance(meta, dict):
+            missing = [f.name for f in dataclasses.fields(cls) if f.name not in meta]
+            if missing:
+                raise BankError(f"metadata dict lacks {missing}; it needs tokens [N, R], lengths, "
+                                f"doc_id, char_start, char_end [N]")
+            meta = cls(**{f.name: meta[f.name] for f in dataclasses.fields(cls)})
+        tokens = np.asarray(meta.tokens)
+        if tokens.ndim != 2 or tokens.shape[0] != n or tokens.shape[1] > reference_len:
+            raise BankError(f"metadata tokens of shape {tokens.shape}: expected [{n}, <= {reference_len}]")
+        if tokens.shape[1] < reference_len:
+            tokens = np.pad(tokens, ((0, 0), (0, reference_len - tokens.shape[1])), constant_values=pad_id)
+        out = [tokens.astype(np.int32)]
+        for f, dt in (("lengths", np.int32), ("doc_id", np.int64), ("char_start", np.int64),
+                      ("char_end", np.int64)):
+            a = np.asarray(getattr(meta, f))
+            if a.shape != (n,):
+                raise BankError(f"metadata {f} of shape {a.shape}: expected ({n},)")
+            if not np.issubdtype(a.dtype, np.integer):
+                raise BankError(f"metadata {f} must hold integers, got dtype {a.dtype}")
+            out.append(a.astype(dt))
+        m = cls(*out)
+        if np.any(m.lengths < 0) or np.any(m.lengths > reference_len):
+            raise BankError(f"metadata lengths must be in [0, {reference_len}], got {m.lengths}")
+        return m
+
+
+ReferenceMeta = ReferenceBatch  # its former name (m3jax.memory.bank.ReferenceMeta)
+
+
 # ---------------------------------------------------------------------- corpus files
 class CorpusError(ValueError):
     """A corpus file that cannot be read; the message names the file and the line."""
@@ -201,9 +300,6 @@ def read_jsonl_corpus(path: str, *, missing_id: str = "line") -> list[CorpusDocu
     documents under one id would be read with the other one's text). Anything else that is wrong
     (bytes that are not UTF-8, a line that is not a JSON object, wrong field types) raises
     CorpusError naming the file and the line; a missing file FileNotFoundError."""
-    import hashlib
-    import json
-
     if missing_id not in _MISSING_IDS:
         raise ValueError(f"missing_id must be one of {_MISSING_IDS}, got {missing_id!r}")
     if not os.path.exists(path):

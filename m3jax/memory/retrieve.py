@@ -5,6 +5,10 @@
     candidates --overlap filter (drop overlap > threshold with the filter text)--> top-k ids
     top-k ids --LRU cache / bank.gather--> MemoryKV (masked where no reference is left)
 
+Evaluation filters every query against the whole text of its sequence (`SequenceFilter`,
+`Retriever.per_sequence`); `chunk_queries` and `rag_prompt` are the queries a sequence retrieves with
+and the context RAG reads.
+
 Adjacent chunks often retrieve the same references, so decoded memories are kept in a host LRU
 cache (MEMORY3.md allows a RAM cache of recently used memories). All counters are in `stats`.
 """
@@ -12,12 +16,12 @@ cache (MEMORY3.md allows a RAM cache of recently used memories). All counters ar
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 import time
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
-import jax.numpy as jnp
 import numpy as np
 
 from m3jax.memory.embed import Embedder
@@ -258,3 +262,105 @@ class Retriever:
         """Queries (token chunks or texts) -> (ids [n, k], MemoryKV of n * k memories)."""
         ids = self.search(queries, filter_tokens=filter_tokens, threshold=threshold, prepared=prepared)
         return ids, self.memories(ids)
+
+    def per_sequence(self, threshold: float | None = None) -> "SequenceFilter":
+        """This retriever as a memory source whose leakage filter compares each query's references
+        with the whole text of its sequence (`SequenceFilter`; threshold default: this retriever's)."""
+        return SequenceFilter(self, self.threshold if threshold is None else threshold)
+
+
+# ---------------------------------------------------------------------- queries and RAG contexts
+def chunk_queries(tokens: Sequence[int], chunk_size: int, chunks: int) -> list[list[int]]:
+    """The retrieval queries of the first `chunks` chunks of a sequence: each chunk's own tokens
+    (empty past the end of the sequence: such a query retrieves nothing)."""
+    return [[int(t) for t in tokens[c * chunk_size:(c + 1) * chunk_size]] for c in range(chunks)]
+
+
+def rag_tokens(references: Sequence[Sequence[int]], room: int | None = None) -> list[int]:
+    """The tokens RAG puts in the context: the references' tokens in order, cut from the left to
+    at most `room` tokens (None: all)."""
+    flat = [int(t) for r in references for t in r]
+    if room is not None and len(flat) > max(room, 0):
+        flat = flat[len(flat) - max(room, 0):]
+    return flat
+
+
+def rag_prompt(prompt: Sequence[int], references: Sequence[Sequence[int]], room: int | None = None) -> list[int]:
+    """A RAG prompt: the prompt's first token (BOS), `rag_tokens(references, room)`, then the rest
+    of the prompt."""
+    return [int(prompt[0])] + rag_tokens(references, room) + [int(t) for t in prompt[1:]]
+
+
+# ---------------------------------------------------------------------- the leakage filter per sequence
+class SequenceFilter:
+    """A memory source (`m3jax.decode.MemorySource`) over a retriever, whose leakage filter compares
+    every query's references with the whole text of the sequence the query comes from, not with
+    the query chunk alone: at evaluation a knowledge base that holds the evaluated text verbatim
+    must not hand it to the model, whichever chunk retrieves.
+
+        source = retriever.per_sequence()               # or SequenceFilter(retriever, threshold)
+        gen = Generator(params, config, tokenizer, source)
+        with source.sequences([p[1:] for p in prompts]):  # the text each sequence must not read
+            gen.generate(prompts, mode="memory")
+
+    Queries come sequence-major, the same number for every sequence of the batch (a prefill asks
+    batch x chunks, a memory swap or a RAG retrieval one per sequence): query i of n belongs to
+    sequence i // (n // batch). Outside `sequences` it is the plain retriever. `reference_room`:
+    per sequence, the RAG references are cut from the left to that many tokens (so that the
+    prompt fits a KV cache). `retriever` needs `search(queries, filter_tokens=, threshold=)`,
+    `memories(ids)`, `reference_tokens(ids)` and `k` (`Retriever` has them; its `prepare` is used
+    when present).
+    """
+
+    def __init__(self, retriever: Any, threshold: float = EVAL_THRESHOLD):
+        self.retriever, self.k, self.threshold = retriever, retriever.k, threshold
+        self._filters: list[list[int]] | None = None
+        self._room: Sequence[int] | None = None
+        self._threshold = threshold
+        prepare = getattr(retriever, "prepare", None)
+        if prepare is not None:  # the Generator starts the query embedding early through it
+            self.prepare = prepare
+
+    @contextlib.contextmanager
+    def sequences(self, filter_tokens: Sequence[Sequence[int]], *, reference_room: Sequence[int] | None = None,
+                  threshold: float | None = None) -> Iterator["SequenceFilter"]:
+        """Within the block, queries are filtered against `filter_tokens[b]` of their sequence b
+        (threshold default: this source's)."""
+        if not len(filter_tokens):
+            raise ValueError("give the filter text of at least one sequence")
+        if reference_room is not None and len(reference_room) != len(filter_tokens):
+            raise ValueError(f"{len(reference_room)} reference rooms for {len(filter_tokens)} sequences")
+        saved = self._filters, self._room, self._threshold
+        self._filters = [[int(t) for t in f] for f in filter_tokens]
+        self._room = reference_room
+        self._threshold = self.threshold if threshold is None else threshold
+        try:
+            yield self
+        finally:
+            self._filters, self._room, self._threshold = saved
+
+    def search(self, queries: Sequence[Any], **kwargs: Any) -> np.ndarray:
+        """Reference ids [n, k] (-1 = none) of the queries, filtered per sequence."""
+        if self._filters is None:
+            return self.retriever.search(queries, **kwargs)
+        per = max(1, len(queries) // len(self._filters))
+        filters = [self._filters[min(i // per, len(self._filters) - 1)] for i in range(len(queries))]
+        return self.retriever.search(queries, filter_tokens=filters, threshold=self._threshold, **kwargs)
+
+    def retrieve(self, queries: Sequence[Any], *, prepared: Callable[[], np.ndarray] | None = None
+                 ) -> tuple[np.ndarray, MemoryKV]:
+        """Queries -> (ids [n, k], MemoryKV of n * k memories), filtered per sequence."""
+        ids = self.search(queries, **({} if prepared is None else {"prepared": prepared}))
+        return ids, self.retriever.memories(ids)
+
+    def reference_tokens(self, ids: np.ndarray) -> list[list[list[int]]]:
+        """Token ids of the references `ids` [n, k]; with a reference room, each row's tokens as
+        one reference cut from the left to its sequence's room."""
+        refs = self.retriever.reference_tokens(ids)
+        if self._room is None:
+            return refs
+        out = []
+        for row, room in zip(refs, self._room):
+            flat = rag_tokens(row, room)
+            out.append([flat] if flat else [])
+        return out

@@ -32,17 +32,18 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import grain
+import jax
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from m3jax.assets import file_sha256
+from m3jax.assets import file_sha256, wiki_leads
 from m3jax.tokenizer import Tokenizer, train_bpe
+from m3jax.train.split import DEFAULT_HELDOUT_FRACTION, heldout_key, is_heldout  # noqa: F401 - also re-exported
 
 log = logging.getLogger(__name__)
 
 DATASET_NAME = "m3jax_text"
-DEFAULT_HELDOUT_FRACTION = 0.05
 SPLITS = ("train", "heldout")
 _VERSION = "1.0.0"
 
@@ -107,26 +108,10 @@ class DataConfig:
         """(shard_index, shard_count): explicit, or this JAX process among all processes."""
         if self.shard_count is not None:
             return self.shard_index, self.shard_count
-        import jax
-
         return jax.process_index(), jax.process_count()
 
 
 # ====================================================================== the TFDS builder
-def heldout_key(title: str, text: str) -> str:
-    """What decides a document's split: its title, or its text when it has no title (stable when
-    documents are added or reordered; duplicates of a title land in the same split)."""
-    return title if title else text
-
-
-def is_heldout(key: str, fraction: float) -> bool:
-    """Deterministic held-out membership: the first 8 bytes of sha256(key) as a fraction of 2**64."""
-    if fraction <= 0:
-        return False
-    h = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big")
-    return h < fraction * 2.0**64
-
-
 @dataclasses.dataclass(eq=False)
 class TextCorpusConfig(tfds.core.BuilderConfig):
     """A `m3jax_text` config: which corpus (None: shipped Wikipedia leads) and the held-out fraction."""
@@ -235,8 +220,6 @@ class M3jaxText(tfds.core.GeneratorBasedBuilder):
     def _documents(self) -> list[dict[str, Any]]:
         cfg = self.builder_config
         if cfg.corpus is None:
-            from m3jax.assets import wiki_leads
-
             return [dataclasses.asdict(a) for a in wiki_leads()]
         return _jsonl_documents(cfg.corpus)
 

@@ -25,8 +25,14 @@ import os
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
+from m3jax.memory.bank import MemoryBank
+from m3jax.memory.build import default_embedder, embed_cached
+from m3jax.memory.index import VectorIndex
 from m3jax.memory.overlap import TRAIN_THRESHOLD
+from m3jax.memory.references import split_references
+from m3jax.memory.retrieve import Retriever
 
 
 def pair_references(tokens: np.ndarray, loss_mask: np.ndarray, retriever, *, chunk_size: int = 64,
@@ -38,8 +44,6 @@ def pair_references(tokens: np.ndarray, loss_mask: np.ndarray, retriever, *, chu
     retriever: a `Retriever` (search only is enough) with k >= 1; its best surviving
     candidate is taken.
     """
-    from tqdm.auto import tqdm
-
     tokens = np.asarray(tokens)
     loss_mask = np.asarray(loss_mask, bool)
     n, T = tokens.shape
@@ -123,8 +127,6 @@ def bank_reference_fn(bank_path: str, reference_len: int, pad_id: int, vocab_siz
     """Like `reference_lookup`, reading the references' token ids from the memory bank at
     `bank_path` (TensorStore; any kvstore URL: gs://, file://, memory://, or a path), batch by
     batch: for a bank too large to hold its references in host memory."""
-    from m3jax.memory.bank import MemoryBank
-
     bank = MemoryBank.open(bank_path)
     bc = bank.config
     if vocab_size is not None and bc.vocab_size != vocab_size:
@@ -177,8 +179,6 @@ class CorpusPairs:
     @property
     def index(self):
         if self._index is None:
-            from m3jax.memory.index import VectorIndex
-
             if not os.path.exists(self.embeddings_path):
                 raise FileNotFoundError(f"{self.embeddings_path} is missing: delete the pairs file to pair anew")
             self._index = VectorIndex.build(np.load(self.embeddings_path),
@@ -209,8 +209,6 @@ def pair_corpus(documents: Sequence[tuple[int, str]], rows: Mapping[str, np.ndar
     embedder: the sentence encoder (default: `default_embedder()`, MiniLM, loaded only if needed).
     index_dir: also save the reference index there (a knowledge base's `index/`).
     """
-    from m3jax.memory.references import split_references
-
     documents = list(documents)
     refs = split_references(documents, tokenizer, max_tokens=reference_len)
     if not refs:
@@ -223,10 +221,6 @@ def pair_corpus(documents: Sequence[tuple[int, str]], rows: Mapping[str, np.ndar
         if index_dir is not None and not os.path.exists(os.path.join(index_dir, "index.json")):
             out.index.save(index_dir)
         return out
-    from m3jax.memory.build import default_embedder, embed_cached
-    from m3jax.memory.index import VectorIndex
-    from m3jax.memory.retrieve import Retriever
-
     texts = dict(documents)
     embedder = embedder if embedder is not None else default_embedder()
     vecs = embed_cached([r.text(texts[r.doc_id]) for r in refs], embedder, embeddings_path,

@@ -36,6 +36,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from m3jax.config import ModelConfig
+from m3jax.eval import QA_TEMPLATE
+from m3jax.facts import make_facts
+from m3jax.memory.build import default_embedder, embed_cached
+from m3jax.memory.references import split_references
 from m3jax.train.pairs import PairedRows
 
 
@@ -119,9 +123,6 @@ def reading_rows(documents: Sequence[Mapping[str, Any]], tokenizer, config: Mode
     embeddings_path: a .npy cache of the documents' first-reference embeddings (resumable).
     Returns rows {"tokens" [n, chunks * chunk_size], "loss_mask", "ref_ids" [n, chunks]}.
     """
-    from m3jax.facts import make_facts
-    from m3jax.memory.references import split_references
-
     T, R, C = config.chunk_size, config.reference_len, mix.chunks
     bos = config.bos_id
     rng = np.random.default_rng(mix.seed)
@@ -160,9 +161,6 @@ def reading_rows(documents: Sequence[Mapping[str, Any]], tokenizer, config: Mode
     # ------------------------------------------------------------ the corpus: QA and text
     docs = [d for d in documents if str(d.get("text", "")).strip()]
     if docs and (mix.qa or mix.text):
-        from m3jax.eval import QA_TEMPLATE
-        from m3jax.memory.build import default_embedder, embed_cached
-
         order = rng.permutation(len(docs))
         docs = [docs[i] for i in order[: max(mix.qa, mix.text)]]
         pieces = split_references([(k, d["text"]) for k, d in enumerate(docs)], tokenizer, max_tokens=R)

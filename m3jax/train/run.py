@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -56,7 +57,23 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from etils import epath
+from jax.experimental import multihost_utils
+
+from m3jax import sharding as S
+from m3jax.assets import wiki_leads
+from m3jax.config import MeshConfig, TrainConfig, apply_overrides, preset
+from m3jax.convert import ConvertError, load_checkpoint_dir, save_adapter_dir, save_checkpoint_dir
+from m3jax.convert import model_dir as find_model_dir
+from m3jax.memory.references import split_references
+from m3jax.model import check_params, restack
+from m3jax.distributed import maybe_initialize_distributed
+from m3jax.tokenizer import Tokenizer
+from m3jax.train.pairs import PairedRows, pair_corpus, pairs_key
+from m3jax.train.recipe import ReadingMix, describe, reading_rows
 
 STAGES = ("warmup", "continual")
 RECIPES = ("paper", "reading")
@@ -122,8 +139,6 @@ def read_bytes(path: str) -> bytes:
     if path.startswith("file://"):
         path = path[len("file://"):]
     if is_url(path):
-        from etils import epath
-
         return epath.Path(path).read_bytes()
     with open(path, "rb") as f:
         return f.read()
@@ -131,8 +146,6 @@ def read_bytes(path: str) -> bytes:
 
 def load_pairs(path: str) -> np.ndarray:
     """Reference ids int32 [rows, chunks] from an .npy file (path or URL)."""
-    import io
-
     ids = np.load(io.BytesIO(read_bytes(path)))
     if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
         raise TrainError(f"--pairs {path!r}: expected integer reference ids [rows, chunks], got "
@@ -144,8 +157,6 @@ def init_distributed(coordinator: str | None = None, num_processes: int | None =
                      process_id: int | None = None) -> bool:
     """`maybe_initialize_distributed`, forced when any argument is given. Call it before any
     JAX computation."""
-    from m3jax.distributed import maybe_initialize_distributed
-
     kwargs: dict[str, Any] = {}
     if coordinator:
         kwargs["coordinator_address"] = coordinator
@@ -158,19 +169,13 @@ def init_distributed(coordinator: str | None = None, num_processes: int | None =
 
 def barrier(name: str) -> None:
     """Wait until every process got here (no-op with one process)."""
-    import jax
-
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
 def first_on_process_0(name: str, fn: Callable[[], Any]) -> Any:
     """Process 0 runs `fn` (which prepares caches), the others wait for it and then run `fn`
     too, which then reads what process 0 wrote."""
-    import jax
-
     if jax.process_index() == 0:
         out = fn()
         barrier(name)
@@ -183,10 +188,8 @@ def first_on_process_0(name: str, fn: Callable[[], Any]) -> Any:
 def resolve_model_dir(path: str) -> str:
     """The model directory of `--model` / `--init` (`m3jax.convert.model_dir`: a model dir, a run
     dir holding `model/`, or a shipped model's name), as an absolute path."""
-    from m3jax.convert import ConvertError, model_dir
-
     try:
-        return os.path.abspath(model_dir(local_path(path, "--model")))
+        return os.path.abspath(find_model_dir(local_path(path, "--model")))
     except ConvertError as e:
         raise TrainError(f"--model {e}") from None
 
@@ -196,7 +199,7 @@ def checkpoint_stage(out: str) -> tuple[int, str] | None:
     d = os.path.join(out, "checkpoints")
     if not os.path.isdir(d) or not any(n.isdigit() for n in os.listdir(d)):
         return None
-    from m3jax.train.loop import read_meta
+    from m3jax.train.checkpoint import read_meta  # local: orbax (seconds to import), for training only
 
     meta = read_meta(out)
     return int(meta["step"]), str(meta.get("stage"))
@@ -241,8 +244,6 @@ def train_config(spec: TrainRun):
     """The TrainConfig of `spec`: its flags, then `--train-set` overrides (any field; `mesh`
     as data,fsdp,tensor). The run follows the result (an overridden seq_len, batch_size or seed
     is the data pipeline's too)."""
-    from m3jax.config import MeshConfig, TrainConfig, apply_overrides
-
     tc = TrainConfig(stage=spec.stage, seq_len=spec.seq_len, batch_size=spec.batch_size, steps=spec.steps,
                      lr=spec.lr if spec.lr is not None else DEFAULT_LR[spec.stage],
                      warmup_steps=min(spec.steps, max(1, spec.steps // 20)), seed=spec.seed,
@@ -272,8 +273,6 @@ def _write_leads(path: str, limit: int) -> None:
     """The first `limit` shipped Wikipedia leads as a JSONL corpus (atomically)."""
     if os.path.exists(path):
         return
-    from m3jax.assets import wiki_leads
-
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -284,7 +283,7 @@ def _write_leads(path: str, limit: int) -> None:
 
 
 def _prepare(dcfg) -> str:
-    from m3jax.train import data as D
+    from m3jax.train import data as D  # local: TFDS and grain (seconds to import), for training only
 
     try:
         return D.prepare(dcfg)
@@ -312,8 +311,7 @@ def continual_data(dcfg, tokenizer, model_cfg, *, cache_dir: str, pairs: str | N
     [rows, chunks]) replaces the pairing; with `bank` those ids index that memory bank.
     Concatenate more sources with `PairedRows.concat` before training.
     """
-    from m3jax.train import data as D
-    from m3jax.train.pairs import PairedRows, pair_corpus, pairs_key
+    from m3jax.train import data as D  # local: TFDS and grain (seconds to import), for training only
 
     stream = D.token_stream(dcfg, tokenizer, dcfg.split)
     packed = D.pack_rows(stream, dcfg.seq_len, tokenizer.pad_id, dcfg.pack)
@@ -330,8 +328,6 @@ def continual_data(dcfg, tokenizer, model_cfg, *, cache_dir: str, pairs: str | N
         rows["ref_ids"] = ids
         if bank is not None:
             return PairedRows(rows, None, bank=bank if is_url(bank) else os.path.abspath(bank))
-        from m3jax.memory.references import split_references
-
         refs = split_references(D.read_documents(dcfg, splits), tokenizer, max_tokens=model_cfg.reference_len)
         return PairedRows(rows, [list(r.tokens) for r in refs])
     corpus_id = D.prepare(dcfg)
@@ -348,7 +344,7 @@ def continual_data(dcfg, tokenizer, model_cfg, *, cache_dir: str, pairs: str | N
 
 
 def _iterator(rows: dict[str, np.ndarray], dcfg, blocks: bool = False):
-    import grain
+    import grain  # local: grain and TFDS (seconds to import), for training only
 
     from m3jax.train import data as D
 
@@ -361,11 +357,7 @@ def _iterator(rows: dict[str, np.ndarray], dcfg, blocks: bool = False):
 # ------------------------------------------------------------------------------ model dir
 def host_params(params):
     """The whole params on this host as numpy (gathered from every process when several)."""
-    import jax
-
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         return multihost_utils.process_allgather(params, tiled=True)
     return jax.device_get(params)
 
@@ -373,8 +365,6 @@ def host_params(params):
 def save_model_dir(directory: str, config, params, tokenizer) -> None:
     """`convert.save_checkpoint_dir`, atomically: written beside `directory`, then renamed over
     it, so that a kill never leaves a half-written model directory."""
-    from m3jax.convert import save_checkpoint_dir
-
     directory = os.path.abspath(directory)
     tmp, old = directory + ".partial", directory + ".old"
     for d in (tmp, old):
@@ -395,9 +385,7 @@ def run(spec: TrainRun, *, embedder=None, log: Callable[[str], None] = _print) -
     """Run (or resume) `spec`; returns the summary that `m3jax train` prints. Call
     `init_distributed` first when several hosts run it. `embedder`: the sentence encoder of the
     continual stage's pairing (default MiniLM)."""
-    import jax
-
-    from m3jax.config import apply_overrides, preset
+    # local: TFDS, grain and orbax (seconds to import), for training only
     from m3jax.train import data as D
     from m3jax.train.loop import train
 
@@ -410,7 +398,7 @@ def run(spec: TrainRun, *, embedder=None, log: Callable[[str], None] = _print) -
     say = log if index == 0 else (lambda msg: None)
     progress = spec.progress and index == 0
     if not progress:
-        import tensorflow_datasets as tfds
+        import tensorflow_datasets as tfds  # local: seconds to import
 
         tfds.disable_progress_bar()
     out = os.path.abspath(local_path(spec.out, "--out"))
@@ -426,8 +414,6 @@ def run(spec: TrainRun, *, embedder=None, log: Callable[[str], None] = _print) -
     # ------------------------------------------------------------ model and tokenizer
     model_dir = resolve_model_dir(spec.init) if spec.init is not None else None
     if model_dir is not None:
-        from m3jax.convert import load_checkpoint_dir
-
         base_cfg, _, init_tok = load_checkpoint_dir(model_dir, with_params=False)
         if init_tok is None:
             raise TrainError(f"--model {model_dir}: the model directory has no tokenizer/")
@@ -453,8 +439,6 @@ def run(spec: TrainRun, *, embedder=None, log: Callable[[str], None] = _print) -
         if init_tok is not None:
             tok = init_tok
         elif spec.tokenizer is not None:
-            from m3jax.tokenizer import Tokenizer
-
             tok = Tokenizer.load(spec.tokenizer)
         else:
             tok = D.prepare_tokenizer(lambda: [t for _, t in D.read_documents(dcfg, ("train",))],
@@ -462,10 +446,7 @@ def run(spec: TrainRun, *, embedder=None, log: Callable[[str], None] = _print) -
         stream = D.token_stream(dcfg, tok, dcfg.split)
         paired = None
         if spec.recipe == "reading":
-            from m3jax.config import apply_overrides as _over
-            from m3jax.train.recipe import ReadingMix, reading_rows
-
-            mix = _over(ReadingMix(seed=spec.seed), list(spec.mix))
+            mix = apply_overrides(ReadingMix(seed=spec.seed), list(spec.mix))
             cache = _pairs_cache_dir(dcfg, out)
             key = hashlib.sha256(json.dumps([dataclasses.asdict(mix), D.tokenizer_fingerprint(tok),
                                              model_cfg.reference_len]).encode()).hexdigest()[:12]
@@ -493,8 +474,6 @@ def run(spec: TrainRun, *, embedder=None, log: Callable[[str], None] = _print) -
     say(f"data: {name} in {data_dir}: {stream.num_docs} training documents, {len(stream.tokens):,} tokens, "
         f"{n_rows} rows of {spec.seq_len} ({time.perf_counter() - t0:.1f} s)")
     if paired is not None and spec.recipe == "reading":
-        from m3jax.train.recipe import describe
-
         say(f"reading recipe: {describe(paired)}")
     elif paired is not None:
         ids = paired.rows["ref_ids"]
@@ -508,8 +487,6 @@ def run(spec: TrainRun, *, embedder=None, log: Callable[[str], None] = _print) -
     else:
         batches = _iterator(paired.rows, dcfg, blocks=spec.recipe == "reading")
         reference_fn = paired.reference_fn(model_cfg.reference_len, model_cfg.pad_id, model_cfg.vocab_size)
-    from m3jax import sharding as S
-
     devices = jax.devices()[: spec.devices] if spec.devices else None
     if devices is not None and len(devices) < spec.devices:
         raise TrainError(f"--devices {spec.devices}: this process has {len(jax.devices())} devices")
@@ -530,8 +507,6 @@ def run(spec: TrainRun, *, embedder=None, log: Callable[[str], None] = _print) -
     model_out = os.path.join(out, "model")
     if tc.lora_rank:  # a light model dir: the adapter, and the base it applies to
         if index == 0:
-            from m3jax.convert import save_adapter_dir
-
             tmp = model_out + ".partial"
             shutil.rmtree(tmp, ignore_errors=True)
             save_adapter_dir(tmp, model_cfg, os.path.join(out, "adapter.safetensors"),
@@ -558,16 +533,8 @@ def _with_tokenizer(cfg, tok):
 
 def _load_init_params(model_dir: str, model_cfg):
     """The params of a model directory, in `model_cfg.param_dtype`."""
-    import jax
-    import jax.numpy as jnp
-
-    from m3jax.convert import load_checkpoint_dir
-    from m3jax.model import check_params
-
     saved_cfg, params, _ = load_checkpoint_dir(model_dir)
     if saved_cfg.memory_layers != model_cfg.memory_layers:  # --set memory_layers: the same layers
-        from m3jax.model import restack
-
         params = restack(params, model_cfg.memory_layers)
     try:
         check_params(params, model_cfg)

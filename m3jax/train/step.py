@@ -203,16 +203,13 @@ def encode_references(params: Params, model_cfg: ModelConfig, ref_tokens: Array,
 
 
 def loss_fn(params: Params, batch: Mapping[str, Array], model_cfg: ModelConfig, *,
-            memory: ChunkMemory | None = None, memory_grad: bool = True,
-            lookback: int = 4) -> tuple[Array, dict[str, Array]]:
+            memory: ChunkMemory | None = None, lookback: int = 4) -> tuple[Array, dict[str, Array]]:
     """Loss of one batch and aux metrics. With `ref_tokens` in the batch (and no `memory`), the
-    references are encoded here from `params` (gradients flow through the write path unless
-    `memory_grad=False`). A precomputed `memory` is read as is."""
+    references are encoded here from `params`, so gradients flow through the write path. A
+    precomputed `memory` is read as is (the step passes one to train without `memory_grad`)."""
     tokens = batch["tokens"]
     if memory is None and "ref_tokens" in batch:
         memory = encode_references(params, model_cfg, batch["ref_tokens"], batch["ref_mask"], lookback)
-        if not memory_grad:
-            memory = jax.lax.stop_gradient(memory)
     logits = forward(params, tokens, model_cfg, memory=memory)  # constrained by the model
     loss, n = lm_loss(logits, tokens, batch["loss_mask"])
     return loss, {"tokens": n}
@@ -346,7 +343,8 @@ def _batch_grads(params: Params, batch: Mapping[str, Array], model_cfg: ModelCon
                (lambda p: lora.merge(frozen, p, tc.lora_scale_alpha)))
     memory = None
     if tc.stage == "continual" and not tc.memory_grad:
-        # Encoded outside the differentiated function: no residuals kept, no backward pass.
+        # The one place `memory_grad` acts: without it the memories are encoded outside the
+        # differentiated function (no residuals kept, no backward pass through the write path).
         memory = jax.lax.stop_gradient(
             encode_references(weights(params), model_cfg, batch["ref_tokens"], batch["ref_mask"],
                               tc.memory_lookback))
@@ -355,8 +353,7 @@ def _batch_grads(params: Params, batch: Mapping[str, Array], model_cfg: ModelCon
         inputs.update({k: batch[k] for k in REF_KEYS})
 
     def weighted(p):
-        loss, aux = loss_fn(weights(p), inputs, model_cfg, memory=memory, memory_grad=tc.memory_grad,
-                            lookback=tc.memory_lookback)
+        loss, aux = loss_fn(weights(p), inputs, model_cfg, memory=memory, lookback=tc.memory_lookback)
         return loss * (aux["tokens"] / denom), aux["tokens"]
 
     (loss, n), grads = jax.value_and_grad(weighted, has_aux=True)(params)
