@@ -36,7 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from m3jax.config import ModelConfig
-from m3jax.decode import _prefill, _prefix_kv, arrange_memory, check_mode
+from m3jax.decode import (RAG_CHAT_TOKENS_PER_REFERENCE, ChatPrompt, _prefill, _prefix_kv, arrange_memory, check_mode,
+                          rag_prompt, rag_query)
 from m3jax.model.cache import KVCache, extend, init_cache
 from m3jax.model.memory import ChunkMemory
 from m3jax.model.transformer import Params, check_params, unstack_layers
@@ -274,7 +275,7 @@ class Engine:
         if knowledge_base is not None:
             self.retriever = knowledge_base.retriever(embedder, tokenizer=tokenizer, k=config.memories_per_chunk)
         self.prefix = _prefix_kv(params, config)
-        self.stop_S = jnp.asarray([config.eos_id], jnp.int32)
+        self.stop_S = jnp.asarray(config.end_ids, jnp.int32)
         self.groups = [_Group(i, sc.slots) for i in range(sc.groups)]
         self.queue: collections.deque[Request] = collections.deque()
         self._cv = threading.Condition()
@@ -298,9 +299,11 @@ class Engine:
     def check_mode(self, mode: str) -> None:
         check_mode(mode, self.config, self.retriever is not None, "a knowledge base (start the server with --kb)")
 
-    def need(self, prompt_len: int, max_tokens: int, mode: str) -> int:
-        """Cache positions a request needs (RAG: room for the references it will prepend)."""
-        extra = self.config.memories_per_chunk * self.max_ref_tokens if mode == "rag" else 0
+    def need(self, prompt_len: int, max_tokens: int, mode: str, chat: bool = False) -> int:
+        """Cache positions a request needs (RAG: room for the references it will prepend, or put
+        inside a conversation when `chat`)."""
+        per_ref = self.max_ref_tokens + (RAG_CHAT_TOKENS_PER_REFERENCE if chat else 0)
+        extra = self.config.memories_per_chunk * per_ref if mode == "rag" else 0
         return prompt_len + extra + max_tokens
 
     @property
@@ -336,10 +339,12 @@ class Engine:
     def submit(self, req: Request) -> Request:
         """Queue a request (QueueFull when the queue is full, EngineStopped when shutting down)."""
         self.check_mode(req.mode)
+        chat = isinstance(req.prompt, ChatPrompt)
         if len(req.prompt) + req.max_tokens > self.context_len or self.need(len(req.prompt), req.max_tokens,
-                                                                               req.mode) > self.context_len:
+                                                                               req.mode, chat) > self.context_len:
             raise ContextTooLong(f"prompt of {len(req.prompt)} tokens + {req.max_tokens} new tokens"
-                             + (f" + up to {self.need(0, 0, 'rag')} reference tokens" if req.mode == "rag" else "")
+                             + (f" + up to {self.need(0, 0, 'rag', chat)} reference tokens" if req.mode == "rag"
+                                else "")
                              + f" exceeds the context of {self.context_len} tokens")
         with self._cv:
             if not self._accepting or not self.alive:
@@ -425,7 +430,7 @@ class Engine:
                 self._end(req, "error", {"message": "request timed out in the queue", "type": "timeout"}
                           if not req.cancelled else {"message": req.cancelled, "type": "cancelled"})
                 continue
-            need = self.need(len(req.prompt), req.max_tokens, req.mode)
+            need = self.need(len(req.prompt), req.max_tokens, req.mode, isinstance(req.prompt, ChatPrompt))
             # a group whose joiners' retrieval has started takes more at its next turn
             fits = [g for g in self.groups
                     if not g.draining and g.free and g.S >= need and not g.empty and g.join_future is None]
@@ -462,9 +467,9 @@ class Engine:
         rag = [i for i, r in enumerate(reqs) if r.mode == "rag"]
         rag_refs: dict[int, list] = {}
         if rag:
-            toks, described = self._rag_search([reqs[i].prompt[: c.chunk_size] for i in rag])
+            toks, described = self._rag_search([rag_query(reqs[i].prompt, self.tokenizer, c.chunk_size) for i in rag])
             for n, i in enumerate(rag):
-                prompts[i] = [c.bos_id] + [t for ref in toks[n] for t in ref] + reqs[i].prompt[1:]
+                prompts[i] = rag_prompt(reqs[i].prompt, toks[n], self.tokenizer, c.bos_id)
                 rag_refs[i] = described[n]
         J = _pow2_at_least(len(reqs), 1, self.serve_config.slots)
         P = self._bucket(max(len(p) for p in prompts))
@@ -587,7 +592,7 @@ class Engine:
             toks, reason = [], None
             for t in out_np[s, :ran]:
                 toks.append(int(t))
-                if int(t) == c.eos_id and not req.ignore_eos:
+                if int(t) in c.end_ids and not req.ignore_eos:
                     reason = "stop"
                     break
                 if len(row.generated) + len(toks) >= req.max_tokens:
