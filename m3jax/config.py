@@ -71,6 +71,9 @@ class ModelConfig:
     bos_id: int = 1
     eos_id: int = 2
     pad_id: int = 0
+    # More ids that end a generated sequence besides eos_id (Llama 3 Instruct's <|eot_id|> and
+    # <|eom_id|>: transformers' list-valued eos_token_id, GGUF's eot / eom ids); `end_ids` has all.
+    stop_ids: tuple[int, ...] = ()
     # --- explicit memory geometry ---
     memory_layers: int = 2  # layers 0..memory_layers-1 write and read memories
     tokens_per_memory: int = 8  # sparse tokens kept per (memory layer, kv head)
@@ -139,6 +142,12 @@ class ModelConfig:
             v = getattr(self, f)
             _check(isinstance(v, int) and 0 <= v < self.vocab_size,
                    f"ModelConfig.{f}={v!r} is not a token id of a vocab of {self.vocab_size}")
+        if not isinstance(self.stop_ids, tuple):  # lists from JSON
+            _check(isinstance(self.stop_ids, (list, tuple)), f"ModelConfig.stop_ids must be a list of token ids, "
+                                                               f"got {self.stop_ids!r}")
+            object.__setattr__(self, "stop_ids", tuple(self.stop_ids))
+        _check(all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab_size for t in self.stop_ids),
+               f"ModelConfig.stop_ids {self.stop_ids} holds ids outside the vocab of {self.vocab_size}")
         if self.reference_prefix is not None:
             # Lists from JSON/CLI become tuples so the config stays hashable (a jit static arg).
             if not isinstance(self.reference_prefix, tuple):
@@ -153,6 +162,11 @@ class ModelConfig:
     def group_size(self) -> int:
         """G: query heads per kv head."""
         return self.num_heads // self.num_kv_heads
+
+    @property
+    def end_ids(self) -> tuple[int, ...]:
+        """Every id that ends a generated sequence: eos_id, then stop_ids."""
+        return (self.eos_id, *(t for t in self.stop_ids if t != self.eos_id))
 
     @property
     def memory_enabled(self) -> bool:
@@ -197,7 +211,7 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        for k in ("reference_prefix", "rope_freq_factors"):
+        for k in ("reference_prefix", "rope_freq_factors", "stop_ids"):
             if d[k] is not None:
                 d[k] = list(d[k])
         return d

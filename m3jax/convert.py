@@ -226,11 +226,17 @@ def _opt(d: Any, key: str, where: str, kind: Callable[..., Any], default: Any, *
     return default if v is None else kind(v, key, where, **kw)
 
 
+def _ids_field(v: Any, key: str, where: str) -> tuple[int, ...]:
+    """Special token ids: an int, a list of ints (transformers' eos_token_id of Llama 3 Instruct:
+    [128001, 128008, 128009]) or null (none)."""
+    items = v if isinstance(v, (list, tuple)) else [] if v is None else [v]
+    return tuple(dict.fromkeys(_int_field(t, key, where, low=0) for t in items))
+
+
 def _first_id(v: Any, key: str, where: str) -> int | None:
     """A special token id: an int, a list of ints (the first one counts) or null."""
-    if isinstance(v, (list, tuple)):
-        v = v[0] if v else None
-    return None if v is None else _int_field(v, key, where, low=0)
+    ids = _ids_field(v, key, where)
+    return ids[0] if ids else None
 
 
 # ============================================================================ HF config
@@ -349,7 +355,8 @@ def config_from_hf(hf: dict[str, Any], *, memory_layers: int | None = None, refe
                                "and head_dim is not given")
         head_dim = hidden // heads
     vocab = need("vocab_size")
-    eos = _first_id(hf.get("eos_token_id"), "eos_token_id", where)
+    ends = _ids_field(hf.get("eos_token_id"), "eos_token_id", where)  # the first ends documents
+    eos = ends[0] if ends else None
     bos = _first_id(hf.get("bos_token_id"), "bos_token_id", where)
     pad = _first_id(hf.get("pad_token_id"), "pad_token_id", where)
     defaults = ModelConfig()
@@ -365,7 +372,7 @@ def config_from_hf(hf: dict[str, Any], *, memory_layers: int | None = None, refe
         norm_eps=_opt(hf, "rms_norm_eps", where, _float_field, 1e-6),
         tie_embeddings=_opt(hf, "tie_word_embeddings", where, _bool_field, False), max_len=max_len or n_pos,
         bos_id=bos if bos is not None else defaults.bos_id,
-        eos_id=eos if eos is not None else defaults.eos_id,
+        eos_id=eos if eos is not None else defaults.eos_id, stop_ids=ends[1:],
         pad_id=pad if pad is not None else (eos if eos is not None else defaults.pad_id),
         dtype=dtype or stored.get("dtype", "float32"), param_dtype=param_dtype)
     return _make_config(kw, memory_layers, reference_prefix, stored, where)
@@ -381,14 +388,74 @@ def _make_config(kw: dict[str, Any], memory_layers: int | None, reference_prefix
         raise ConvertError(f"{where}: {e}") from None
 
 
+def _nice(x: float) -> float:
+    return float(f"{x:.6g}")
+
+
+def llama3_rope_from_factors(config: ModelConfig) -> ModelConfig:
+    """`config` with llama.cpp's per-frequency RoPE divisors (`rope_freq_factors`, from a GGUF's
+    rope_freqs.weight) expressed as transformers' `rope_type="llama3"` parameters, checked by
+    recomputation: the rotary frequencies of the result equal those of `config` (relative 1e-6).
+
+    llama.cpp writes 1 for wavelengths below original_max_len / high_freq_factor, `factor` above
+    original_max_len / low_freq_factor and 1 / ((1 - s) / factor + s) between, s = (original_max_len
+    / wavelength - low) / (high - low). The factors fix `factor` and the two wavelength bounds, not
+    original_max_len and the two frequency factors apart (scaling all three changes nothing), so
+    low_freq_factor = 1 is taken, as in every Llama 3.x release: with two or more frequencies in
+    the band that recovers their own parameters (Llama 3.1: 8, 1, 4, 8192). With fewer, bounds
+    between the neighbouring wavelengths are chosen: other numbers, the same rotary. Raises
+    ConvertError when no llama3 parameters give the factors."""
+    from m3jax.model.layers import rope_inv_freq
+
+    def fail(why: str) -> ConvertError:
+        return ConvertError(f"config {config.name!r}: its per-frequency RoPE factors (a GGUF rope_freqs tensor) "
+                            f"are not Llama 3.1 scaling ({why}), and transformers has no field for others")
+
+    if config.rope_type != "default":
+        raise fail(f"they apply on top of rope_type {config.rope_type!r}")
+    H = config.head_dim
+    f = np.asarray(config.rope_freq_factors, np.float64)
+    wl = 2 * np.pi * config.rope_theta ** (np.arange(0, H, 2, dtype=np.float64) / H)
+    F = float(f.max())
+    one, top = np.isclose(f, 1.0, rtol=1e-6), np.isclose(f, F, rtol=1e-6)
+    if one.all():
+        return dataclasses.replace(config, rope_freq_factors=None)
+    if not top.any() or F < 1 or (one & top).any():
+        raise fail("no plateau at the largest factor")
+    mid = ~one & ~top
+    s = (1 / f[mid] - 1 / F) / (1 - 1 / F)  # 1: kept, 0: slowed by F
+    if mid.sum() >= 2:
+        # low_freq_factor 1: s = (old / wl - 1) / (high - 1), so old / wl - (high - 1) s = 1
+        fit = np.linalg.lstsq(np.stack([1 / wl[mid], -s], 1), np.ones(int(mid.sum())), rcond=None)[0]
+        old = int(round(fit[0]))
+        high = 1 + float(np.mean((old / wl[mid] - 1) / s))
+    else:
+        low_b = float(wl[~top].max()) if (~top).any() else 0.0
+        # old (= old / low) lies at or above every non-plateau wavelength, below the plateau's
+        up_b = float(wl[top].min())
+        old = int(np.clip(round(np.sqrt(max(low_b, 1.0) * up_b)), np.floor(low_b) + 1, np.ceil(up_b) - 1))
+        if mid.any():
+            high = 1 + (old / wl[mid][0] - 1) / s[0]
+        else:  # old / high lies above every kept wavelength and below old
+            t_low = float(wl[one].max()) if one.any() else old / 2
+            high = old / np.sqrt(t_low * old)
+    want = rope_inv_freq(config)
+    for factor, hi in ((_nice(F), _nice(float(high))), (F, float(high))):  # the shortest numbers that fit
+        try:
+            out = dataclasses.replace(config, rope_type="llama3", rope_factor=factor, rope_low_freq_factor=1.0,
+                                      rope_high_freq_factor=hi, rope_original_max_len=old, rope_freq_factors=None)
+        except ValueError:
+            continue
+        if np.allclose(rope_inv_freq(out), want, rtol=1e-6, atol=0):
+            return out
+    raise fail("no llama3 parameters recompute them")
+
+
 def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     """The transformers-5 config.json dict of `config` (Llama, Qwen2 or Qwen3 by `hf_family`;
     RoPE under "rope_parameters"; memory geometry kept under "m3jax")."""
-    c = config
+    c = config if config.rope_freq_factors is None else llama3_rope_from_factors(config)
     family = hf_family(c)
-    if c.rope_freq_factors is not None:
-        raise ConvertError(f"config {c.name!r}: per-frequency RoPE factors (from a GGUF rope_freqs tensor) have no "
-                           "transformers config field; export the model imported from its HF checkpoint instead")
     rope: dict[str, Any] = {"rope_theta": c.rope_theta, "rope_type": c.rope_type}
     if c.rope_type == "llama3":
         rope.update(factor=c.rope_factor, low_freq_factor=c.rope_low_freq_factor,
@@ -399,7 +466,8 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
         "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim,
         "hidden_act": "silu", "max_position_embeddings": c.max_len, "rms_norm_eps": c.norm_eps,
         "rope_parameters": rope, "attention_dropout": 0.0, "initializer_range": 0.02, "vocab_size": c.vocab_size,
-        "tie_word_embeddings": c.tie_embeddings, "bos_token_id": c.bos_id, "eos_token_id": c.eos_id,
+        "tie_word_embeddings": c.tie_embeddings, "bos_token_id": c.bos_id,
+        "eos_token_id": list(c.end_ids) if c.stop_ids else c.eos_id,
         "pad_token_id": c.pad_id, "dtype": c.param_dtype, "use_cache": True,
     }
     if family == "llama":
@@ -462,6 +530,25 @@ def _read_json(path: str) -> Any:
         raise ConvertError(f"{path}: not valid JSON ({e})") from None
 
 
+def _with_generation_eos(hf: Any, path: str) -> Any:
+    """config.json's dict with the end-of-sequence ids of generation_config.json added after its
+    own (transformers' `generate` stops on those; Llama 3 Instruct lists <|eot_id|> there)."""
+    gen_path = os.path.join(path, "generation_config.json")
+    if not isinstance(hf, dict) or not os.path.isfile(gen_path):
+        return hf
+    gen = _read_json(gen_path)
+    if not isinstance(gen, dict):
+        raise ConvertError(f"{gen_path}: a JSON {type(gen).__name__}, not an object")
+    more = _ids_field(gen.get("eos_token_id"), "eos_token_id", gen_path)
+    vocab = hf.get("vocab_size")
+    bad = [t for t in more if isinstance(vocab, int) and t >= vocab]
+    if bad:
+        raise ConvertError(f"{gen_path}: eos_token_id {bad} outside the vocab of {vocab}")
+    own = _ids_field(hf.get("eos_token_id"), "eos_token_id", os.path.join(path, "config.json"))
+    ids = list(dict.fromkeys(own + more))
+    return dict(hf, eos_token_id=ids) if len(ids) > len(own) else hf
+
+
 def load_hf(path: str, *, memory_layers: int | None = None, reference_prefix: Any = AUTO,
             dtype: str | None = None, param_dtype: str | None = None, name: str | None = None,
             max_len: int | None = None) -> tuple[ModelConfig, Params]:
@@ -476,7 +563,7 @@ def load_hf(path: str, *, memory_layers: int | None = None, reference_prefix: An
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
         raise ConvertError(f"{path}: no config.json (expected a HF model directory)")
-    hf = _read_json(cfg_path)
+    hf = _with_generation_eos(_read_json(cfg_path), path)
     files = _safetensors_files(path)
     tensors = read_safetensors(files)
     for k in [k for k in tensors if _IGNORED_HF.fullmatch(k)]:
@@ -555,7 +642,7 @@ def load_hf_tokenizer(path: str, config: ModelConfig) -> Tokenizer | None:
     except Exception as e:  # noqa: BLE001 - the Rust library raises its own type on bad files
         raise ConvertError(f"{file}: not a readable tokenizer.json ({' '.join(str(e).split())[:200]})") from None
     tok = Tokenizer(hf_tok, bos_id=config.bos_id, eos_id=config.eos_id, pad_id=config.pad_id,
-                    chat_template=template)
+                    chat_template=template, stop_ids=config.stop_ids)
     check_tokenizer(tok, config, where=file)
     return tok
 
@@ -675,6 +762,8 @@ def config_from_gguf(reader: Any, *, memory_layers: int | None = None, reference
     eos = _gguf_int(reader, "tokenizer.ggml.eos_token_id", where, default=None, low=0)
     bos = bos_id if bos_id is not None else _gguf_int(reader, "tokenizer.ggml.bos_token_id", where, default=None, low=0)
     pad = _gguf_int(reader, "tokenizer.ggml.padding_token_id", where, default=eos, low=0)
+    stops = [_gguf_int(reader, f"tokenizer.ggml.{k}_token_id", where, default=None, low=0) for k in ("eot", "eom")]
+    stops = tuple(dict.fromkeys(t for t in stops if t is not None and t != eos))  # end of turn / message
     defaults = ModelConfig()
     if name is None:
         base, size = gguf_field(reader, "general.basename"), gguf_field(reader, "general.size_label")
@@ -692,7 +781,7 @@ def config_from_gguf(reader: Any, *, memory_layers: int | None = None, reference
         norm_eps=float(np.format_float_positional(np.float32(eps), unique=True)),
         tie_embeddings=tied, max_len=max_len or n_ctx,
         bos_id=bos if bos is not None else defaults.bos_id,
-        eos_id=eos if eos is not None else defaults.eos_id,
+        eos_id=eos if eos is not None else defaults.eos_id, stop_ids=stops,
         pad_id=pad if pad is not None else defaults.pad_id, dtype=dtype, param_dtype=param_dtype,
         rope_freq_factors=freq_factors, **_GGUF_ARCHS[arch])
     return _make_config(kw, memory_layers, reference_prefix, {}, where)
@@ -737,7 +826,7 @@ def with_document_start(tokenizer: Tokenizer) -> Tokenizer:
     if start == tokenizer.bos_id:
         return tokenizer
     return Tokenizer(tokenizer.tk, bos_id=start, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                     chat_template=tokenizer.chat_template, add_bos=tokenizer.add_bos)
+                     chat_template=tokenizer.chat_template, add_bos=tokenizer.add_bos, stop_ids=tokenizer.stop_ids)
 
 
 def load_gguf(path: str, *, memory_layers: int | None = None, reference_prefix: Any = AUTO,
@@ -777,6 +866,7 @@ def check_tokenizer(tokenizer: Tokenizer, config: ModelConfig, *, where: str) ->
                            f"{config.name!r} only {config.vocab_size} embeddings: they are not of one model")
     bad = [(k, getattr(tokenizer, k)) for k in ("bos_id", "eos_id", "pad_id")
            if not 0 <= getattr(tokenizer, k) < config.vocab_size]
+    bad += [("stop_ids", t) for t in tokenizer.stop_ids if not 0 <= t < config.vocab_size]
     if bad:
         raise ConvertError(f"{where}: tokenizer special ids {bad} are outside the model's vocabulary of "
                            f"{config.vocab_size}")
@@ -928,7 +1018,7 @@ def _base_tokenizer(directory: str, config: ModelConfig) -> Tokenizer | None:
     else:
         return None
     return Tokenizer(btok.tk, bos_id=config.bos_id, eos_id=config.eos_id, pad_id=config.pad_id,
-                     chat_template=btok.chat_template, add_bos=btok.add_bos)
+                     chat_template=btok.chat_template, add_bos=btok.add_bos, stop_ids=config.stop_ids)
 
 
 # ============================================================================ models by name

@@ -15,7 +15,8 @@ Shape of one `generate` call (all three modes share the model and this code path
    Shapes are static: no recompiles. The serving engine (`m3jax.serve.engine`) runs the same
    `prefill` and `decode_round`, its rows joining and leaving between rounds.
 3. `rag` retrieves once with the first 64 prompt tokens and prepends the references' tokens to
-   the prompt; `none` reads nothing.
+   the prompt (a conversation retrieves with its last user turn and gets the references inside
+   that turn, before the question: `rag_query`, `rag_prompt`); `none` reads nothing.
 
 Retrieval runs on a background thread. Within one batch the memories of generated chunk k+1 are
 retrieved with the text of chunk k, so they cannot be fetched before chunk k ends: `generate`
@@ -48,11 +49,13 @@ from flax import struct
 
 from m3jax.config import DecodeConfig, ModelConfig
 from m3jax.model.cache import KVCache, extend, init_cache
+from m3jax.memory.retrieve import rag_prompt as token_rag_prompt
 from m3jax.model.memory import ChunkMemory, MemoryKV
 from m3jax.model.placement import cache_sharding, memory_sharding, shard_params
 from m3jax.model.transformer import Params, check_params, check_token_ids, prefix_kv, unstack_layers
 from m3jax.runtime import CompileMeter
 from m3jax.sharding import batch_sharding, named_sharding
+from m3jax.tokenizer import chat_question
 
 Array = jax.Array
 Mode = Literal["memory", "rag", "none"]
@@ -80,12 +83,52 @@ class MemorySource(Protocol):
         """Reference ids [n, k] -> their token ids (for RAG)."""
 
 
-# ------------------------------------------------------------------------------ sampling
+# ------------------------------------------------------------------------------ prompts
 def _is_message(x) -> bool:
     """A chat message: a mapping with "role" and "content"."""
     return isinstance(x, dict) and "role" in x and "content" in x
 
 
+class ChatPrompt(list):
+    """The token ids of a conversation (the model's BOS, then the chat template's rendering) that
+    keep the conversation itself, so that RAG can put its references inside it (`rag_prompt`)."""
+
+    def __init__(self, ids: Iterable[int], messages: Sequence[dict]):
+        super().__init__(ids)
+        self.messages = [dict(m) for m in messages]
+
+
+def encode_conversation(tokenizer, bos_id: int, messages: Sequence[dict]) -> ChatPrompt:
+    """A conversation as a prompt: `bos_id` + `Tokenizer.encode_chat(messages)`."""
+    return ChatPrompt([bos_id] + tokenizer.encode_chat(messages), messages)
+
+
+# Tokens that putting one reference inside a conversation may add beyond the reference's own: its
+# "Reference: " header, the paragraph break, and re-tokenization at the edges (a server sizes the
+# cache of a chat RAG request with it).
+RAG_CHAT_TOKENS_PER_REFERENCE = 16
+
+
+def rag_query(prompt: Sequence[int], tokenizer, chunk_size: int) -> list[int]:
+    """The tokens RAG retrieves with: the prompt's first chunk; for a conversation (`ChatPrompt`)
+    the first chunk of its last user turn, the question (not the system turn a template puts
+    first)."""
+    if isinstance(prompt, ChatPrompt):
+        return tokenizer.encode(chat_question(prompt.messages))[:chunk_size]
+    return list(prompt[:chunk_size])
+
+
+def rag_prompt(prompt: Sequence[int], references: Sequence[Sequence[int]], tokenizer, bos_id: int) -> list[int]:
+    """The prompt RAG decodes: the references' tokens after BOS, before a text prompt; for a
+    conversation, the references' texts inside it, in the last user turn before the question
+    (`Tokenizer.encode_chat(..., references=)`), rendered again by the chat template."""
+    if isinstance(prompt, ChatPrompt):
+        texts = [tokenizer.decode(r) for r in references]
+        return [bos_id] + tokenizer.encode_chat(prompt.messages, references=texts)
+    return [bos_id] + token_rag_prompt(prompt, references)[1:]
+
+
+# ------------------------------------------------------------------------------ sampling
 def sample(logits_BV: Array, key_B: Array, temperature_B: Array, top_k_B: Array, top_p_B: Array) -> Array:
     """One token per row, each row with its own key and settings: greedy (argmax) where the
     temperature is 0; else the logits divided by the temperature, cut to the top-k (0 = off), then
@@ -434,7 +477,7 @@ class Generator:
             if isinstance(p, (list, tuple)) and p and _is_message(p[0]):  # a conversation: the chat template
                 if self.tokenizer is None:
                     raise ValueError("chat prompts need a tokenizer (its chat template)")
-                ids = [self.config.bos_id] + self.tokenizer.encode_chat(p)
+                ids = encode_conversation(self.tokenizer, self.config.bos_id, p)
             elif isinstance(p, str):
                 if self.tokenizer is None:
                     raise ValueError("text prompts need a tokenizer; pass token ids or a tokenizer")
@@ -491,7 +534,7 @@ class Generator:
         """The retrieval a batch needs before its prefill: each prompt chunk's memories (`memory`)
         or the first chunk's references (`rag`)."""
         if mode == "rag":
-            first = [p[: self.config.chunk_size] for p in prompts]
+            first = [rag_query(p, self.tokenizer, self.config.chunk_size) for p in prompts]
             return _Retrieval(self._pool, self.retriever.search, first)
         if mode == "memory":
             chunks = self._padded_len(prompts) // self.config.chunk_size
@@ -514,7 +557,7 @@ class Generator:
             ids, waited = retrieval.wait()
             t0 = time.perf_counter()
             refs = self.retriever.reference_tokens(np.asarray(ids))
-            prompts = [[c.bos_id] + [t for r in rs for t in r] + p[1:] for p, rs in zip(prompts, refs)]
+            prompts = [rag_prompt(p, rs, self.tokenizer, c.bos_id) for p, rs in zip(prompts, refs)]
             for b in range(B):
                 retrieved[b].append(np.asarray(ids[b]))
             stats.retrieval_s += waited + time.perf_counter() - t0
@@ -632,7 +675,7 @@ class Generator:
         self._check_mode(mode)
         c = self.config
         max_new = self.decode_config.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
-        stops = sorted(({c.eos_id} if not ignore_eos else set()) | set(stop_tokens or ()))
+        stops = sorted((set(c.end_ids) if not ignore_eos else set()) | set(stop_tokens or ()))
         return max_new, stops or [-1]  # nothing stops: -1 is never sampled
 
     # ---------------------------------------------------------------- main entries
@@ -643,10 +686,12 @@ class Generator:
         """Generate for a batch of prompts (texts or token ids; BOS is added if missing). A prompt
         may also be a conversation, [{"role": "user", "content": ...}, ...], rendered by the
         tokenizer's chat template (`Tokenizer.encode_chat`) with the generation prompt, so an
-        instruct model answers it.
+        instruct model answers it; in `rag` mode the references go inside the conversation (the
+        last user turn, before the question: `rag_prompt`), retrieved with that question.
 
-        stream(new_tokens_per_sequence) is called after every generated chunk. EOS stops a
-        sequence unless `ignore_eos` (benchmarks generate fixed lengths); `stop_tokens` add more.
+        stream(new_tokens_per_sequence) is called after every generated chunk. EOS (any of the
+        config's `end_ids`) stops a sequence unless `ignore_eos` (benchmarks generate fixed
+        lengths); `stop_tokens` add more.
         One batch alone: each memory swap waits for its retrieval (use `generate_many` to hide it).
         """
         max_new, stops = self._options(mode, max_new_tokens, stop_tokens, ignore_eos)

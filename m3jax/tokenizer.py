@@ -1,4 +1,5 @@
-"""Tokenizers: a byte-level BPE trained on a corpus, any `tokenizer.json`, or a GGUF vocab.
+"""Tokenizers: a byte-level BPE trained on a corpus, any `tokenizer.json`, or a GGUF vocab (a
+byte-level BPE or a SentencePiece BPE); chat templates, and RAG references inside a conversation.
 
 All are wrapped by `Tokenizer`, which knows its special ids and the reference prefix
 ("BOS Reference:") that Memory3 prepends to references and to every context.
@@ -7,24 +8,27 @@ All are wrapped by `Tokenizer`, which knows its special ids and the reference pr
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any, Iterable, Mapping, Sequence
 
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, trainers
 
 REFERENCE_TEXT = "Reference:"
 _META = "m3jax_tokenizer.json"
-_META_FIELDS = {"bos_id", "eos_id", "pad_id", "chat_template", "add_bos"}
+_META_FIELDS = {"bos_id", "eos_id", "pad_id", "chat_template", "add_bos", "stop_ids"}
 
 
 class Tokenizer:
-    """A `tokenizers.Tokenizer` plus the special ids m3jax needs."""
+    """A `tokenizers.Tokenizer` plus the special ids m3jax needs. `stop_ids`: more ids that end a
+    generated sequence besides `eos_id` (Llama 3 Instruct's <|eot_id|>, <|eom_id|>)."""
 
     def __init__(self, tk: HFTokenizer, *, bos_id: int, eos_id: int, pad_id: int,
-                 chat_template: str | None = None, add_bos: bool = True):
+                 chat_template: str | None = None, add_bos: bool = True, stop_ids: Iterable[int] = ()):
         self.tk = tk
         self.bos_id, self.eos_id, self.pad_id = int(bos_id), int(eos_id), int(pad_id)
+        self.stop_ids = tuple(dict.fromkeys(int(t) for t in stop_ids if int(t) != self.eos_id))
         self.chat_template = chat_template
         self.add_bos = add_bos
         # Files shipped with other tools (e.g. MiniLM's) can carry padding/truncation: never here.
@@ -83,10 +87,14 @@ class Tokenizer:
         return render_chat_template(self.chat_template or CHATML_TEMPLATE, messages,
                                     add_generation_prompt=add_generation_prompt, **special)
 
-    def encode_chat(self, messages: Sequence[Mapping[str, str]], *, system_prompt: str | None = None) -> list[int]:
+    def encode_chat(self, messages: Sequence[Mapping[str, str]], *, system_prompt: str | None = None,
+                    references: Sequence[str] = ()) -> list[int]:
         """Token ids of a conversation with the generation prompt, without a leading document
         start: `Generator` puts the model's own `bos_id` first, so a BOS that the template writes
-        itself (`{{ bos_token }}`, as Llama 3's does) is dropped rather than doubled."""
+        itself (`{{ bos_token }}`, as Llama 3's does) is dropped rather than doubled.
+        `references` (RAG): reference texts put inside the conversation (`with_references`)."""
+        if references:
+            messages = with_references(messages, references)
         text = self.apply_chat_template(messages, system_prompt=system_prompt)
         bos = self.token_text(self.bos_id)
         if bos and "bos_token" in (self.chat_template or "") and text.startswith(bos):
@@ -96,7 +104,7 @@ class Tokenizer:
     # ------------------------------------------------------------------ GGUF
     @classmethod
     def from_gguf(cls, path_or_reader: Any) -> "Tokenizer":
-        """The byte-level BPE stored in a GGUF file (see `load_gguf_tokenizer`)."""
+        """The tokenizer stored in a GGUF file (see `load_gguf_tokenizer`)."""
         return load_gguf_tokenizer(path_or_reader)
 
     # ------------------------------------------------------------------ persistence
@@ -104,7 +112,7 @@ class Tokenizer:
         os.makedirs(directory, exist_ok=True)
         self.tk.save(os.path.join(directory, "tokenizer.json"))
         meta = {"bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id,
-                "chat_template": self.chat_template, "add_bos": self.add_bos}
+                "chat_template": self.chat_template, "add_bos": self.add_bos, "stop_ids": list(self.stop_ids)}
         with open(os.path.join(directory, _META), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1)
 
@@ -130,6 +138,10 @@ class Tokenizer:
                 for k in ("bos_id", "eos_id", "pad_id"):
                     if isinstance(meta.get(k), bool) or not isinstance(meta.get(k), int) or meta[k] < 0:
                         raise ValueError(f"{k} is {meta.get(k)!r}, not a token id")
+                stops = meta.get("stop_ids", [])
+                if not isinstance(stops, list) or any(isinstance(t, bool) or not isinstance(t, int) or t < 0
+                                                      for t in stops):
+                    raise ValueError(f"stop_ids is {stops!r}, not a list of token ids")
                 return cls(tk, **meta)
             except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError, TypeError) as e:
                 raise ValueError(f"{meta_path}: damaged ({e})") from None
@@ -177,6 +189,31 @@ class ChatTemplateError(ValueError):
     """A chat template that does not parse or fails while rendering."""
 
 
+def _last_user_turn(messages: Sequence[Mapping[str, Any]]) -> int:
+    for i in range(len(messages) - 1, -1, -1):
+        if messages[i].get("role") == "user":
+            return i
+    raise ValueError("RAG in a conversation needs a user turn (the question the references are retrieved for)")
+
+
+def chat_question(messages: Sequence[Mapping[str, Any]]) -> str:
+    """The text that RAG retrieves with for a conversation: its last user turn (not the system
+    turn a template may put first)."""
+    return str(messages[_last_user_turn(messages)]["content"])
+
+
+def with_references(messages: Sequence[Mapping[str, Any]], references: Sequence[str]) -> list[dict[str, Any]]:
+    """The conversation with RAG's reference texts inside it, as chat RAG is done: in the last user
+    turn, before the question, one paragraph "Reference: TEXT" each. The system turn and the
+    earlier turns stay as they are, so the model's own template frames everything as it was
+    trained to. ValueError when the conversation has no user turn."""
+    out = [dict(m) for m in messages]
+    last = _last_user_turn(out)
+    refs = "".join(f"{REFERENCE_TEXT} {r.strip()}\n\n" for r in references)
+    out[last]["content"] = refs + str(out[last]["content"])
+    return out
+
+
 def render_chat_template(template: str, messages: Sequence[Mapping[str, Any]], *,
                          add_generation_prompt: bool = True, **variables: Any) -> str:
     """Render a Hugging Face chat template (Jinja) in `jinja2.sandbox.ImmutableSandboxedEnvironment`:
@@ -205,7 +242,8 @@ def render_chat_template(template: str, messages: Sequence[Mapping[str, Any]], *
 
 # ---------------------------------------------------------------------- GGUF vocab
 
-_GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4  # gguf.TokenType values
+# gguf.TokenType values
+_GGUF_NORMAL, _GGUF_UNKNOWN, _GGUF_CONTROL, _GGUF_USER_DEFINED = 1, 2, 3, 4
 
 
 def gguf_field(reader: Any, key: str, default: Any = None) -> Any:
@@ -244,11 +282,20 @@ def _string_list(v: Any, key: str, where: str) -> list[str]:
 
 
 # The text splits of the byte-level BPEs that llama.cpp names in tokenizer.ggml.pre, as the models'
-# own tokenizer.json files define them (then GPT-2 byte level without its own regex).
+# own tokenizers define them (a Split regex, isolated, then GPT-2 byte level without its own regex):
+# Llama 3's ("llama-bpe": the pattern of transformers' TikTokenConverter and of llama.cpp's LLAMA3
+# split, numbers in groups of up to 3) and Qwen2's ("qwen2": transformers' Qwen2Tokenizer
+# PRETOKENIZE_REGEX, digits one by one). tests/fixtures/make_tokenizer_fixtures.py records what
+# transformers' own tokenizers make of tricky text with them.
 _LETTERS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
 _REST = r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 _GGUF_PRE_SPLIT = {"llama-bpe": _LETTERS + r"\p{N}{1,3}" + _REST,  # Llama 3: numbers in groups of 3
                    "qwen2": _LETTERS + r"\p{N}" + _REST}  # Qwen2/2.5/3: digits one by one
+# The rest of those tokenizers: Qwen2's normalizes text to NFC first; Llama 3's takes a piece that
+# is in the vocabulary whole, before any merge (BPE `ignore_merges`, tiktoken's rule; llama.cpp
+# does the same for LLAMA3).
+_GGUF_PRE_NFC = ("qwen2",)
+_GGUF_PRE_IGNORE_MERGES = ("llama-bpe",)
 
 
 def gguf_pre_tokenizer(pre: Any, where: str) -> Any:
@@ -268,65 +315,137 @@ def gguf_pre_tokenizer(pre: Any, where: str) -> Any:
                      f"{['smollm', *_GGUF_PRE_SPLIT]})")
 
 
-def load_gguf_tokenizer(path_or_reader: Any) -> Tokenizer:
-    """Rebuild the byte-level BPE ("gpt2" tokenizer model) of a GGUF file from its vocab and merges.
+def _byte_level_bpe(reader: Any, vocab: dict[str, int], where: str) -> HFTokenizer:
+    """The byte-level BPE of a GGUF (tokenizer.ggml.model "gpt2"): its vocab and merges, the text
+    split of its tokenizer.ggml.pre (`gguf_pre_tokenizer`), a ByteLevel decoder."""
+    merges = gguf_field(reader, "tokenizer.ggml.merges")
+    if merges is None:
+        raise ValueError(f"{where}: tokenizer.ggml.merges is missing")
+    pairs = []
+    for m in _string_list(merges, "tokenizer.ggml.merges", where):
+        parts = m.split(" ")
+        if len(parts) != 2:
+            raise ValueError(f"{where}: malformed merge {m!r}")
+        pairs.append((parts[0], parts[1]))
+    pre = gguf_field(reader, "tokenizer.ggml.pre")
+    try:
+        tk = HFTokenizer(models.BPE(vocab, pairs, fuse_unk=False, ignore_merges=pre in _GGUF_PRE_IGNORE_MERGES))
+    except Exception as e:  # noqa: BLE001 - the Rust library raises its own type (e.g. a merge of unknown tokens)
+        raise ValueError(f"{where}: the GGUF vocabulary does not form a BPE ({e})") from None
+    tk.pre_tokenizer = gguf_pre_tokenizer(pre, where)
+    if pre in _GGUF_PRE_NFC:
+        tk.normalizer = normalizers.NFC()
+    tk.decoder = decoders.ByteLevel()
+    return tk
 
-    Pre-tokenizer: digits split one by one, then GPT-2 byte level; ByteLevel decoder. Tokens of
-    type CONTROL (3) become special tokens and USER_DEFINED (4) added tokens, so both encode as
-    single ids. bos/eos/pad come from the `tokenizer.ggml.*_token_id` fields (pad defaults to
-    eos), the chat template from `tokenizer.chat_template`.
+
+_SPM_SPACE = "\u2581"  # SentencePiece's visible space
+
+
+def _sentencepiece_bpe(reader: Any, tokens: list[str], types: list[int], where: str) -> HFTokenizer:
+    """The SentencePiece BPE of a GGUF (tokenizer.ggml.model "llama": Llama 1/2, Mistral, TinyLlama)
+    as a `tokenizers` BPE, from its pieces, scores and piece types.
+
+    SentencePiece encodes by merging, again and again, the adjacent pair whose joined piece is in
+    the vocabulary with the highest score. That is a BPE whose merges are every split (left, right)
+    of a normal piece into two normal pieces, ranked by the joined piece's score. A character
+    outside the vocabulary falls back to its UTF-8 bytes (<0xXX> pieces), else <unk>. A space is
+    "▁", and with tokenizer.ggml.add_space_prefix (the default) one "▁" goes before the text, and,
+    as llama.cpp does, before the text that follows a special token; decoding undoes both."""
+    scores = gguf_field(reader, "tokenizer.ggml.scores")
+    if not isinstance(scores, list) or len(scores) != len(tokens) or \
+            not all(isinstance(s, (int, float)) and math.isfinite(s) for s in scores):
+        raise ValueError(f"{where}: tokenizer.ggml.scores must list one finite score per token")
+    if gguf_field(reader, "tokenizer.ggml.remove_extra_whitespaces", False):
+        raise ValueError(f"{where}: tokenizer.ggml.remove_extra_whitespaces=true is not supported (SentencePiece "
+                         "whitespace folding)")
+    if gguf_field(reader, "tokenizer.ggml.precompiled_charsmap"):
+        raise ValueError(f"{where}: tokenizer.ggml.precompiled_charsmap (SentencePiece normalization rules) is not "
+                         "supported")
+    unk = gguf_field(reader, "tokenizer.ggml.unknown_token_id", 0)
+    if isinstance(unk, bool) or not isinstance(unk, int) or not 0 <= unk < len(tokens):
+        raise ValueError(f"{where}: tokenizer.ggml.unknown_token_id={unk!r} is not a token id of its "
+                         f"{len(tokens)} tokens")
+    normal = {t for t, ty in zip(tokens, types) if ty in (_GGUF_NORMAL, _GGUF_USER_DEFINED)}
+    merges = []
+    for i in sorted(range(len(tokens)), key=lambda i: (-scores[i], i)):  # best first, then by id
+        piece = tokens[i]
+        if piece in normal:
+            merges.extend((piece[:k], piece[k:]) for k in range(1, len(piece))
+                          if piece[:k] in normal and piece[k:] in normal)
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tk = HFTokenizer(models.BPE(vocab, merges, unk_token=tokens[unk], fuse_unk=True, byte_fallback=True))
+    prefix = bool(gguf_field(reader, "tokenizer.ggml.add_space_prefix", True))
+    spaces = [normalizers.Replace(" ", _SPM_SPACE)]
+    tk.normalizer = normalizers.Sequence(([normalizers.Prepend(_SPM_SPACE)] if prefix else []) + spaces)
+    tk.decoder = decoders.Sequence([decoders.Replace(_SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+                                   + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    return tk
+
+
+def gguf_end_ids(reader: Any, n_tokens: int, where: str) -> tuple[int, ...]:
+    """The ids that end a generation in a GGUF: tokenizer.ggml.eos_token_id first, then the end of
+    turn and end of message ids (eot / eom: Llama 3 Instruct's <|eot_id|>, <|eom_id|>) when given."""
+    out = []
+    for key in ("eos", "eot", "eom"):
+        v = gguf_field(reader, f"tokenizer.ggml.{key}_token_id")
+        if v is None:
+            if key == "eos":
+                raise ValueError(f"{where}: tokenizer.ggml.eos_token_id is missing")
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < n_tokens:
+            raise ValueError(f"{where}: tokenizer.ggml.{key}_token_id={v!r} is not a token id of its "
+                             f"{n_tokens} tokens")
+        out.append(v)
+    return tuple(dict.fromkeys(out))
+
+
+def load_gguf_tokenizer(path_or_reader: Any) -> Tokenizer:
+    """Rebuild the tokenizer of a GGUF file: a byte-level BPE (tokenizer.ggml.model "gpt2", from
+    its vocab and merges: `_byte_level_bpe`) or a SentencePiece BPE ("llama", from its pieces and
+    scores: `_sentencepiece_bpe`).
+
+    Tokens of type CONTROL (3) (and UNKNOWN (2) of a SentencePiece vocab) become special tokens and
+    USER_DEFINED (4) added tokens, so both encode as single ids. bos/eos/pad come from the
+    `tokenizer.ggml.*_token_id` fields (pad defaults to eos), the further ids that end a generation
+    from the eot / eom ids (`gguf_end_ids`), the chat template from `tokenizer.chat_template`.
     """
     import gguf  # local: only GGUF users need it
 
     reader = path_or_reader if isinstance(path_or_reader, gguf.GGUFReader) else open_gguf(path_or_reader)
     where = getattr(reader, "path", path_or_reader)
     kind = gguf_field(reader, "tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise ValueError(f"{where}: tokenizer.ggml.model={kind!r} is not supported (only 'gpt2', "
-                         "the byte-level BPE)")
+    if kind not in ("gpt2", "llama"):
+        raise ValueError(f"{where}: tokenizer.ggml.model={kind!r} is not supported (only 'gpt2', the byte-level "
+                         "BPE, and 'llama', the SentencePiece BPE)")
     tokens = gguf_field(reader, "tokenizer.ggml.tokens")
-    merges = gguf_field(reader, "tokenizer.ggml.merges")
-    if not tokens or merges is None:
-        raise ValueError(f"{where}: tokenizer.ggml.tokens / tokenizer.ggml.merges are missing")
+    if not tokens:
+        raise ValueError(f"{where}: tokenizer.ggml.tokens is missing")
     tokens = _string_list(tokens, "tokenizer.ggml.tokens", where)
-    merges = _string_list(merges, "tokenizer.ggml.merges", where)
-    types = gguf_field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    types = gguf_field(reader, "tokenizer.ggml.token_type") or [_GGUF_NORMAL] * len(tokens)
     if not isinstance(types, list) or len(types) != len(tokens):
         raise ValueError(f"{where}: tokenizer.ggml.token_type must list one type per token")
     vocab = {t: i for i, t in enumerate(tokens)}
     if len(vocab) != len(tokens):
         raise ValueError(f"{where}: tokenizer.ggml.tokens holds duplicate tokens")
-    pairs = []
-    for m in merges:
-        parts = m.split(" ")
-        if len(parts) != 2:
-            raise ValueError(f"{where}: malformed merge {m!r}")
-        pairs.append((parts[0], parts[1]))
-    try:
-        tk = HFTokenizer(models.BPE(vocab, pairs, fuse_unk=False))
-    except Exception as e:  # noqa: BLE001 - the Rust library raises its own type (e.g. a merge of unknown tokens)
-        raise ValueError(f"{where}: the GGUF vocabulary does not form a BPE ({e})") from None
-    tk.pre_tokenizer = gguf_pre_tokenizer(gguf_field(reader, "tokenizer.ggml.pre"), where)
-    tk.decoder = decoders.ByteLevel()
-    special = [AddedToken(t, special=True, normalized=False)
-               for t, ty in zip(tokens, types) if ty == _GGUF_CONTROL]
+    tk = _byte_level_bpe(reader, vocab, where) if kind == "gpt2" else _sentencepiece_bpe(reader, tokens, types, where)
+    special_types = (_GGUF_CONTROL,) if kind == "gpt2" else (_GGUF_CONTROL, _GGUF_UNKNOWN)
+    special = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty in special_types]
     user = [AddedToken(t, special=False, normalized=False)
             for t, ty in zip(tokens, types) if ty == _GGUF_USER_DEFINED]
     if special:
         tk.add_special_tokens(special)
     if user:
         tk.add_tokens(user)
-    eos = gguf_field(reader, "tokenizer.ggml.eos_token_id")
-    bos = gguf_field(reader, "tokenizer.ggml.bos_token_id", eos)
-    if bos is None or eos is None:
-        raise ValueError(f"{where}: tokenizer.ggml.bos_token_id / eos_token_id are missing")
-    pad = gguf_field(reader, "tokenizer.ggml.padding_token_id", eos)
-    for key, v in (("bos", bos), ("eos", eos), ("padding", pad)):
+    ends = gguf_end_ids(reader, len(tokens), where)
+    bos = gguf_field(reader, "tokenizer.ggml.bos_token_id", ends[0])
+    pad = gguf_field(reader, "tokenizer.ggml.padding_token_id", ends[0])
+    for key, v in (("bos", bos), ("padding", pad)):
         if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < len(tokens):
             raise ValueError(f"{where}: tokenizer.ggml.{key}_token_id={v!r} is not a token id of its "
                              f"{len(tokens)} tokens")
     template = gguf_field(reader, "tokenizer.chat_template")
     if template is not None and not isinstance(template, str):
         raise ValueError(f"{where}: tokenizer.chat_template must be a string")
-    return Tokenizer(tk, bos_id=bos, eos_id=eos, pad_id=pad, chat_template=template,
+    return Tokenizer(tk, bos_id=bos, eos_id=ends[0], pad_id=pad, chat_template=template, stop_ids=ends[1:],
                      add_bos=bool(gguf_field(reader, "tokenizer.ggml.add_bos_token", True)))

@@ -372,10 +372,11 @@ def _tiny_gguf_vocab():
 
 
 def write_tiny_gguf(path: str, cfg: dict, W: dict[str, np.ndarray], arch: str = "llama",
-                    chat_template: str = "{{ 'chatml' }}") -> None:
-    """A GGUF as llama.cpp writes one with the `gguf` package: `arch` metadata keys, tiny vocab;
-    llama q/k rows permuted for interleaved RoPE (qwen2/qwen3 keep HF order), Qwen2 biases,
-    Qwen3 q/k norms."""
+                    chat_template: str = "{{ 'chatml' }}", eot_token_id: int | None = None,
+                    tokenizer_kv=None) -> None:
+    """A GGUF as llama.cpp writes one with the `gguf` package: `arch` metadata keys, tiny vocab
+    (or what `tokenizer_kv(writer)` writes instead); llama q/k rows permuted for interleaved RoPE
+    (qwen2/qwen3 keep HF order), Qwen2 biases, Qwen3 q/k norms."""
     import gguf
 
     tokens, types, merges = _tiny_gguf_vocab()
@@ -395,13 +396,18 @@ def write_tiny_gguf(path: str, cfg: dict, W: dict[str, np.ndarray], arch: str = 
     w.add_rope_freq_base(cfg["rope_theta"])
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_vocab_size(cfg["vocab_size"])
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_add_bos_token(False)
+    if tokenizer_kv is not None:
+        tokenizer_kv(w)
+    else:
+        w.add_tokenizer_model("gpt2")
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(merges)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+        w.add_add_bos_token(False)
+    if eot_token_id is not None:
+        w.add_eot_token_id(eot_token_id)
     w.add_chat_template(chat_template)
     names = {"self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
              "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",

@@ -53,6 +53,7 @@ def _check(ns: dict, printed: str) -> None:
     assert ns["logits"].shape == (2, ns["tokens"].shape[1], cfg.vocab_size)
     assert ns["logits_mem"].shape == ns["logits"].shape
     assert float(abs(ns["logits_mem"] - ns["logits"]).max()) > 0  # the memories were read
+    assert ns["cfg_hf"] == cfg and ns["chat"].texts[0] is not None  # export round trip; a chat in RAG mode
 
 
 def test_readme_has_the_blocks_this_test_runs():

@@ -135,8 +135,12 @@ def test_chat(server):
     r = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=20, temperature=0, extra_body={"mode": "rag"})
     assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
     same = c.completions.create(model=MODEL, prompt=[server["cfg"].bos_id] + tok.encode(text), max_tokens=20,
-                                temperature=0, extra_body={"mode": "rag"})
-    assert r.choices[0].message.content == same.choices[0].text  # the chat prompt is the rendered template
+                                temperature=0, extra_body={"mode": "none"})
+    plain = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=20, temperature=0,
+                                      extra_body={"mode": "none"})
+    assert plain.choices[0].message.content == same.choices[0].text  # the chat prompt is the rendered template
+    # RAG puts the references inside the conversation (its user turn), as the Generator does
+    assert r.choices[0].message.content == _greedy(server, msgs, "rag", 20)
     assert r.choices[0].model_extra["references"][0]["chunk"] == "prompt"
     deltas = [ev.choices[0].delta.content or "" for ev in c.chat.completions.create(
         model=MODEL, messages=msgs, max_tokens=20, temperature=0, extra_body={"mode": "rag"}, stream=True)

@@ -29,8 +29,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from m3jax.decode import encode_conversation
 from m3jax.serve.engine import ContextTooLong, Engine, EngineStopped, QueueFull, Request
 from m3jax.serve.metrics import CONTENT_TYPE_LATEST, ServeMetrics
+from m3jax.tokenizer import chat_question
 
 log = logging.getLogger("m3jax.serve")
 
@@ -119,8 +121,8 @@ class _Choice:
         self.finish_reason: str | None = None
         self.error: dict | None = None
 
-    def add(self, tokenizer, eos_id: int, payload: dict) -> None:
-        toks = [t for t in payload["tokens"] if t != eos_id or self.req.ignore_eos]
+    def add(self, tokenizer, end_ids: tuple[int, ...], payload: dict) -> None:
+        toks = [t for t in payload["tokens"] if t not in end_ids or self.req.ignore_eos]
         self.tokens.extend(toks)
         self.references.append({"chunk": payload["chunk"], "references": payload["references"]})
         self.text = tokenizer.decode(self.tokens)
@@ -241,7 +243,7 @@ def create_app(engine: Engine, model_name: str, *, metrics: ServeMetrics | None 
                 c = choices[i]
                 was_done = c.finish_reason is not None or c.error is not None
                 if kind == "chunk" and not was_done:
-                    c.add(tok, config.eos_id, payload)
+                    c.add(tok, config.end_ids, payload)
                 elif kind == "done" and c.error is None:
                     c.finish_reason = c.finish_reason or payload["finish_reason"]
                 elif kind == "error" and c.finish_reason is None:
@@ -362,7 +364,9 @@ def create_app(engine: Engine, model_name: str, *, metrics: ServeMetrics | None 
         _check_model(body.model)
         try:
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-            ids = [config.bos_id] + tok.encode_chat(messages)  # the model's template, in Jinja's sandbox
+            ids = encode_conversation(tok, config.bos_id, messages)  # the model's template, in Jinja's sandbox
+            if body.mode == "rag":  # the references go into the last user turn: there must be one
+                chat_question(messages)
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
         return await _run(body, [ids], _max_tokens(body, len(ids), None), True, http)

@@ -36,8 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from m3jax.decode import (DecodeState, arrange_memory, check_mode, compute_prefix, decode_round, first_round_memory,
-                          prefill, row_keys)
+from m3jax.config import ModelConfig
+from m3jax.decode import (RAG_CHAT_TOKENS_PER_REFERENCE, ChatPrompt, DecodeState, arrange_memory, check_mode,
+                          compute_prefix, decode_round, first_round_memory, prefill, rag_prompt, rag_query, row_keys)
 from m3jax.model.cache import init_cache
 from m3jax.model.memory import ChunkMemory
 from m3jax.model.transformer import Params, check_params
@@ -231,9 +232,11 @@ class Engine:
     def check_mode(self, mode: str) -> None:
         check_mode(mode, self.config, self.retriever is not None, "a knowledge base (start the server with --kb)")
 
-    def need(self, prompt_len: int, max_tokens: int, mode: str) -> int:
-        """Cache positions a request needs (RAG: room for the references it will prepend)."""
-        extra = self.config.memories_per_chunk * self.max_ref_tokens if mode == "rag" else 0
+    def need(self, prompt_len: int, max_tokens: int, mode: str, chat: bool = False) -> int:
+        """Cache positions a request needs (RAG: room for the references it will prepend, or put
+        inside a conversation when `chat`)."""
+        per_ref = self.max_ref_tokens + (RAG_CHAT_TOKENS_PER_REFERENCE if chat else 0)
+        extra = self.config.memories_per_chunk * per_ref if mode == "rag" else 0
         return prompt_len + extra + max_tokens
 
     @property
@@ -269,10 +272,12 @@ class Engine:
     def submit(self, req: Request) -> Request:
         """Queue a request (QueueFull when the queue is full, EngineStopped when shutting down)."""
         self.check_mode(req.mode)
+        chat = isinstance(req.prompt, ChatPrompt)
         if len(req.prompt) + req.max_tokens > self.context_len or self.need(len(req.prompt), req.max_tokens,
-                                                                               req.mode) > self.context_len:
+                                                                               req.mode, chat) > self.context_len:
             raise ContextTooLong(f"prompt of {len(req.prompt)} tokens + {req.max_tokens} new tokens"
-                             + (f" + up to {self.need(0, 0, 'rag')} reference tokens" if req.mode == "rag" else "")
+                             + (f" + up to {self.need(0, 0, 'rag', chat)} reference tokens" if req.mode == "rag"
+                                else "")
                              + f" exceeds the context of {self.context_len} tokens")
         with self._cv:
             if not self._accepting or not self.alive:
@@ -358,7 +363,7 @@ class Engine:
                 self._end(req, "error", {"message": "request timed out in the queue", "type": "timeout"}
                           if not req.cancelled else {"message": req.cancelled, "type": "cancelled"})
                 continue
-            need = self.need(len(req.prompt), req.max_tokens, req.mode)
+            need = self.need(len(req.prompt), req.max_tokens, req.mode, isinstance(req.prompt, ChatPrompt))
             # a group whose joiners' retrieval has started takes more at its next turn
             fits = [g for g in self.groups
                     if not g.draining and g.free and g.S >= need and not g.empty and g.join_future is None]
@@ -395,9 +400,9 @@ class Engine:
         rag = [i for i, r in enumerate(reqs) if r.mode == "rag"]
         rag_refs: dict[int, list] = {}
         if rag:
-            toks, described = self._rag_search([reqs[i].prompt[: c.chunk_size] for i in rag])
+            toks, described = self._rag_search([rag_query(reqs[i].prompt, self.tokenizer, c.chunk_size) for i in rag])
             for n, i in enumerate(rag):
-                prompts[i] = [c.bos_id] + [t for ref in toks[n] for t in ref] + reqs[i].prompt[1:]
+                prompts[i] = rag_prompt(reqs[i].prompt, toks[n], self.tokenizer, c.bos_id)
                 rag_refs[i] = described[n]
         J = _pow2_at_least(len(reqs), 1, self.serve_config.slots)
         P = self._bucket(max(len(p) for p in prompts))
@@ -425,7 +430,7 @@ class Engine:
         if self.retriever is not None and c.memory_enabled:
             g.memory = ChunkMemory.empty(c, B, 1, dtype=jnp.dtype(c.dtype))
         g.state = DecodeState.create(init_cache(c, B, g.S), jnp.zeros((B, c.vocab_size), jnp.float32), budget=0,
-                                     key_B=jnp.zeros((B, 2), jnp.uint32), stops_BX=[c.eos_id], done=True)
+                                     key_B=jnp.zeros((B, 2), jnp.uint32), stops_BX=list(c.end_ids), done=True)
 
     def _insert_joiners(self, g: _Group) -> None:
         """Prefill the reserved requests of `g` (their prompt retrieval done) in one call and
@@ -441,7 +446,7 @@ class Engine:
         tok[:, 0] = c.bos_id
         lengths = np.ones(J, np.int32)
         idx = np.full(J, g.slots, np.int32)  # padding rows (and cancelled requests) are dropped
-        temp, top_p, stops = np.zeros(J, np.float32), np.ones(J, np.float32), np.full((J, 1), c.eos_id, np.int32)
+        temp, top_p, stops = np.zeros(J, np.float32), np.ones(J, np.float32), np.full((J, len(c.end_ids)), -1, np.int32)
         budget, keys, last = np.zeros(J, np.int32), np.zeros((J, 2), np.uint32), np.zeros(J, np.int32)
         for j, (slot, req) in enumerate(joining):
             if req.cancelled:
@@ -451,7 +456,8 @@ class Engine:
             tok[j, : len(prompt)] = prompt
             lengths[j], last[j] = len(prompt), (len(prompt) - 1) // c.chunk_size
             idx[j], temp[j], top_p[j], budget[j] = slot, req.temperature, req.top_p, req.max_tokens
-            stops[j] = -1 if req.ignore_eos else c.eos_id  # -1: never sampled
+            if not req.ignore_eos:  # -1 (the default): never sampled
+                stops[j] = c.end_ids
             keys[j] = np.asarray(row_keys(req.seed, 1)[0])
             refs: list = []
             if req.mode == "rag":
@@ -514,7 +520,7 @@ class Engine:
             toks, reason = [], None
             for t in out_np[s, :ran]:
                 toks.append(int(t))
-                if int(t) == c.eos_id and not req.ignore_eos:
+                if int(t) in c.end_ids and not req.ignore_eos:
                     reason = "stop"
                     break
                 if len(row.generated) + len(toks) >= req.max_tokens:
