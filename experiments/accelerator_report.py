@@ -152,6 +152,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     smoke = args.smoke or not accelerator
     sizes = dict(SMOKE_SIZES if smoke else ACCELERATOR_SIZES)
     sizes.update({k: getattr(args, k) for k in ACCELERATOR_SIZES if getattr(args, k) is not None})
+    n = jax.device_count()  # bench_train shards the batch over every device (mesh 1 x n x 1)
+    sizes["train_batch"] = -(-sizes["train_batch"] // n) * n
     dtype = args.dtype or ("bfloat16" if accelerator else None)
     if smoke:
         log(f"no accelerator ({device_name()}): a SMOKE run with tiny sizes, not a measurement"
