@@ -631,7 +631,7 @@ def policy_table(records: list[dict[str, Any]], markdown: bool = False) -> str:
                      f"{m['argument'] / GIB:.2f} + {m['temp'] / GIB:.2f} = {m['total'] / GIB:.2f}",
                      f"{(t['xla_flops_per_chip'] or 0) / 1e12:.2f}",
                      f"{t['model_flops_per_token'] / 1e9:.1f} + " + (f"{rc / 1e9:.1f}" if rc is not None else "?"),
-                     f"{s4m:.2f}" if s4m else "-", vs, str(math.ceil(4 * 2**20 / t["tokens_per_step"]))])
+                     f"{s4m:.2f}" if s4m else "-", vs, str(math.ceil(4 * 2**20 * r.get("grad_accum", 1) / t["tokens_per_step"]))])
     if markdown:
         return "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
                          + ["| " + " | ".join(x) + " |" for x in rows])
