@@ -4,6 +4,8 @@
     python experiments/aot_compile.py --topology v5e:16x16 --preset memory3-2b --global-batch 2048 \
         --seq-len 2048 --mesh 1,32,8 --out aot.json
     python experiments/aot_compile.py --config v5e-256,v4-128 --remat full --out aot_remat.json
+    python experiments/aot_compile.py --config v5e-256,v4-128,v6e-256 --remat full,dots,attention \
+        --global-batch 64 --no-decode --out figures/aot_remat_policies.json        # the policy search
 
 Needs `libtpu` (`pip install 'm3jax[tpu]'`, or `pip install libtpu==0.0.42.1` for jax 0.10.2):
 `jax.experimental.topologies.get_topology_desc` then describes the devices of a TPU topology
@@ -37,23 +39,32 @@ FLOPs and projections (all per optimizer step):
                 counts it. XLA's HLO cost analysis counts the body of a while loop once, and the
                 model scans its layers, so this is far below the real count; it is reported, not
                 used.
-  step_s        model_flops / (chips x peak x assumed MFU) (`--assumed-mfu`, default 0.40, a
-                typical figure for dense 1-3B models on TPU with XLA; the real value comes from a
-                run: `m3jax.train.loop` logs it), and tokens/s = B x T / step_s.
+  recompute     `recompute_flops_per_token` x B x T: the forward FLOPs the remat policy repeats in
+                the backward pass (full: the layer stacks' whole forward; dots: the attention
+                core; attention: nothing with splash).
+  step_s        (model_flops + recompute) / (chips x peak x assumed utilization) (`--assumed-mfu`,
+                default 0.40, a typical figure for dense 1-3B models on TPU with XLA, applied to
+                every FLOP the chips execute: "the same assumed MFU" for two policies means the
+                same efficiency on what each executes, so recomputation costs time; the MFU proper
+                is then assumed x model / (model + recompute), reported as `implied_mfu`; the real
+                value comes from a run: `m3jax.train.loop` logs it), and tokens/s = B x T / step_s.
   decode        a bandwidth roofline: one generated token reads every argument of the decode
                 program once (params shard, KV cache, memory), so a token of the whole batch
                 takes at least arguments / HBM bandwidth, i.e. tokens/s <= B x bandwidth /
                 arguments (per-chip, all chips in parallel).
 
-`--remat full` compiles with the model's `ModelConfig.remat=True`; `--remat dots` is a what-if that wraps every decoder layer
-(`m3jax.model.transformer._block`) in `jax.checkpoint` while compiling, to show what layer
-rematerialization policies would buy.
+Remat policies (`--remat none,full,dots,attention`, several compared in one run: the model's own
+`ModelConfig.remat`, see `m3jax.model.transformer.remat_policy`) and attention (`--attention`:
+"splash", the Pallas kernel that `attention(impl="auto")` takes on TPU, or "xla", the dense
+path): for each pod and policy the largest batch that fits (one step, no accumulation), its
+per-chip memory and FLOPs, and the projected time of the paper's ~4M-token step (2048 x 2048
+tokens, as `TrainConfig.grad_accum` microbatches of that batch) against full remat. Confirm
+the 4M step itself with `--global-batch 2048 --grad-accum N --no-search`.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -61,6 +72,7 @@ import os
 import re
 import sys
 import time
+import typing
 from typing import Any, Callable
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -159,37 +171,6 @@ def oom_info(err: BaseException) -> dict[str, Any] | None:
     return info
 
 
-@contextlib.contextmanager
-def remat_layers(mode: str | None):
-    """What-if: wrap every decoder layer in `jax.checkpoint` (policy: `full` saves nothing,
-    `dots` saves matmul outputs without batch dims). Restores the model on exit."""
-    if not mode or mode == "none":
-        yield
-        return
-    import jax
-
-    from m3jax.model import transformer as TR
-
-    policy = {"full": jax.checkpoint_policies.nothing_saveable,
-              "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[mode]
-    orig = TR._block
-
-    def block(p, x, c, shared, reads, **kw):
-        if reads.kv is not None:
-            return orig(p, x, c, shared, reads, **kw)  # a cache layer (decoding): no backward pass
-
-        def f(p, x, shared, reads):
-            return orig(p, x, c, shared, reads, **kw)
-
-        return jax.checkpoint(f, policy=policy)(p, x, shared, reads)
-
-    TR._block = block
-    try:
-        yield
-    finally:
-        TR._block = orig
-
-
 def build_mesh(sizes: tuple[int, int, int], devices: list) -> tuple[Any, str | None]:
     """(Mesh over ("data", "fsdp", "tensor"), note). `sharding.make_mesh` first; when the TPU torus
     cannot be cut into the logical axes without splitting a physical axis (e.g. tensor=8 on a
@@ -239,7 +220,7 @@ def lower_train(model_cfg, train_cfg, mesh, B: int, T: int):
     from m3jax.train.step import TrainStep, abstract_state_on
 
     # A fresh TrainStep (the class `make_train_step` returns, without its cache): a fresh jit,
-    # so a `--remat` what-if is traced anew.
+    # so each remat policy / attention choice is traced anew.
     step = TrainStep(model_cfg, train_cfg, mesh)
     state = abstract_state_on(model_cfg, train_cfg, mesh)
     batch = abstract_batch(model_cfg, mesh, B, T, train_cfg.stage)
@@ -248,17 +229,64 @@ def lower_train(model_cfg, train_cfg, mesh, B: int, T: int):
     return step.lower(state, batch), "TrainStep.lower"
 
 
-def compile_train(model_cfg, train_cfg, mesh, B: int, T: int, remat: str | None = None) -> dict[str, Any]:
-    rec: dict[str, Any] = {"global_batch": B, "seq_len": T, "tokens_per_step": B * T}
-    if remat == "full":  # the model's own switch (ModelConfig.remat: jax.checkpoint on the layer scan)
-        model_cfg, remat = dataclasses.replace(model_cfg, remat=True), None
+def compile_train(model_cfg, train_cfg, mesh, B: int, T: int, remat: str = "none",
+                  attention: str = "splash") -> dict[str, Any]:
+    """Compile the train step with `ModelConfig.remat = remat`, attention traced for TPU
+    (`attention.compile_for`): "splash" lets "auto" take the Pallas kernel, "xla" the dense path."""
+    from m3jax.model.attention import compile_for
+
+    rec: dict[str, Any] = {"global_batch": B, "seq_len": T, "tokens_per_step": B * T, "remat": remat,
+                           "attention": attention}
+    model_cfg = dataclasses.replace(model_cfg, remat=remat)
+
     def lower():
-        with remat_layers(remat):
+        with compile_for("tpu", fused=attention != "xla"):
             lowered, how = lower_train(model_cfg, train_cfg, mesh, B, T)
         rec["lowered_with"] = how.split(" (")[0]
         return lowered
 
     return _compile_into(rec, lower)
+
+
+def recompute_flops_per_token(model_cfg, seq_len: int, remat: str, attention: str, *, stage: str = "continual",
+                              memory_grad: bool = True, lookback: int = 4) -> float:
+    """Forward FLOPs per context token that a remat policy recomputes in the backward pass (the
+    model FLOPs of `train.loop.flops_per_token` count forward + backward = 3 x forward, no remat).
+
+    attention forward  4 x layers x heads x head_dim x keys (scores + probabilities x values; the
+                       memory keys of the continual stage at the memory layers) + the in-step
+                       memory writing's attention and token scores (per chunk_size tokens)
+    full               the whole forward of the scanned layers (everything but the LM head and the
+                       embedding, which sit outside the layer scan): flops_per_token / 3 - 2 D V
+                       (the write path's forward counts once: it is rematerialized as well)
+    dots               the attention forward (the projections and the MLP are saved)
+    attention          nothing with splash (its softmax statistics and output are saved; its
+                       backward kernels recompute scores blockwise, as any flash backward does,
+                       which the 3x model count does not include either); with the XLA path the
+                       scores and softmax (half the attention forward: the output is saved)
+    """
+    from m3jax.train.loop import flops_per_token
+
+    c = model_cfg
+    if remat == "none":
+        return 0.0
+    fpt = flops_per_token(c, seq_len, stage=stage, memory_grad=memory_grad, lookback=lookback)
+    if remat == "full":
+        # without memory_grad the write path runs forward only (counted once, never recomputed)
+        enc = 0.0 if memory_grad else (flops_per_token(c, seq_len, stage=stage, lookback=lookback) - fpt) / 2
+        return (fpt - enc) / 3.0 - 2.0 * c.hidden * c.vocab_size
+    nh = c.num_heads * c.head_dim
+    attn = 4.0 * c.num_layers * nh * (seq_len + c.prefix_len)
+    if stage == "continual":
+        attn += 4.0 * c.memory_layers * nh * (lookback + 1) * c.tokens_per_memory
+    if stage == "continual" and memory_grad:
+        n = c.prefix_len + c.reference_len
+        attn += c.memory_layers * (4.0 * nh * n * n + 2.0 * nh * c.reference_len ** 2) / c.chunk_size
+    if remat == "dots":
+        return attn
+    if remat == "attention":
+        return 0.0 if attention == "splash" else attn / 2
+    raise ValueError(f"unknown remat policy {remat!r}")
 
 
 def _compile_into(rec: dict[str, Any], lower: Callable[[], Any]) -> dict[str, Any]:
@@ -285,8 +313,8 @@ def _fmt_mem(m: dict[str, float]) -> str:
     return ", ".join(f"{k} {m[k] / GIB:.2f}" for k in ("argument", "output", "alias", "temp", "code", "total")) + " GiB"
 
 
-def search_train(model_cfg, train_cfg, mesh, B: int, T: int, *, search: bool = True, remat: str | None = None,
-                 max_tries: int = 4, hbm_bytes: float | None = None, on_attempt=None,
+def search_train(model_cfg, train_cfg, mesh, B: int, T: int, *, search: bool = True, remat: str = "none",
+                 attention: str = "splash", max_tries: int = 4, hbm_bytes: float | None = None, on_attempt=None,
                  log=print) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
     """Compile at global batch B; when it does not fit and `search`, find the largest batch (a
     multiple of data x fsdp) that does, with few compiles (a successful compile of a pod-size
@@ -300,7 +328,7 @@ def search_train(model_cfg, train_cfg, mesh, B: int, T: int, *, search: bool = T
 
     def attempt(b: int) -> dict[str, Any]:
         log(f"  compiling train step: global batch {b} x {T} tokens ...")
-        r = compile_train(model_cfg, train_cfg, mesh, b, T, remat=remat)
+        r = compile_train(model_cfg, train_cfg, mesh, b, T, remat=remat, attention=attention)
         r["compiled"] = r["fits"]
         if r["fits"] and hbm_bytes is not None and r["memory"]["total"] > hbm_bytes:
             # The compiler accepted it, but memory_analysis() adds up to more than the chip has:
@@ -418,16 +446,18 @@ def compile_decode(model_cfg, mesh, B: int, cache_len: int) -> dict[str, Any]:
     rec: dict[str, Any] = {"batch": B, "cache_len": cache_len, "memory_tokens": c.memory_block_len}
 
     def lower():
-        with jax.set_mesh(mesh):
+        from m3jax.model.attention import compile_for
+
+        with jax.set_mesh(mesh), compile_for("tpu"):
             return decode_round.lower(params, c, prefix, memory, state, steps)
 
     return _compile_into(rec, lower)
 
 
 # ------------------------------------------------------------------------------ one pod config
-def run_pod(pod: PodConfig, *, search: bool = True, remat: str | None = None, train: bool = True,
-            decode: bool = True, memory_grad: bool = True, assumed_mfu: float = 0.40, grad_accum: int = 1,
-            on_progress=None, log=print) -> dict[str, Any]:
+def run_pod(pod: PodConfig, *, search: bool = True, remat: str = "none", attention: str = "splash",
+            train: bool = True, decode: bool = True, memory_grad: bool = True, assumed_mfu: float = 0.40,
+            grad_accum: int = 1, on_progress=None, log=print) -> dict[str, Any]:
     """Compile the train (and decode) step of `pod`; returns a JSON-able record."""
     setup_tpu_env(pod.topology)
     import jax
@@ -446,7 +476,8 @@ def run_pod(pod: PodConfig, *, search: bool = True, remat: str | None = None, tr
     rec: dict[str, Any] = {
         "config": {**dataclasses.asdict(pod), "mesh": list(pod.mesh), "decode_mesh": list(pod.decode_mesh)},
         "chips": n, "hosts": hosts, "device_kind": devices[0].device_kind, "chip": dataclasses.asdict(chip),
-        "jax": jax.__version__, "libtpu": libtpu_version(), "remat": remat or "none",
+        "jax": jax.__version__, "libtpu": libtpu_version(), "remat": remat,
+        "attention": attention,
         "assumed_mfu": assumed_mfu, "model": {"preset": pod.preset, "params": model_cfg.num_params(embedding=True),
                                                "non_embedding_params": model_cfg.num_params()},
     }
@@ -460,15 +491,15 @@ def run_pod(pod: PodConfig, *, search: bool = True, remat: str | None = None, tr
         tc = TrainConfig(stage=pod.stage, seq_len=pod.seq_len, batch_size=pod.global_batch, steps=1000,
                          warmup_steps=10, memory_grad=memory_grad, grad_accum=grad_accum, mesh=MeshConfig(*pod.mesh))
         rec["grad_accum"] = grad_accum
-        log(f"  train mesh {dict(mesh.shape)}, stage {pod.stage}, memory_grad {memory_grad}, remat {remat or 'none'}"
-            f", grad_accum {grad_accum}")
+        log(f"  train mesh {dict(mesh.shape)}, stage {pod.stage}, memory_grad {memory_grad}, remat {remat}, "
+            f"attention {attention}, grad_accum {grad_accum}")
         def partial(attempts):  # keep what a long search found so far
             rec["train_attempts"] = attempts
             if on_progress is not None:
                 on_progress(rec)
 
         best, attempts = search_train(model_cfg, tc, mesh, pod.global_batch, pod.seq_len, search=search,
-                                      remat=remat, hbm_bytes=hbm, on_attempt=partial, log=log)
+                                      remat=remat, attention=attention, hbm_bytes=hbm, on_attempt=partial, log=log)
         rec["train_attempts"] = attempts
         out: dict[str, Any] = {"requested_global_batch": pod.global_batch, "seq_len": pod.seq_len,
                                "fits": best is not None}
@@ -476,11 +507,18 @@ def run_pod(pod: PodConfig, *, search: bool = True, remat: str | None = None, tr
             B, T = best["global_batch"], pod.seq_len
             fpt = flops_per_token(model_cfg, T, stage=pod.stage, memory_grad=memory_grad, lookback=tc.memory_lookback)
             model_flops = fpt * B * T
-            step_s = model_flops / (n * chip.peak_flops * assumed_mfu)
+            rc = recompute_flops_per_token(model_cfg, T, remat, attention, stage=pod.stage, memory_grad=memory_grad,
+                                           lookback=tc.memory_lookback)
+            # the hardware executes the model FLOPs plus the recomputation: at the assumed MFU of the
+            # executed FLOPs, a policy that recomputes less takes proportionally less time
+            step_s = (fpt + rc) * B * T / (n * chip.peak_flops * assumed_mfu)
             out.update(global_batch=B, per_batch_shard=B // (rec["mesh"]["data"] * rec["mesh"]["fsdp"]),
                        tokens_per_step=B * T, memory=best["memory"], fits_hbm=best["memory"]["total"] <= hbm,
                        hbm_bytes=hbm, xla_flops_per_chip=best["cost"].get("flops"),
                        model_flops_per_step=model_flops, model_flops_per_token=fpt,
+                       recompute_flops_per_token=rc, recompute_flops_per_step=rc * B * T,
+                       implied_mfu=assumed_mfu * fpt / (fpt + rc),
+                       projected_s_per_4m_tokens=(fpt + rc) * 4 * 2**20 / (n * chip.peak_flops * assumed_mfu),
                        projected_step_s=step_s, projected_tokens_per_s=B * T / step_s,
                        projected_mfu=assumed_mfu, compile_s=best["compile_s"],
                        lowered_with=best.get("lowered_with"),
@@ -515,7 +553,7 @@ def run_pod(pod: PodConfig, *, search: bool = True, remat: str | None = None, tr
 
 # ------------------------------------------------------------------------------ report
 def table(records: list[dict[str, Any]]) -> str:
-    hdr = (f"{'config':<12} {'chips':>5} {'mesh d/f/t':>10} {'remat':>5} {'batch':>6} {'tok/step':>9} {'fits':>4} "
+    hdr = (f"{'config':<12} {'chips':>5} {'mesh d/f/t':>10} {'remat':>9} {'batch':>6} {'tok/step':>9} {'fits':>4} "
            f"{'args':>6} {'temps':>6} {'total':>6} {'HBM':>4} {'XLA TF/chip':>11} {'model PF/step':>13} "
            f"{'step s':>7} {'tok/s':>9} {'MFU':>4}")
     lines = [hdr, "-" * len(hdr)]
@@ -529,14 +567,14 @@ def table(records: list[dict[str, Any]]) -> str:
         if t["fits"]:
             mem = t["memory"]
             lines.append(
-                f"{name:<12} {r['chips']:>5} {mesh:>10} {r['remat']:>5} {t['global_batch']:>6} {t['tokens_per_step']:>9,} "
+                f"{name:<12} {r['chips']:>5} {mesh:>10} {r['remat']:>9} {t['global_batch']:>6} {t['tokens_per_step']:>9,} "
                 f"{'yes' if t['fits_hbm'] else 'NO':>4} {mem['argument'] / GIB:>6.2f} {mem['temp'] / GIB:>6.2f} "
                 f"{mem['total'] / GIB:>6.2f} {r['chip']['hbm_gib']:>4.0f} {(t['xla_flops_per_chip'] or 0) / 1e12:>11.2f} "
                 f"{t['model_flops_per_step'] / 1e15:>13.2f} {t['projected_step_s']:>7.3f} "
                 f"{t['projected_tokens_per_s']:>9,.0f} {t['projected_mfu']:>4.0%}")
         else:
             need = t.get("required_bytes") or float("nan")
-            lines.append(f"{name:<12} {r['chips']:>5} {mesh:>10} {r['remat']:>5} {t['smallest_tried']:>6} "
+            lines.append(f"{name:<12} {r['chips']:>5} {mesh:>10} {r['remat']:>9} {t['smallest_tried']:>6} "
                          f"{t['smallest_tried'] * t['seq_len']:>9,} {'NO':>4}  needs {need / GIB:.2f} GiB of temporaries "
                          f"at the smallest batch tried (HBM {r['chip']['hbm_gib']:.0f} GiB)")
     lines.append("")
@@ -558,6 +596,43 @@ def table(records: list[dict[str, Any]]) -> str:
             lines.append(f"{r['config']['name']:<12} {mesh:>11} {d['batch']:>6} {d['cache_len']:>6} {'NO':>4} "
                          f"{d['oom']['message'][:60]}")
     return "\n".join(lines)
+
+
+def policy_table(records: list[dict[str, Any]], markdown: bool = False) -> str:
+    """Per pod and remat policy: the largest batch that fits, its per-chip memory and XLA FLOPs,
+    FLOPs per token (model + recompute) and the projected time of a ~4M-token step, against the
+    same pod's full remat (when it was compiled in the run)."""
+    cols = ["config", "remat", "attention", "largest batch", "per-chip GiB (args + temps)", "XLA TFLOP/chip",
+            "model + recompute GFLOP/token", "4M-token step s", "vs full", "microbatches for 4M"]
+    rows = []
+    full = {r["config"]["name"]: r["train"] for r in records
+            if r.get("train", {}).get("fits") and r["remat"] == "full"}
+    for r in records:
+        t = r.get("train")
+        if t is None:
+            continue
+        name = r["config"]["name"]
+        if not t["fits"]:
+            rows.append([name, r["remat"], r.get("attention", "-"), f"none (>= {t.get('smallest_tried')})", "-", "-",
+                         "-", "-", "-", "-"])
+            continue
+        m = t["memory"]
+        ref = full.get(name)
+        s4m = t.get("projected_s_per_4m_tokens")  # absent in records of runs before the policies
+        vs = (f"{s4m / ref['projected_s_per_4m_tokens'] - 1:+.1%}"
+              if s4m and ref and ref.get("projected_s_per_4m_tokens") else "-")
+        rc = t.get("recompute_flops_per_token")
+        rows.append([name, r["remat"], r.get("attention", "xla"), str(t["global_batch"]),
+                     f"{m['argument'] / GIB:.2f} + {m['temp'] / GIB:.2f} = {m['total'] / GIB:.2f}",
+                     f"{(t['xla_flops_per_chip'] or 0) / 1e12:.2f}",
+                     f"{t['model_flops_per_token'] / 1e9:.1f} + " + (f"{rc / 1e9:.1f}" if rc is not None else "?"),
+                     f"{s4m:.2f}" if s4m else "-", vs, str(math.ceil(4 * 2**20 * r.get("grad_accum", 1) / t["tokens_per_step"]))])
+    if markdown:
+        return "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+                         + ["| " + " | ".join(x) + " |" for x in rows])
+    widths = [max(len(c), *(len(x[i]) for x in rows)) if rows else len(c) for i, c in enumerate(cols)]
+    fmt = lambda xs: "  ".join(x.ljust(w) for x, w in zip(xs, widths))
+    return "\n".join([fmt(cols), "-" * (sum(widths) + 2 * len(cols))] + [fmt(x) for x in rows])
 
 
 def build_pods(args: argparse.Namespace) -> list[PodConfig]:
@@ -597,8 +672,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-batch-per-shard", type=int, help="decode sequences per data x fsdp shard")
     ap.add_argument("--decode-cache-len", type=int)
     ap.add_argument("--no-memory-grad", action="store_true", help="continual stage without gradients through the write path")
-    ap.add_argument("--remat", choices=["none", "full", "dots"], default="none",
-                    help="what-if: compile with every decoder layer under jax.checkpoint")
+    ap.add_argument("--remat", default="none",
+                    help="remat policies (ModelConfig.remat), comma separated: none, full, dots, attention; "
+                         "each is compiled (and searched) in turn and compared with full")
+    ap.add_argument("--attention", choices=["splash", "xla"], default="splash",
+                    help="attention on TPU: the Pallas splash kernel (what auto takes) or the dense XLA path")
     ap.add_argument("--grad-accum", type=int, default=1,
                     help="microbatches per step (TrainConfig.grad_accum): the global batch is summed over them")
     ap.add_argument("--no-search", action="store_true", help="compile only the requested batch")
@@ -606,9 +684,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-decode", action="store_true")
     ap.add_argument("--assumed-mfu", type=float, default=0.40)
     ap.add_argument("--out", help="write the records as JSON here")
+    ap.add_argument("--markdown", action="store_true", help="print the remat policy table as markdown too")
+    ap.add_argument("--tables", nargs="+", metavar="JSON",
+                    help="no compile: print the tables of earlier runs' JSON files (records concatenated; "
+                         "with --out, written there as one file)")
     args = ap.parse_args(argv)
 
+    if args.tables:
+        records = []
+        for path in args.tables:
+            with open(path) as f:
+                records += json.load(f)
+        print(table(records))
+        print()
+        print(policy_table(records, markdown=args.markdown))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(records, f, indent=1, default=str)
+        return 0
     pods = build_pods(args)
+    policies = [p.strip() for p in args.remat.split(",") if p.strip()]
+    from m3jax.config import Remat
+
+    bad = sorted(set(policies) - set(typing.get_args(Remat)))
+    if bad:
+        raise SystemExit(f"--remat: unknown policies {bad}; choose from {typing.get_args(Remat)}")
     setup_tpu_env(pods[0].topology)
     try:
         import libtpu  # noqa: F401
@@ -617,23 +717,28 @@ def main(argv: list[str] | None = None) -> int:
                          "`tpu` extra pins) to compile for TPUs on this machine")
     records = []
     for pod in pods:
-        t0 = time.perf_counter()
-        def save(partial_rec, done=list(records)):
-            if args.out:
-                with open(args.out, "w") as f:
-                    json.dump(done + [partial_rec], f, indent=1, default=str)
+        for i, policy in enumerate(policies):
+            t0 = time.perf_counter()
+            def save(partial_rec, done=list(records)):
+                if args.out:
+                    with open(args.out, "w") as f:
+                        json.dump(done + [partial_rec], f, indent=1, default=str)
 
-        rec = run_pod(pod, search=not args.no_search, remat=None if args.remat == "none" else args.remat,
-                      train=not args.no_train, decode=not args.no_decode, memory_grad=not args.no_memory_grad,
-                      assumed_mfu=args.assumed_mfu, grad_accum=args.grad_accum, on_progress=save)
-        rec["wall_s"] = time.perf_counter() - t0
-        records.append(rec)
-        if args.out:  # after every config: a long run keeps what it has
-            with open(args.out, "w") as f:
-                json.dump(records, f, indent=1, default=str)
+            rec = run_pod(pod, search=not args.no_search, remat=policy, attention=args.attention,
+                          train=not args.no_train, decode=not args.no_decode and i == 0,
+                          memory_grad=not args.no_memory_grad, assumed_mfu=args.assumed_mfu,
+                          grad_accum=args.grad_accum, on_progress=save)
+            rec["wall_s"] = time.perf_counter() - t0
+            records.append(rec)
+            if args.out:  # after every compile series: a long run keeps what it has
+                with open(args.out, "w") as f:
+                    json.dump(records, f, indent=1, default=str)
     print()
     print(table(records))
-    print(f"\nprojection: step time = model FLOPs / (chips x peak x {args.assumed_mfu:.0%} assumed MFU); "
+    print()
+    print(policy_table(records, markdown=args.markdown))
+    print(f"\nprojection: step time = (model + recompute FLOPs) / (chips x peak x {args.assumed_mfu:.0%} assumed "
+          "utilization); "
           "decode = HBM-bandwidth roofline. Memory per chip from compiled.memory_analysis().")
     if args.out:
         print(f"wrote {args.out}")

@@ -18,6 +18,13 @@ from typing import Any, Literal
 Score = Literal["softmax", "exp", "value_norm"]
 GroupReduce = Literal["sum", "max"]
 RopeType = Literal["default", "llama3"]
+# Layer rematerialization in the backward pass (jax.checkpoint on the layer scan), by what it saves:
+# "none" (no remat), "full" (only each layer's input: everything recomputed once), "dots" (the
+# outputs of the projection and MLP matmuls: only the attention core and elementwise ops are
+# recomputed), "attention" ("dots" plus the attention outputs and a fused kernel's softmax
+# statistics: with splash attention nothing but elementwise ops is recomputed).
+# Old configs' true / false read as "full" / "none".
+Remat = Literal["none", "full", "dots", "attention"]
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -90,7 +97,7 @@ class ModelConfig:
     # --- numerics ---
     dtype: str = "float32"  # activations
     param_dtype: str = "float32"
-    remat: bool = False  # recompute each layer in the backward pass (jax.checkpoint on the layer scan)
+    remat: Remat = "none"  # layer rematerialization policy (see `Remat`; true / false = "full" / "none")
 
     def __post_init__(self) -> None:
         for f in ("vocab_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden",
@@ -135,6 +142,10 @@ class ModelConfig:
             _check(isinstance(getattr(self, f), bool), f"ModelConfig.{f} must be true or false, got "
                                                        f"{getattr(self, f)!r}")
         _check(self.norm_eps > 0, f"ModelConfig.norm_eps must be > 0, got {self.norm_eps}")
+        if self.remat in (True, False, None, "true", "false"):  # configs written before the policies
+            object.__setattr__(self, "remat", "full" if self.remat in (True, "true") else "none")
+        _check(self.remat in typing.get_args(Remat),
+               f"ModelConfig.remat must be one of {typing.get_args(Remat)} (or true / false), got {self.remat!r}")
         for f in ("dtype", "param_dtype"):
             _check(getattr(self, f) in _DTYPES,
                    f"ModelConfig.{f} must be one of {_DTYPES}, got {getattr(self, f)!r}")

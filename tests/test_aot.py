@@ -90,10 +90,74 @@ def test_aot_oom_is_reported_not_raised():
     cfg = preset("tiny")
     tc = TrainConfig(stage="warmup", seq_len=256, batch_size=1 << 16, steps=10, warmup_steps=1,
                      mesh=MeshConfig(1, 4, 1))
-    r = A.compile_train(cfg, tc, mesh, 1 << 16, 256)
+    r = A.compile_train(cfg, tc, mesh, 1 << 16, 256, attention="xla")
     assert r["fits"] is False and r["oom"]["required_bytes"] > r["oom"]["available_bytes"] > 0, r
     # the same global batch in 64 microbatches (TrainConfig.grad_accum): one microbatch's activations
     import dataclasses
 
-    r = A.compile_train(cfg, dataclasses.replace(tc, grad_accum=64), mesh, 1 << 16, 256)
+    r = A.compile_train(cfg, dataclasses.replace(tc, grad_accum=64), mesh, 1 << 16, 256, attention="xla")
     assert r["fits"] and r["memory"]["temp"] < 16 * 2**30, r
+
+
+def test_recompute_flops_of_the_remat_policies():
+    """What each policy recomputes, from the model's FLOP formula: full = the layers' forward
+    (a third of the model FLOPs less the LM head), dots = the attention forward, attention with
+    splash = nothing; at the paper's size (continual step, memory_grad) the policies that keep
+    the matmul outputs project a >= 20% shorter step than full remat at the same utilization."""
+    from m3jax.config import preset
+    from m3jax.train.loop import flops_per_token
+
+    c = preset("memory3-2b")
+    rc = lambda p, att="splash", **kw: A.recompute_flops_per_token(c, 2048, p, att, **kw)
+    warm = flops_per_token(c, 2048, stage="warmup")
+    assert rc("full", stage="warmup") == pytest.approx(warm / 3 - 2 * c.hidden * c.vocab_size)
+    assert rc("none") == 0 and rc("attention", "splash") == 0
+    assert rc("full") > rc("dots") > rc("attention", "xla") > 0
+    assert rc("dots") == pytest.approx(2 * rc("attention", "xla"))
+    fpt = flops_per_token(c, 2048, stage="continual")
+    for policy in ("dots", "attention"):
+        assert (fpt + rc(policy)) / (fpt + rc("full")) <= 0.8, policy
+    # without gradients through the write path, full remat does not recompute the write path
+    assert rc("full", memory_grad=False) < rc("full")
+
+
+def test_policy_table_compares_with_full():
+    rec = lambda remat, b, s4m, fits=True: {
+        "config": {"name": "v5e-256"}, "remat": remat, "attention": "splash",
+        "train": {"fits": fits, "global_batch": b, "tokens_per_step": b * 2048, "xla_flops_per_chip": 1e12,
+                  "memory": {"argument": 2**30, "temp": 10 * 2**30, "total": 11 * 2**30},
+                  "model_flops_per_token": 34.5e9, "recompute_flops_per_token": 1e9,
+                  "projected_s_per_4m_tokens": s4m} if fits else {"fits": False, "smallest_tried": 32}}
+    text = A.policy_table([rec("full", 192, 10.0), rec("dots", 64, 7.5), rec("none", 0, 0, fits=False)],
+                          markdown=True)
+    lines = text.splitlines()
+    assert "| v5e-256 | dots | splash | 64 |" in lines[3] and "| -25.0% | 32 |" in lines[3]
+    assert "+0.0%" in lines[2] and "none (>= 32)" in lines[4]
+
+
+@pytest.mark.slow
+def test_aot_train_step_with_splash_and_remat_policies_for_tpu():
+    """The continual train step with splash attention (the Pallas kernel compiled by Mosaic, one
+    per shard under shard_map) compiles for a v5e host under each remat policy; the dense path
+    does not call the kernel."""
+    _need_libtpu()
+    import dataclasses
+
+    from m3jax.config import MeshConfig, TrainConfig, preset
+    from m3jax.model.attention import compile_for
+
+    pod = pod_config("v5e-4-tiny")
+    devices = A.topology_devices(pod.topology)
+    mesh, _ = A.build_mesh(pod.mesh, devices)
+    cfg = preset("tiny")
+    tc = TrainConfig(stage="continual", seq_len=128, batch_size=4, steps=10, warmup_steps=1,
+                     mesh=MeshConfig(*pod.mesh))
+    texts = {}
+    for attention, remat in (("splash", "full"), ("splash", "dots"), ("splash", "attention"), ("xla", "dots")):
+        r = A.compile_train(cfg, tc, mesh, 4, 128, remat=remat, attention=attention)
+        assert r["fits"] and r["memory"]["temp"] > 0, (attention, remat, r)
+        with compile_for("tpu", fused=attention == "splash"):
+            lowered, _ = A.lower_train(dataclasses.replace(cfg, remat=remat), tc, mesh, 4, 128)
+        texts[attention, remat] = lowered.as_text()
+    assert all("tpu_custom_call" in t for (a, _), t in texts.items() if a == "splash")
+    assert "tpu_custom_call" not in texts["xla", "dots"]

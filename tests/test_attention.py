@@ -1,5 +1,7 @@
-"""The attention implementations agree: "xla" and "chunked" against the float32 "reference" and
-a NumPy loop (prefix sink, chunk-local memory, causal and padded masks, odd lengths, bf16)."""
+"""The attention implementations agree: "xla", "chunked", "splash" (Pallas, interpret mode on CPU)
+and "cudnn" (its code path through jax's XLA implementation on CPU) against the float32
+"reference" and a NumPy loop (prefix sink, chunk-local memory, causal and padded masks, odd
+lengths, bf16)."""
 
 import functools
 
@@ -15,9 +17,10 @@ A = importlib.import_module("m3jax.model.attention")  # the module (m3jax.model.
 B, N, K, H = 2, 4, 2, 8
 
 
-@functools.partial(jax.jit, static_argnames=("impl", "return_probs"))
-def attend(q, k, v, mask, pre, mem, impl, return_probs=False):
-    return A.attention(q, k, v, mask, prefix=pre, memory=mem, impl=impl, return_probs=return_probs)
+@functools.partial(jax.jit, static_argnames=("impl", "return_probs", "causal"))
+def attend(q, k, v, mask, pre, mem, impl, return_probs=False, causal=False):
+    return A.attention(q, k, v, mask, prefix=pre, memory=mem, impl=impl, return_probs=return_probs,
+                       causal=causal)
 
 
 small_blocks = jax.jit(lambda *a: A._chunked(*a, block_q=8, block_k=8))
@@ -160,3 +163,95 @@ def test_bad_impl_and_probs_with_chunked_are_refused():
         A.attention(q, k, v, mask, impl="flash")
     with pytest.raises(ValueError, match="return_probs"):
         A.attention(q, k, v, mask, impl="chunked", return_probs=True)
+
+
+# ------------------------------------------------------------------------------ fused kernels
+# Cases whose mask is causal & key-valid (what `causal=True` promises): splash takes only these.
+CAUSAL = ["prefill_causal", "memory_chunks", "no_prefix_no_memory", "causal_padded_keys"]
+CASES["causal_padded_keys"] = (21, 21, dict(lengths=[17, 21], chunks=3))
+
+
+@pytest.fixture
+def cudnn_as_xla(monkeypatch):
+    """impl="cudnn" runs its own code (joint keys, joint mask) through jax.nn.dot_product_attention
+    with implementation="xla": the cuDNN kernel itself needs a GPU."""
+    monkeypatch.setattr(A, "CUDNN_IMPLEMENTATION", "xla")
+
+
+def _fused(impl, causal):
+    # a fresh jit: `attend`'s cache would keep a trace made under another module setting
+    return jax.jit(lambda q, k, v, mask, pre, mem: A.attention(q, k, v, mask, prefix=pre, memory=mem,
+                                                               impl=impl, causal=causal))
+
+
+@pytest.mark.parametrize("name", [n if n == "causal_padded_keys" else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in CAUSAL])  # Pallas interpret mode compiles slowly on CPU
+def test_splash_matches_reference_float32(name):
+    T, S, kw = CASES[name]
+    args = _inputs(T, S, **kw)
+    ref = np.asarray(attend(*args, impl="reference"))
+    got = np.asarray(_fused("splash", True)(*args))
+    assert np.abs(got - ref).max() < 2e-5, np.abs(got - ref).max()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_cudnn_path_matches_reference_float32(name, cudnn_as_xla):
+    """Any mask (decoding, odd lengths, padding, memory): the joint mask expresses it."""
+    T, S, kw = CASES[name]
+    args = _inputs(T, S, **kw)
+    ref = np.asarray(attend(*args, impl="reference"))
+    got = np.asarray(_fused("cudnn", False)(*args))
+    assert np.abs(got - ref).max() < 2e-5, np.abs(got - ref).max()
+
+
+@pytest.mark.parametrize("impl", [pytest.param("splash", marks=pytest.mark.slow), "cudnn"])
+def test_fused_bf16_within_tolerance_of_float32(impl, cudnn_as_xla):
+    args = _inputs(24, 24, chunks=3, seed=5)
+    ref = np.asarray(attend(*args, impl="reference"))
+    bf = lambda x: None if x is None else jax.tree_util.tree_map(
+        lambda a: a.astype(jnp.bfloat16) if a.dtype == jnp.float32 else a, x)
+    q, k, v = (x.astype(jnp.bfloat16) for x in args[:3])
+    out = _fused(impl, True)(q, k, v, args[3], bf(args[4]), bf(args[5]))
+    assert out.dtype == jnp.bfloat16
+    err = np.abs(np.asarray(out, np.float32) - ref)
+    assert err.max() < 0.1 and err.mean() < 0.01, (err.max(), err.mean())
+
+
+@pytest.mark.parametrize("impl", [pytest.param("splash", marks=pytest.mark.slow), "cudnn"])
+def test_fused_gradients_match_reference(impl, cudnn_as_xla):
+    q, k, v, mask, pre, mem = _inputs(16, 16, chunks=2, seed=6)
+    def loss(impl, q, k, v):
+        out = A.attention(q, k, v, mask, prefix=pre, memory=mem, impl=impl, causal=True)
+        return jnp.sum(out * jnp.cos(out))
+    want = jax.jit(jax.grad(lambda *a: loss("reference", *a), argnums=(0, 1, 2)))(q, k, v)
+    got = jax.jit(jax.grad(lambda *a: loss(impl, *a), argnums=(0, 1, 2)))(q, k, v)
+    for a, b in zip(want, got):
+        assert np.abs(np.asarray(a) - np.asarray(b)).max() < 1e-4
+
+
+def test_auto_picks_the_platform_kernel():
+    """auto: splash on TPU for causal calls of a chunk or more, cudnn on GPU for bf16 ones, xla
+    for decoding steps and masks splash cannot take; `compile_for` names the platform."""
+    f32 = jnp.zeros((1, 64, 4, 16), jnp.float32)
+    bf = f32.astype(jnp.bfloat16)
+    one = jnp.zeros((1, 1, 4, 16), jnp.bfloat16)
+    with A.compile_for("tpu"):
+        assert A.target_platform() == "tpu"
+        assert A._auto_impl(bf, 64, False, causal=True) == "splash"
+        assert A._auto_impl(bf, 64, False, causal=False) == "xla"
+        assert A._auto_impl(one, 64, False, causal=True) == "xla"
+        assert A._auto_impl(bf, 64, True, causal=True) == "xla"  # return_probs
+    with A.compile_for("tpu", fused=False):  # the dense path on an accelerator
+        assert A._auto_impl(bf, 64, False, causal=True) == "xla"
+    with A.compile_for("gpu"):
+        assert A._auto_impl(bf, 64, False, causal=False) == "cudnn"
+        assert A._auto_impl(f32, 64, False, causal=False) == "xla"  # cuDNN flash attention: 16-bit only
+        assert A._auto_impl(one, 64, False, causal=False) == "xla"
+    assert A.target_platform() == jax.default_backend() == "cpu"
+    assert A._auto_impl(f32, 1024, False, causal=True) == "xla"  # 64 queries: below CHUNKED_MIN
+    assert A._auto_impl(jnp.zeros((1, 1024, 4, 16)), 1024, False, causal=True) == "chunked"
+    q, k, v, mask, pre, _ = _inputs(4, 4)
+    with pytest.raises(ValueError, match="causal=True"):
+        A.attention(q, k, v, mask, impl="splash")
+    with pytest.raises(ValueError, match="return_probs"):
+        A.attention(q, k, v, mask, impl="splash", causal=True, return_probs=True)

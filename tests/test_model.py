@@ -235,12 +235,32 @@ def test_attention_mass_sums_to_one_and_sees_memory():
     assert float(np.abs(m["memory"][CFG.memory_layers:]).max()) == 0  # the others cannot
 
 
-def test_remat_gives_the_same_gradients():
+@pytest.mark.parametrize("policy", ["full", "dots", "attention"])
+def test_remat_gives_the_same_gradients(policy):
     p, toks = _params(), _tokens(2, 2 * CFG.chunk_size)
     mem = _memory(2, 2, CFG.memory_block_len, lookback=1)
     def loss(q, cfg):
         return jnp.mean(M.forward(q, toks, cfg, memory=mem) ** 2)
     g0 = jax.jit(jax.grad(loss), static_argnums=1)(p, CFG)
-    g1 = jax.jit(jax.grad(loss), static_argnums=1)(p, dataclasses.replace(CFG, remat=True))
+    g1 = jax.jit(jax.grad(loss), static_argnums=1)(p, dataclasses.replace(CFG, remat=policy))
     for a, b in zip(jax.tree_util.tree_leaves(g0), jax.tree_util.tree_leaves(g1)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
+
+
+def test_remat_policies_save_what_they_say():
+    """Bytes kept for the backward pass: full < dots < attention < none, old true/false configs
+    still load, and a bad name is refused."""
+    from jax._src.ad_checkpoint import saved_residuals  # what print_saved_residuals prints, as data
+
+    p, toks = _params(), _tokens(2, 2 * CFG.chunk_size)
+    def saved(policy):
+        cfg = dataclasses.replace(CFG, remat=policy)
+        res = saved_residuals(lambda q: jnp.mean(M.forward(q, toks, cfg) ** 2), p)
+        return sum(int(np.prod(a.shape)) * a.dtype.itemsize for a, _ in res)
+    sizes = {k: saved(k) for k in ("full", "dots", "attention", "none")}
+    assert sizes["full"] < sizes["dots"] < sizes["attention"] < sizes["none"], sizes
+    assert C.ModelConfig(remat=True).remat == "full" and C.ModelConfig(remat=False).remat == "none"
+    assert C.ModelConfig.from_dict({**CFG.to_dict(), "remat": True}).remat == "full"
+    assert C.apply_overrides(CFG, ["remat=dots"]).remat == "dots"
+    with pytest.raises(C.ConfigError, match="remat"):
+        C.ModelConfig(remat="some")

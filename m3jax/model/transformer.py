@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from m3jax.config import ModelConfig
-from m3jax.model.attention import MemoryBlocks, PrefixKV, attention
+from m3jax.model.attention import ATTENTION_NAME, MemoryBlocks, PrefixKV, attention
 from m3jax.model.layers import apply_rope, mlp, rms_norm, rope_angles
 from m3jax.model.memory import ChunkMemory
 from m3jax.sharding import constrain
@@ -279,11 +279,35 @@ def _block(p: Params, x_BTD: Array, c: ModelConfig, shared: Shared, reads: Layer
                              return_probs=True)
         masses = jnp.stack([m.mean(axis=1) for m in probs])
     else:
-        o = attention(q_rot, keys, values, shared.mask_BTS, prefix=reads.prefix, memory=reads.memory)
+        # without a cache every caller's mask is causal & key-valid (`attention`'s `causal`)
+        o = attention(q_rot, keys, values, shared.mask_BTS, prefix=reads.prefix, memory=reads.memory,
+                      causal=reads.kv is None)
     x_BTD = x_BTD + jnp.einsum("BTNH,NHD->BTD", o, p["wo"].astype(dt))
     h = rms_norm(x_BTD, p["mlp_norm"], c.norm_eps)
     x_BTD = x_BTD + mlp(h, p["w_gate"].astype(dt), p["w_up"].astype(dt), p["w_down"].astype(dt))
     return constrain(x_BTD, ("batch", "length", "embed")), new_kv, Acts(q, k, k_rot, v, masses)
+
+
+def remat_policy(name: str) -> Callable:
+    """The `jax.checkpoint` policy of a `ModelConfig.remat` name (not "none").
+
+    full       nothing saved but the layer input: the whole layer is recomputed once.
+    dots       outputs of matmuls without batch dimensions (the q/k/v/o projections and the MLP)
+               saved: the attention core (scores, softmax, probabilities x values) and the
+               elementwise ops (norms, RoPE, SiLU) are recomputed.
+    attention  "dots" plus the values `attention` names "attention" (its output, and with splash
+               attention the kernel's softmax statistics): a fused kernel's backward then needs no
+               forward recomputation; the XLA path still recomputes its probabilities.
+    """
+    cp = jax.checkpoint_policies
+    if name == "full":
+        return cp.nothing_saveable
+    if name == "dots":
+        return cp.dots_with_no_batch_dims_saveable
+    if name == "attention":
+        return cp.save_from_both_policies(cp.dots_with_no_batch_dims_saveable,
+                                          cp.save_only_these_names(ATTENTION_NAME))
+    raise ValueError(f"unknown remat policy {name!r}; choose from none, full, dots, attention")
 
 
 def _scan_layers(params: Params, c: ModelConfig, x_BTD: Array, shared: Shared, reads: Reads = Reads(), *,
@@ -309,8 +333,8 @@ def _scan_layers(params: Params, c: ModelConfig, x_BTD: Array, shared: Shared, r
             xs["prefix"] = reads.prefix[name]
         if use_mem:
             xs["mem_k"], xs["mem_v"] = reads.memory.k_LBCMKH, reads.memory.v_LBCMKH
-        if c.remat:  # keep only each layer's input for the backward pass: activation memory / L
-            body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+        if c.remat != "none":  # what the backward pass keeps of each layer: `remat_policy`
+            body = jax.checkpoint(body, policy=remat_policy(c.remat))
         x_BTD, out = jax.lax.scan(body, x_BTD, xs)
         if keep is not None:
             kept[name] = out
