@@ -49,6 +49,7 @@ from flax import struct
 
 from m3jax.config import DecodeConfig, ModelConfig
 from m3jax.model.cache import KVCache, extend, init_cache
+from m3jax.memory.retrieve import chunk_queries
 from m3jax.memory.retrieve import rag_prompt as token_rag_prompt
 from m3jax.model.memory import ChunkMemory, MemoryKV
 from m3jax.model.placement import cache_sharding, memory_sharding, shard_params
@@ -519,8 +520,7 @@ class Generator:
                           prep_s=time.perf_counter() - t0)
 
     def _prompt_queries(self, prompts: list[list[int]], chunks: int) -> list[list[int]]:
-        cs = self.config.chunk_size
-        return [p[c * cs:(c + 1) * cs] for p in prompts for c in range(chunks)]
+        return [q for p in prompts for q in chunk_queries(p, self.config.chunk_size, chunks)]
 
     def _padded_len(self, prompts: list[list[int]]) -> int:
         """The prompt bucket of a batch (a multiple of `prompt_bucket`, hence of chunk_size)."""

@@ -289,17 +289,17 @@ def test_the_bank_refuses_non_finite_memories(tmp_path):
         bank = MemoryBank.create(str(path / codec), CFG, codec, "fp-A", shard_size=4)
         for value in (np.nan, np.inf, -np.inf):
             mem, meta = _one_memory()
-            mem = MemoryKV(mem.kv_NLZKTH.at[0, 0, 0, 0, 0, 3].set(value), mem.mask_NT)
+            mem = MemoryKV(mem.kv_ILZKEH.at[0, 0, 0, 0, 0, 3].set(value), mem.mask_IE)
             with pytest.raises(BankError, match="NaN or inf"):
                 bank.append(mem, meta)
             with pytest.raises(BankError, match="NaN or inf"):
                 bank.append_codes(np.full((1, *bank.manifest["code_shape"]), np.nan, bank.codec.code_dtype)
-                                  if codec == "bf16" else _nan_int8(bank), np.asarray(mem.mask_NT), meta)
+                                  if codec == "bf16" else _nan_int8(bank), np.asarray(mem.mask_IE), meta)
         assert len(MemoryBank.open(str(path / codec))) == 0
 
     def nan_encoder(tokens, mask):
         m = tb.fake_encode(tokens, mask)
-        return MemoryKV(m.kv_NLZKTH.at[2].set(jnp.nan), m.mask_NT)
+        return MemoryKV(m.kv_ILZKEH.at[2].set(jnp.nan), m.mask_IE)
 
     with pytest.raises(BankError, match="NaN or inf"):
         build_bank(str(path / "built"), CFG, "fp-A", tb.make_refs(5), nan_encoder, batch_size=8, shard_size=4,

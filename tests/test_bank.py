@@ -55,7 +55,7 @@ def expected(refs):
         tokens[i, : len(r.tokens)] = r.tokens
     mask = np.arange(CFG.reference_len)[None] < np.array([len(r.tokens) for r in refs])[:, None]
     m = fake_encode(tokens, mask)
-    return np.asarray(m.kv_NLZKTH), np.asarray(m.mask_NT)
+    return np.asarray(m.kv_ILZKEH), np.asarray(m.mask_IE)
 
 
 def build(path, refs, codec="bf16", **kw):
@@ -91,8 +91,8 @@ def test_round_trip(tmp_path, codec):
     assert len(bank) == 37
     kv, mask = expected(refs)
     got = MemoryBank.open(str(tmp_path / "b"), CFG, "fp-A").gather(np.arange(37), dtype=jnp.float32)
-    np.testing.assert_array_equal(np.asarray(got.mask_NT), mask)
-    y = np.asarray(got.kv_NLZKTH)
+    np.testing.assert_array_equal(np.asarray(got.mask_IE), mask)
+    y = np.asarray(got.kv_ILZKEH)
     if codec == "bf16":
         np.testing.assert_array_equal(y, kv.astype(ml_dtypes.bfloat16).astype(np.float32))
     elif codec == "int8":
@@ -118,13 +118,13 @@ def test_gather_order_duplicates_and_bounds(tmp_path):
     kv, mask = expected(refs)
     ids = [33, 2, 33, 0, 17, 2]
     got = bank.gather(ids, dtype=jnp.float32)
-    np.testing.assert_array_equal(np.asarray(got.kv_NLZKTH),
+    np.testing.assert_array_equal(np.asarray(got.kv_ILZKEH),
                                   kv[ids].astype(ml_dtypes.bfloat16).astype(np.float32))
-    np.testing.assert_array_equal(np.asarray(got.mask_NT), mask[ids])
+    np.testing.assert_array_equal(np.asarray(got.mask_IE), mask[ids])
     assert bank.metadata(ids).doc_id.tolist() == [refs[i].doc_id for i in ids]
     codes, m = bank.gather_codes_async(np.array(ids)).result()
     assert codes.shape == (6,) + bank.codec.code_shape(CFG) and m.shape == (6, CFG.tokens_per_memory)
-    assert bank.gather([]).kv_NLZKTH.shape[0] == 0
+    assert bank.gather([]).kv_ILZKEH.shape[0] == 0
     with pytest.raises(BankIndexError, match="outside"):
         bank.gather([0, 40])
     with pytest.raises(BankIndexError):
@@ -141,11 +141,11 @@ def test_append_api_and_read_only(tmp_path):
     assert bank.append(mem, meta).tolist() == list(range(6))
     assert bank.append(mem.take(slice(0, 3)), ReferenceBatch.coerce(meta, 6, 32).take(slice(0, 3))).tolist() == [6, 7, 8]
     # zero memories are stored too (not dropped as fill values)
-    zero = MemoryKV(jnp.zeros_like(mem.kv_NLZKTH[:1]), jnp.zeros_like(mem.mask_NT[:1]))
+    zero = MemoryKV(jnp.zeros_like(mem.kv_ILZKEH[:1]), jnp.zeros_like(mem.mask_IE[:1]))
     assert bank.append(zero, ReferenceBatch.coerce(meta, 6, 32).take(slice(0, 1))).tolist() == [9]
     ro = MemoryBank.open(path, CFG, "fp-A", check="full")
     assert len(ro) == 10 and not ro.writable
-    assert float(jnp.abs(ro.gather([9]).kv_NLZKTH).max()) == 0.0
+    assert float(jnp.abs(ro.gather([9]).kv_ILZKEH).max()) == 0.0
     with pytest.raises(BankReadOnlyError):
         ro.append(mem, meta)
     with pytest.raises(BankExistsError):
@@ -161,7 +161,7 @@ def test_append_api_and_read_only(tmp_path):
     with pytest.raises(BankError, match="another writer"):
         bank.append(mem.take(slice(3, 4)), ReferenceBatch.coerce(meta, 6, 32).take(slice(3, 4)))
     np.testing.assert_array_equal(MemoryBank.open(path).gather_codes([12])[0],
-                                  bank.codec.encode(mem.kv_NLZKTH[:1]))  # not overwritten
+                                  bank.codec.encode(mem.kv_ILZKEH[:1]))  # not overwritten
 
 
 def test_memory_kvstore():
@@ -172,7 +172,7 @@ def test_memory_kvstore():
     bank = MemoryBank.open(url, CFG, "fp-A")
     assert len(bank) == 20 and bank.url.startswith("memory://")
     kv, mask = expected(refs)
-    assert relative_error(kv, np.asarray(bank.gather(np.arange(20), jnp.float32).kv_NLZKTH), mask) < 0.01
+    assert relative_error(kv, np.asarray(bank.gather(np.arange(20), jnp.float32).kv_ILZKEH), mask) < 0.01
 
 
 # ---------------------------------------------------------------------- resume
@@ -225,7 +225,7 @@ def test_resume_overwrites_written_but_uncommitted(tmp_path, monkeypatch):
     def wrong_after_two_shards(tokens, mask):  # batches 5+ (shard 2 on) get other values
         state["calls"] += 1
         m = fake_encode(tokens, mask)
-        return MemoryKV(m.kv_NLZKTH + (100.0 if state["calls"] > 4 else 0.0), m.mask_NT)
+        return MemoryKV(m.kv_ILZKEH + (100.0 if state["calls"] > 4 else 0.0), m.mask_IE)
 
     monkeypatch.setattr(MemoryBank, "_commit", flaky)
     with pytest.raises(Boom):

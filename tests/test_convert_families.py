@@ -272,16 +272,16 @@ def test_memory_write_and_read_per_family(case):
         L = int(mask[n].sum())
         kv, m, _ = ref.encode_reference(params, config, list(refs[n, :L]), score=config.score,
                                         group_reduce=config.group_reduce)
-        np.testing.assert_array_equal(np.asarray(mem.mask_NT[n]), m)
-        np.testing.assert_allclose(np.asarray(mem.kv_NLZKTH[n])[..., m, :], kv[..., m, :], atol=2e-4)
+        np.testing.assert_array_equal(np.asarray(mem.mask_IE[n]), m)
+        np.testing.assert_allclose(np.asarray(mem.kv_ILZKEH[n])[..., m, :], kv[..., m, :], atol=2e-4)
     tokens = jnp.asarray(rng.integers(3, config.vocab_size, (1, 2 * config.chunk_size)), jnp.int32)
     cm = arrange_memory(mem, 1, 2, jnp.float32)  # chunk 0 reads memories 0-1, chunk 1 memories 2-3
     got = np.asarray(forward(params, tokens, config, memory=cm))
     none = np.asarray(forward(params, tokens, config))
     assert np.isfinite(got).all() and np.abs(got - none).max() > 1e-2
     want = ref.forward(params, config, np.asarray(tokens), memory={
-        "k": np.asarray(cm.k_LBCSKH, np.float64), "v": np.asarray(cm.v_LBCSKH, np.float64),
-        "mask": np.asarray(cm.mask_BCS), "lookback": cm.lookback})
+        "k": np.asarray(cm.k_LBCMKH, np.float64), "v": np.asarray(cm.v_LBCMKH, np.float64),
+        "mask": np.asarray(cm.mask_BCM), "lookback": cm.lookback})
     assert np.abs(got - want).max() < 2e-4, np.abs(got - want).max()
 
 

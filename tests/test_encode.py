@@ -43,8 +43,8 @@ def test_encoder_matches_numpy(score, reduce):
     mem.check(cfg)
     for n, L in enumerate(lengths):
         kv, m, _ = ref.encode_reference(p, cfg, list(toks[n, :L]), score=score, group_reduce=reduce)
-        np.testing.assert_array_equal(np.asarray(mem.mask_NT[n]), m)
-        got = np.asarray(mem.kv_NLZKTH[n])
+        np.testing.assert_array_equal(np.asarray(mem.mask_IE[n]), m)
+        got = np.asarray(mem.kv_ILZKEH[n])
         np.testing.assert_allclose(got[..., m, :], kv[..., m, :], atol=2e-4)
 
 
@@ -54,7 +54,7 @@ def test_padding_and_prefix_do_not_change_memories():
     toks, mask = _refs([13, 30])
     a = enc(p, CFG, jnp.asarray(toks[:1, :13]), jnp.asarray(mask[:1, :13]))
     b = enc(p, CFG, jnp.asarray(toks), jnp.asarray(mask))
-    np.testing.assert_allclose(np.asarray(a.kv_NLZKTH[0]), np.asarray(b.kv_NLZKTH[0]), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(a.kv_ILZKEH[0]), np.asarray(b.kv_ILZKEH[0]), atol=1e-5)
 
 
 def test_exp_score_is_stable_for_large_logits():
@@ -86,8 +86,8 @@ def test_stored_keys_are_post_rope():
     for kh in range(CFG.num_kv_heads):
         own_k = k_rot[r + sel[0, kh], kh]
         own_v = v[r + sel[0, kh], kh]
-        stored_k = np.asarray(mem.kv_NLZKTH[0, 0, 0, kh])
-        stored_v = np.asarray(mem.kv_NLZKTH[0, 0, 1, kh])
+        stored_k = np.asarray(mem.kv_ILZKEH[0, 0, 0, kh])
+        stored_v = np.asarray(mem.kv_ILZKEH[0, 0, 1, kh])
         np.testing.assert_allclose(stored_k, own_k, atol=2e-4)
         a = ref.softmax(own_k @ q) @ own_v
         b = ref.softmax(stored_k @ q) @ stored_v
@@ -101,8 +101,8 @@ def test_encoded_memory_feeds_the_model():
     mem = fn(toks, mask)
     assert mem.num == 4
     cm = M.ChunkMemory.from_memories(mem, batch=1, chunks=2)
-    assert cm.k_LBCSKH.shape == (CFG.memory_layers, 1, 2, CFG.memory_block_len, CFG.num_kv_heads, CFG.head_dim)
-    np.testing.assert_array_equal(np.asarray(cm.k_LBCSKH[0, 0, 1, 4:8, 0]), np.asarray(mem.kv_NLZKTH[3, 0, 0, 0]))
+    assert cm.k_LBCMKH.shape == (CFG.memory_layers, 1, 2, CFG.memory_block_len, CFG.num_kv_heads, CFG.head_dim)
+    np.testing.assert_array_equal(np.asarray(cm.k_LBCMKH[0, 0, 1, 4:8, 0]), np.asarray(mem.kv_ILZKEH[3, 0, 0, 0]))
     ctx = jnp.arange(3, 3 + 2 * CFG.chunk_size)[None]
     lo = jax.jit(M.forward, static_argnums=2)(p, ctx, CFG, memory=cm)
     assert bool(jnp.all(jnp.isfinite(lo)))
@@ -111,7 +111,7 @@ def test_encoded_memory_feeds_the_model():
 def test_encoder_gradients_flow_to_params():
     p = _params()
     toks, mask = _refs([32])
-    g = jax.grad(lambda q: jnp.sum(encode(q, CFG, jnp.asarray(toks), jnp.asarray(mask)).kv_NLZKTH ** 2))(p)
+    g = jax.grad(lambda q: jnp.sum(encode(q, CFG, jnp.asarray(toks), jnp.asarray(mask)).kv_ILZKEH ** 2))(p)
     assert float(jnp.abs(g["mem_blocks"]["wk"]).sum()) > 0
     assert float(jnp.abs(g["blocks"]["wk"]).sum()) == 0  # only memory layers write
 

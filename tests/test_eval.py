@@ -77,7 +77,7 @@ class StubRetriever:
     def memories(self, ids):
         flat = np.asarray(ids).reshape(-1)
         mem = self.mem.take(jnp.asarray(np.maximum(flat, 0)))
-        return M.MemoryKV(mem.kv_NLZKTH, mem.mask_NT & jnp.asarray(flat >= 0)[:, None])
+        return M.MemoryKV(mem.kv_ILZKEH, mem.mask_IE & jnp.asarray(flat >= 0)[:, None])
 
     def retrieve(self, queries):
         ids = self.search(queries)
@@ -196,7 +196,7 @@ class EncodedBank:
     """A bank whose "codes" are the float memories themselves."""
 
     def __init__(self, mem):
-        self.kv, self.mask = np.asarray(mem.kv_NLZKTH), np.asarray(mem.mask_NT)
+        self.kv, self.mask = np.asarray(mem.kv_ILZKEH), np.asarray(mem.mask_IE)
 
     def gather_codes(self, ids):
         return self.kv[np.asarray(ids)], self.mask[np.asarray(ids)]

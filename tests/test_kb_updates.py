@@ -174,7 +174,7 @@ def test_delete_is_never_returned_and_persists(setup, tmp_path, method):
                 assert not gone_ids & set(ids.tolist()) and (ids >= 0).all()  # k live results
             ids, mem = ret.retrieve([_ref_text(k, docs, i) for i in sorted(gone_ids)])
             assert not gone_ids & set(ids.reshape(-1).tolist())
-            assert np.asarray(mem.mask_NT).any(axis=1).all()
+            assert np.asarray(mem.mask_IE).any(axis=1).all()
         assert k.is_deleted(sorted(gone_ids)).all() and not k.is_deleted([-1, 0]).any()
 
     check(kb)

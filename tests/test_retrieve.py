@@ -76,14 +76,14 @@ def test_retrieves_the_matching_reference_unless_it_leaks(setup):
 def test_memories_and_lru_cache(setup):
     refs, ret, bank = setup
     ids, mem = ret.retrieve([refs[3][:10], refs[3][:10]])
-    assert mem.kv_NLZKTH.shape[0] == 4
-    np.testing.assert_array_equal(np.asarray(mem.kv_NLZKTH)[:, 0, 0, 0, 0, 0], 2 * ids.reshape(-1).astype(np.float32))
+    assert mem.kv_ILZKEH.shape[0] == 4
+    np.testing.assert_array_equal(np.asarray(mem.kv_ILZKEH)[:, 0, 0, 0, 0, 0], 2 * ids.reshape(-1).astype(np.float32))
     assert len(bank.gathered) == 1 and len(bank.gathered[0]) == len(set(ids.reshape(-1)))
     ret.retrieve([refs[3][:10]])
     assert len(bank.gathered) == 1  # all hits
     assert ret.stats.cache_hits >= 2
     masked = ret.memories(np.array([[-1, ids[0, 0]]]))
-    assert not np.asarray(masked.mask_NT)[0].any() and np.asarray(masked.mask_NT)[1].all()
+    assert not np.asarray(masked.mask_IE)[0].any() and np.asarray(masked.mask_IE)[1].all()
 
 
 def test_prepared_queries_give_the_same_result(setup):
@@ -98,7 +98,7 @@ def test_prepared_queries_give_the_same_result(setup):
     ids2, mem2 = ret.retrieve(qs)
     np.testing.assert_array_equal(ids, ids2)
     assert list(ids[:, 0]) == [3, 11, 40]
-    np.testing.assert_array_equal(np.asarray(mem.kv_NLZKTH), np.asarray(mem2.kv_NLZKTH))
+    np.testing.assert_array_equal(np.asarray(mem.kv_ILZKEH), np.asarray(mem2.kv_ILZKEH))
     with pytest.raises(ValueError, match="prepared query vectors"):
         ret.search(qs[:2], prepared=handle)
 
@@ -130,7 +130,7 @@ def test_short_index_rows_and_empty_queries(setup):
     assert len(calls) == 1 and len(calls[0]) == 2  # the empty query was not embedded
     assert ret.search([[], []]).tolist() == [[-1, -1], [-1, -1]] and len(calls) == 1
     ids, mem = ret.retrieve([[], refs[3][:10]], prepared=ret.prepare([[], refs[3][:10]]))
-    assert ids[0].tolist() == [-1, -1] and not np.asarray(mem.mask_NT)[:2].any()
+    assert ids[0].tolist() == [-1, -1] and not np.asarray(mem.mask_IE)[:2].any()
 
 
 def test_errors(setup):

@@ -173,7 +173,7 @@ def test_empty_references_give_masked_memories_and_warmup_step():
     refs = add_references(Batches().__next__(), empty=True)
     mem = jax.jit(encode, static_argnums=1)(params, CFG, refs["ref_tokens"].reshape(B * C, R),
                                             refs["ref_mask"].reshape(B * C, R))
-    assert not np.asarray(mem.mask_NT).any()
+    assert not np.asarray(mem.mask_IE).any()
     mesh = _one_device_mesh()
     sw, mw = ST.make_train_step(CFG, WARM, mesh)(_fresh(WARM, mesh), refs)
     sc, mc = ST.make_train_step(CFG, CONT, mesh)(_fresh(CONT, mesh), refs)

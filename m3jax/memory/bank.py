@@ -386,9 +386,9 @@ class MemoryBank:
         """Encode and append N memories (kv [I, L, Z, K, E, H], mask [I, E]) with their metadata.
         Returns their ids [N] int64 (consecutive). Commits before returning."""
         memories.check(self._config)
-        check_finite(memories.kv_NLZKTH, f"bank {self.url}")
-        codes = self._codec.encode(memories.kv_NLZKTH)
-        return self.append_codes(codes, np.asarray(memories.mask_NT), metadata)
+        check_finite(memories.kv_ILZKEH, f"bank {self.url}")
+        codes = self._codec.encode(memories.kv_ILZKEH)
+        return self.append_codes(codes, np.asarray(memories.mask_IE), metadata)
 
     def append_codes(self, codes: np.ndarray, mask_IE: np.ndarray,
                      metadata: "ReferenceBatch | dict[str, Any]") -> np.ndarray:

@@ -1,7 +1,7 @@
 """Codecs for stored memory vectors (one head_dim vector of a key or value at a time).
 
 A memory is `(Lm, 2, K, T, H)` vectors: memory layers x (key, value) x kv heads x tokens x head dim
-(`MemoryKV.kv_NLZKTH` without its batch axis). A codec turns a batch of memories
+(`MemoryKV.kv_ILZKEH` without its batch axis). A codec turns a batch of memories
 `[I, L, Z, K, E, H]` (float) into a NumPy array of codes `[I, *code_shape]` of one fixed dtype (what
 the bank stores, one memory per chunk) and back into a JAX array on device.
 
@@ -83,8 +83,8 @@ class CodecError(ValueError):
 
 def _kv_and_mask(sample: Any) -> tuple[Any, np.ndarray | None]:
     """(kv [I, L, Z, K, E, H], mask [I, E] or None) from a MemoryKV or a bare array."""
-    if hasattr(sample, "kv_NLZKTH"):
-        return sample.kv_NLZKTH, np.asarray(sample.mask_NT, bool)
+    if hasattr(sample, "kv_ILZKEH"):
+        return sample.kv_ILZKEH, np.asarray(sample.mask_IE, bool)
     return sample, None
 
 

@@ -53,9 +53,9 @@ def _encode_batch(encode_fn: EncodeFn, refs: Sequence[Reference], config: ModelC
     n = len(meta)
     if mem.num != tokens.shape[0]:
         raise BankError(f"encode_fn returned {mem.num} memories for {tokens.shape[0]} references")
-    check_finite(mem.kv_NLZKTH[:n], f"encode_fn, for the references of doc ids "
+    check_finite(mem.kv_ILZKEH[:n], f"encode_fn, for the references of doc ids "
                                      f"{int(meta.doc_id[0])}..{int(meta.doc_id[-1])}")
-    return mem.kv_NLZKTH[:n], np.asarray(mem.mask_NT[:n], bool), meta
+    return mem.kv_ILZKEH[:n], np.asarray(mem.mask_IE[:n], bool), meta
 
 
 def build_bank(path: "str | dict[str, Any]", config: ModelConfig, fingerprint: str,

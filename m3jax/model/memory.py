@@ -8,9 +8,6 @@ context chunk, the memory tokens that chunk may see, stacked over memory layers.
 Shape letters (docs/ARCHITECTURE.md): I stored memories, L memory layers, Z key/value, K kv
 heads, E tokens kept per memory, H head dim; B batch, C chunks, M memory tokens one chunk reads
 (memories per chunk x E, lookback windows included).
-
-Until every module uses the letters above, the former field names (`kv_NLZKTH`, `mask_NT`,
-`k_LBCSKH`, `v_LBCSKH`, `mask_BCS`) stay readable as properties.
 """
 
 from __future__ import annotations
@@ -40,14 +37,6 @@ class MemoryKV:
     @property
     def num(self) -> int:
         return self.kv_ILZKEH.shape[0]
-
-    @property
-    def kv_NLZKTH(self) -> Array:  # former name of kv_ILZKEH
-        return self.kv_ILZKEH
-
-    @property
-    def mask_NT(self) -> Array:  # former name of mask_IE
-        return self.mask_IE
 
     def check(self, config: ModelConfig) -> None:
         want = (config.memory_layers, 2, config.num_kv_heads, config.tokens_per_memory, config.head_dim)
@@ -86,17 +75,8 @@ class ChunkMemory:
     def num_chunks(self) -> int:
         return self.k_LBCMKH.shape[2]
 
-    @property
-    def k_LBCSKH(self) -> Array:  # former name of k_LBCMKH
-        return self.k_LBCMKH
 
-    @property
-    def v_LBCSKH(self) -> Array:  # former name of v_LBCMKH
-        return self.v_LBCMKH
 
-    @property
-    def mask_BCS(self) -> Array:  # former name of mask_BCM
-        return self.mask_BCM
 
     @classmethod
     def from_memories(cls, mem: MemoryKV, batch: int, chunks: int, lookback: int = 0) -> "ChunkMemory":

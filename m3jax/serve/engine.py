@@ -39,6 +39,7 @@ import numpy as np
 from m3jax.config import ModelConfig
 from m3jax.decode import (RAG_CHAT_TOKENS_PER_REFERENCE, ChatPrompt, DecodeState, arrange_memory, check_mode,
                           compute_prefix, decode_round, first_round_memory, prefill, rag_prompt, rag_query, row_keys)
+from m3jax.memory.retrieve import chunk_queries
 from m3jax.model.cache import init_cache
 from m3jax.model.memory import ChunkMemory
 from m3jax.model.transformer import Params, check_params
@@ -412,7 +413,7 @@ class Engine:
             queries = []  # row-major: J rows x chunks
             for j in range(J):
                 p = prompts[j] if j < len(reqs) and reqs[j].mode == "memory" else []
-                queries.extend(p[i * c.chunk_size:(i + 1) * c.chunk_size] for i in range(chunks))
+                queries.extend(chunk_queries(p, c.chunk_size, chunks))
             out["memory"], out["mem_refs"] = self._retrieve(queries, J, chunks)
         return out
 
