@@ -43,9 +43,10 @@ def canonical_repo() -> str:
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_is_clean(name):
-    """Committed notebooks: valid, outputs cleared, an "Open in Colab" badge, the Colab-only
-    install cell (from the canonical repository, M3JAX_REPO to override) and the SMALL switch in
-    the first code cells, a TPU-runtime section, explanations in markdown."""
+    """Committed notebooks: valid, the saved outputs of one run from the top (execution counts
+    1..n, no error), an "Open in Colab" badge, the Colab-only install cell (from the canonical
+    repository, M3JAX_REPO to override) and the SMALL switch in the first code cells, a
+    TPU-runtime section, explanations in markdown."""
     nb = _load(name)
     nbformat.validate(nb)
     cells = nb.cells
@@ -54,9 +55,10 @@ def test_notebook_is_clean(name):
     owner_repo = repo.removeprefix("https://github.com/")
     badge = f"(https://colab.research.google.com/github/{owner_repo}/blob/main/colabs/{name}.ipynb)"
     assert "colab-badge.svg" in cells[0].source and badge in cells[0].source, f"{name}: no Open-in-Colab badge"
-    for c in cells:
-        if c.cell_type == "code":
-            assert c.outputs == [] and c.execution_count is None, f"{name}: outputs not cleared"
+    counts = [c.execution_count for c in cells if c.cell_type == "code"]
+    assert counts == list(range(1, len(counts) + 1)), f"{name}: saved outputs are not one run in order"
+    outputs = [o for c in cells if c.cell_type == "code" for o in c.outputs]
+    assert outputs and all(o.output_type != "error" for o in outputs), f"{name}: no saved outputs, or an error"
     code = [c.source for c in cells if c.cell_type == "code"]
     assert 'if "google.colab" in sys.modules:' in code[0] and "M3JAX_REPO" in code[0]
     assert f'M3JAX_REPO_DEFAULT = "{repo}"' in code[0], f"{name}: the install cell's default is not {repo}"
