@@ -291,7 +291,7 @@ class GGUFTarget:
         sys.path.insert(0, os.path.join(_REPO, "tests"))
         import test_convert as tc
 
-        tokens, _, _ = tc._tiny_gguf_vocab()
+        tokens, _, _ = tc.tiny_gguf_vocab()
         cfg = tc.hf_config(**dict(tc.CASES["untied"], vocab_size=len(tokens)))
         self.good = os.path.join(work, "good.gguf")
         tc.write_tiny_gguf(self.good, cfg, tc.random_tensors(cfg))

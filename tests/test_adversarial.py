@@ -355,7 +355,7 @@ def test_sizes_are_checked_against_the_files_before_allocating(tmp_path):
             convert.load_hf(src)
 
     assert _peak_mib(hf) < 32
-    tokens, _, _ = tc._tiny_gguf_vocab()
+    tokens, _, _ = tc.tiny_gguf_vocab()
     gcfg = tc.hf_config(**dict(tc.CASES["untied"], vocab_size=len(tokens)))
     gguf_path = str(tmp_path / "m.gguf")
     tc.write_tiny_gguf(gguf_path, gcfg, tc.random_tensors(gcfg))
@@ -546,7 +546,7 @@ def test_bad_corpus_lines_are_named(tmp_path, content, needle):
 
 
 def test_bad_checkpoints_and_flags_get_one_line(tmp_path):
-    tokens, _, _ = tc._tiny_gguf_vocab()
+    tokens, _, _ = tc.tiny_gguf_vocab()
     gcfg = tc.hf_config(**dict(tc.CASES["untied"], vocab_size=len(tokens)))
     good = str(tmp_path / "m.gguf")
     tc.write_tiny_gguf(good, gcfg, tc.random_tensors(gcfg))

@@ -360,7 +360,7 @@ def test_gguf_qk_permutation_matches_rope_conventions():
         np.testing.assert_allclose(s_gguf, s_hf, rtol=1e-10, atol=1e-10)
 
 
-def _tiny_gguf_vocab():
+def tiny_gguf_vocab():
     from tokenizers import pre_tokenizers
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -379,7 +379,7 @@ def write_tiny_gguf(path: str, cfg: dict, W: dict[str, np.ndarray], arch: str = 
     (qwen2/qwen3 keep HF order), Qwen2 biases, Qwen3 q/k norms."""
     import gguf
 
-    tokens, types, merges = _tiny_gguf_vocab()
+    tokens, types, merges = tiny_gguf_vocab()
     N, K = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     H = cfg.get("head_dim") or cfg["hidden_size"] // N
     w = gguf.GGUFWriter(path, arch)
@@ -441,7 +441,7 @@ def write_tiny_gguf(path: str, cfg: dict, W: dict[str, np.ndarray], arch: str = 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_tiny_gguf_equals_hf_import(tmp_path, case):
-    tokens, _, _ = _tiny_gguf_vocab()
+    tokens, _, _ = tiny_gguf_vocab()
     cfg = hf_config(**dict(CASES[case], vocab_size=len(tokens) + 2))
     W = random_tensors(cfg, seed=11)
     write_tiny_gguf(str(tmp_path / "m.gguf"), cfg, W)
@@ -462,7 +462,7 @@ def test_tiny_gguf_equals_hf_import(tmp_path, case):
 
 
 def test_checkpoint_dir_round_trip_and_cli(tmp_path):
-    tokens, _, _ = _tiny_gguf_vocab()
+    tokens, _, _ = tiny_gguf_vocab()
     cfg = hf_config(**dict(CASES["untied"], vocab_size=len(tokens)))
     W = random_tensors(cfg, seed=12)
     write_tiny_gguf(str(tmp_path / "m.gguf"), cfg, W)

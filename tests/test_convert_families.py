@@ -208,7 +208,7 @@ def test_gguf_imports_like_safetensors(tmp_path, case, monkeypatch):
     llama3 = cfg["rope_parameters"]["rope_type"] == "llama3"
     if llama3:  # llama.cpp keeps Llama 3.1+ scaling as per-frequency factors in a tensor
         W["rope_freqs.weight"] = _llama_cpp_rope_freqs(cfg["rope_parameters"], cfg["head_dim"])
-    monkeypatch.setattr(test_convert, "_tiny_gguf_vocab", lambda: _vocab(cfg["vocab_size"]))
+    monkeypatch.setattr(test_convert, "tiny_gguf_vocab", lambda: _vocab(cfg["vocab_size"]))
     write_tiny_gguf(str(tmp_path / "m.gguf"), cfg, W, arch=_GGUF_ARCH[case])
     c_g, p_g, tok = convert.load_gguf(str(tmp_path / "m.gguf"), reference_prefix=None)
     c_h, p_h = _load(case, param_dtype="float32")
@@ -344,7 +344,7 @@ def test_cli_export_to_hf(tmp_path, monkeypatch):
     # GGUF -> transformers layout with the tokenizer: the chat template travels along
     with open(os.path.join(src, "config.json")) as f:
         cfg = dict(json.load(f), rope_theta=1e6)
-    monkeypatch.setattr(test_convert, "_tiny_gguf_vocab", lambda: _vocab(cfg["vocab_size"]))
+    monkeypatch.setattr(test_convert, "tiny_gguf_vocab", lambda: _vocab(cfg["vocab_size"]))
     template = "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
     write_tiny_gguf(str(tmp_path / "m.gguf"), cfg, _hf_tensors(src), arch="qwen3", chat_template=template)
     assert cli.main(["convert", "--from", "gguf", str(tmp_path / "m.gguf"), "--to", "hf",
@@ -369,7 +369,7 @@ def test_generator_reads_conversations():
         cfg = dict(json.load(f), rope_theta=1e6)
     template = "{% for m in messages %}<|im_start|>{{ m['role'] }}{{ m['content'] }}<|im_end|>{% endfor %}"
     with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as mp:
-        mp.setattr(test_convert, "_tiny_gguf_vocab", lambda: _vocab(cfg["vocab_size"]))
+        mp.setattr(test_convert, "tiny_gguf_vocab", lambda: _vocab(cfg["vocab_size"]))
         write_tiny_gguf(os.path.join(tmp, "m.gguf"), cfg, _hf_tensors(os.path.join(FIXTURES, "qwen3")),
                         arch="qwen3", chat_template=template)
         tok = load_gguf_tokenizer(os.path.join(tmp, "m.gguf"))
@@ -509,7 +509,7 @@ def test_gguf_end_of_turn_id(tmp_path, monkeypatch):
     src = os.path.join(FIXTURES, "llama")
     with open(os.path.join(src, "config.json")) as f:
         cfg = dict(json.load(f), rope_theta=1e5)
-    monkeypatch.setattr(test_convert, "_tiny_gguf_vocab", lambda: _vocab(cfg["vocab_size"]))
+    monkeypatch.setattr(test_convert, "tiny_gguf_vocab", lambda: _vocab(cfg["vocab_size"]))
     write_tiny_gguf(str(tmp_path / "m.gguf"), cfg, _hf_tensors(src), eot_token_id=0)  # eos 2 <|im_end|>, eot 0
     config, params, tok = convert.load_gguf(str(tmp_path / "m.gguf"))
     assert config.end_ids == (2, 0) and tok.stop_ids == (0,) and tok.eos_id == 2
