@@ -512,6 +512,8 @@ def run_pod(pod: PodConfig, *, search: bool = True, remat: str = "none", attenti
             # the hardware executes the model FLOPs plus the recomputation: at the assumed MFU of the
             # executed FLOPs, a policy that recomputes less takes proportionally less time
             step_s = (fpt + rc) * B * T / (n * chip.peak_flops * assumed_mfu)
+            rc_full = recompute_flops_per_token(model_cfg, T, "full", attention, stage=pod.stage,
+                                                memory_grad=memory_grad, lookback=tc.memory_lookback)
             out.update(global_batch=B, per_batch_shard=B // (rec["mesh"]["data"] * rec["mesh"]["fsdp"]),
                        tokens_per_step=B * T, memory=best["memory"], fits_hbm=best["memory"]["total"] <= hbm,
                        hbm_bytes=hbm, xla_flops_per_chip=best["cost"].get("flops"),
@@ -519,6 +521,10 @@ def run_pod(pod: PodConfig, *, search: bool = True, remat: str = "none", attenti
                        recompute_flops_per_token=rc, recompute_flops_per_step=rc * B * T,
                        implied_mfu=assumed_mfu * fpt / (fpt + rc),
                        projected_s_per_4m_tokens=(fpt + rc) * 4 * 2**20 / (n * chip.peak_flops * assumed_mfu),
+                       # the same projection under full remat (it depends on the FLOPs only, not on
+                       # the batch): "vs full" when full itself was not compiled in the run
+                       projected_s_per_4m_tokens_full=(fpt + rc_full) * 4 * 2**20
+                       / (n * chip.peak_flops * assumed_mfu),
                        projected_step_s=step_s, projected_tokens_per_s=B * T / step_s,
                        projected_mfu=assumed_mfu, compile_s=best["compile_s"],
                        lowered_with=best.get("lowered_with"),
@@ -619,8 +625,10 @@ def policy_table(records: list[dict[str, Any]], markdown: bool = False) -> str:
         m = t["memory"]
         ref = full.get(name)
         s4m = t.get("projected_s_per_4m_tokens")  # absent in records of runs before the policies
-        vs = (f"{s4m / ref['projected_s_per_4m_tokens'] - 1:+.1%}"
-              if s4m and ref and ref.get("projected_s_per_4m_tokens") else "-")
+        # full remat's projection: from its own compiled record when the run has one, else the same
+        # formula with full's recompute FLOPs (the projection does not depend on the batch)
+        s_full = (ref or {}).get("projected_s_per_4m_tokens") or t.get("projected_s_per_4m_tokens_full")
+        vs = f"{s4m / s_full - 1:+.1%}" if s4m and s_full else "-"
         rc = t.get("recompute_flops_per_token")
         rows.append([name, r["remat"], r.get("attention", "xla"), str(t["global_batch"]),
                      f"{m['argument'] / GIB:.2f} + {m['temp'] / GIB:.2f} = {m['total'] / GIB:.2f}",

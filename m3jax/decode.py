@@ -38,6 +38,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import functools
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Literal, Protocol, Sequence
@@ -53,7 +54,7 @@ from m3jax.memory.retrieve import chunk_queries
 from m3jax.memory.retrieve import rag_prompt as token_rag_prompt
 from m3jax.model.memory import ChunkMemory, MemoryKV
 from m3jax.model.placement import cache_sharding, memory_sharding, shard_params
-from m3jax.model.transformer import Params, check_params, check_token_ids, prefix_kv, unstack_layers
+from m3jax.model.transformer import Params, check_params, check_token_ids, prefix_kv, decode_layers, is_decode_layout
 from m3jax.runtime import CompileMeter
 from m3jax.sharding import batch_sharding, named_sharding
 from m3jax.tokenizer import chat_question
@@ -217,18 +218,58 @@ class DecodeState:
 
 
 # ------------------------------------------------------------------------------ jitted steps
+def decode_lanes() -> int:
+    """Column blocks per matrix of the decode layout (`transformer.decode_layers`): 2 on a CPU
+    with two or more cores, else 1. XLA:CPU runs one matrix product on one thread but
+    independent products side by side, so two half-width products per matrix keep two cores
+    busy while a round decodes (measured on the 2-core CPU, smollm2-135m, batch 32: 1 block
+    ~128 ms per step, 2 blocks ~117 ms, 4 blocks ~133 ms)."""
+    return 2 if jax.default_backend() == "cpu" and (os.cpu_count() or 1) >= 2 else 1
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def round_params(params: Params, config: ModelConfig) -> Params:
+    """The weights as `decode_round` reads them (`decode_layers` in the activation dtype, with
+    `decode_lanes()` blocks). Given these instead of the params, a round skips preparing them
+    (on CPU ~4% of a 64-token round), at the cost of a second copy of the layer weights: the
+    Generator and the serving engine keep one on CPU, where memory is plentiful."""
+    return decode_layers(params, jnp.dtype(config.dtype), decode_lanes())
+
+
+def prepared_round_params(params: Params, config: ModelConfig, mesh: Any = None) -> Params:
+    """`round_params(params, config)` on a CPU without a mesh, else `params` unchanged (on an
+    accelerator the per-round preparation is cheap next to a second copy of the weights in
+    HBM)."""
+    return round_params(params, config) if mesh is None and jax.default_backend() == "cpu" else params
+
+
+
 compute_prefix = jax.jit(prefix_kv, static_argnums=1)  # module level: new generators reuse the compiled prefix
 
 
-@functools.partial(jax.jit, static_argnums=(1,), donate_argnums=(4,))
+def _prefill(params: Params, config: ModelConfig, prefix, tokens_BP: Array, cache: KVCache,
+            lengths_B: Array, memory: ChunkMemory | None) -> tuple[Array, KVCache]:
+    logits, cache = extend(params, config, tokens_BP, cache, memory=memory, prefix=prefix,
+                           new_lengths=lengths_B, fresh=True, logits_at=lengths_B - 1)
+    return logits[:, 0], cache
+
+
+_prefill_jit = jax.jit(_prefill, static_argnums=(1,), donate_argnums=(4,))
+# XLA:CPU without its YNNPACK fusions (Eigen's matrix products): float32 prefill on the 2-core CPU,
+# smollm2-135m, 32 x 128 tokens 4.4 s instead of 4.9-5.2 s, 32 x 768 (RAG) 38 s instead of 51 s;
+# decoding is the other way round (YNNPACK about 2x faster at 32 rows), so only prefill.
+_prefill_eigen = jax.jit(_prefill, static_argnums=(1,), donate_argnums=(4,),
+                         compiler_options={"xla_cpu_experimental_ynn_fusion_type": ""})
+
+
 def prefill(params: Params, config: ModelConfig, prefix, tokens_BP: Array, cache: KVCache,
             lengths_B: Array, memory: ChunkMemory | None) -> tuple[Array, KVCache]:
-    """Prompts [B, P] (left-aligned, `lengths_B` tokens each) into an empty cache, with one memory
-    block per prompt chunk; returns the logits [B, V] of each row's last prompt token and the cache."""
-    logits, cache = extend(params, config, tokens_BP, cache, memory=memory, prefix=prefix,
-                           new_lengths=lengths_B)
-    last = jnp.take_along_axis(logits, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
-    return last, cache
+    """Prompts [B, P] (left-aligned, `lengths_B` tokens each) into an empty cache (donated), with
+    one memory block per prompt chunk; returns the logits [B, V] of each row's last prompt token
+    and the cache. Jitted (float32 on CPU compiled without XLA's YNNPACK fusions: faster there)."""
+    eigen = jax.default_backend() == "cpu" and jnp.dtype(config.dtype) == jnp.float32
+    fn = _prefill_eigen if eigen else _prefill_jit
+    return fn(params, config, prefix, tokens_BP, cache, lengths_B, memory)
 
 
 @functools.partial(jax.jit, static_argnums=(1,), donate_argnums=(4,))
@@ -237,13 +278,16 @@ def decode_round(params: Params, config: ModelConfig, prefix, memory: ChunkMemor
     """One round: up to `n_steps` (<= chunk_size) tokens per row, each sampled, then fed back with
     `memory` (one block per row, [L, B, 1, M, K, H], or None). The jitted `lax.while_loop` stops
     early when every row is done; a done row samples nothing and its cache does not grow.
+    `params`: the model's, or `round_params`'s (prepared once for many rounds).
 
     Returns (the new state, tokens [B, Q] (Q = chunk_size; pad after a row is done or past the
     steps run), steps run). The Generator and the serving engine both decode with it.
     """
     B = state.done_B.shape[0]
-    # per-layer weights in the activation dtype, sliced and cast once per round, not once per step
-    layers = unstack_layers(params, jnp.dtype(config.dtype))
+    # per-layer weights in the activation dtype and the decode layout, prepared once per round,
+    # not once per step
+    layers = (params if is_decode_layout(params)
+              else decode_layers(params, jnp.dtype(config.dtype), decode_lanes()))
     out0 = jnp.full((B, config.chunk_size), config.pad_id, jnp.int32)
 
     def cond(carry):
@@ -434,6 +478,7 @@ class Generator:
         self.decode_config = decode_config
         with self._on_mesh():  # constant: once per generator, compiled once per config
             self.prefix = compute_prefix(params, config)
+        self._round_params = prepared_round_params(params, config, mesh)
         # One worker: retrievals run in the order they were asked for, and the index and the bank
         # are never used by two threads at once (only the query encoder is enqueued, thread-safely,
         # from the calling thread by `prepare`).
@@ -629,7 +674,8 @@ class Generator:
         n = min(c.chunk_size, run.max_new - run.step)
         run.t_dispatch = time.perf_counter()
         with self._on_mesh():
-            run.state, out, ran = decode_round(self.params, c, self.prefix, run.memory, run.state, jnp.int32(n))
+            run.state, out, ran = decode_round(self._round_params, c, self.prefix, run.memory, run.state,
+                                               jnp.int32(n))
         run.out = (out, ran)
 
     def _collect(self, run: _Run) -> None:

@@ -326,3 +326,72 @@ def test_stats_compile_time_and_default_cache_and_close():
     assert first.compile_s > 0 and again.compile_s < 0.1 * first.compile_s
     assert first.tokens_per_s == pytest.approx(first.new_tokens / (first.total_s - first.compile_s))
     assert gen._pool._shutdown and not any(t.is_alive() for t in gen._pool._threads)
+
+
+@pytest.mark.parametrize("family", [{}, {"qkv_bias": True}, {"qk_norm": True}])
+@pytest.mark.parametrize("lanes", [1, 2, 3])
+def test_decode_layout_steps_equal_the_model_layout(family, lanes):
+    """`decode_layers` (fused q/k/v and gate/up, contractions over the weight's minor dimension,
+    `lanes` column blocks) computes the same decode steps as the stacked weights; a fresh
+    prefill (the prompt's own keys, last-token logits only) equals the full forward."""
+    cfg = dataclasses.replace(CFG, **family)
+    p = M.init(cfg, jax.random.PRNGKey(3))
+    p = jax.tree_util.tree_map(lambda x: x * 2.0, p)
+    if family.get("qkv_bias"):  # nonzero biases, else a bias bug would not show
+        for s in ("mem_blocks", "blocks"):
+            if s in p:
+                for b in ("bq", "bk", "bv"):
+                    p[s][b] = jax.random.normal(jax.random.PRNGKey(len(b)), p[s][b].shape) * 0.1
+    layers = M.transformer.decode_layers(p, jnp.float32, lanes)
+    assert M.transformer.is_decode_layout(layers) and not M.transformer.is_decode_layout(p)
+    blocks = layers["blocks"][0]
+    assert len(blocks["w_qkv_OD"]) in (1, lanes) and len(blocks["w_gu_OD"]) == len(blocks["w_down_DF"])
+    toks = np.random.default_rng(4).integers(3, cfg.vocab_size, (3, 21)).astype(np.int32)
+    lengths = np.array([21, 15, 9], np.int32)
+    full = np.asarray(M.forward(p, jnp.asarray(toks), cfg))
+    from m3jax.decode import compute_prefix, prefill
+    prefix = compute_prefix(p, cfg)
+    tok = np.where(np.arange(21)[None] < lengths[:, None], toks, cfg.pad_id)
+    last, cache = prefill(p, cfg, prefix, jnp.asarray(tok), M.init_cache(cfg, 3, 32), jnp.asarray(lengths), None)
+    want = full[np.arange(3), lengths - 1]
+    np.testing.assert_allclose(np.asarray(last), want, atol=2e-4, rtol=1e-5)
+    ext = jax.jit(M.extend, static_argnums=1)
+    c1 = c2 = cache
+    for t in range(3):
+        nxt = jnp.asarray(toks[np.arange(3), np.minimum(lengths + t, 20)][:, None])
+        a, c1 = ext(p, cfg, nxt, c1, prefix=prefix)
+        b, c2 = ext(layers, cfg, nxt, c2, prefix=prefix)
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5, rtol=1e-5)
+        for x, y in zip(jax.tree.leaves(c1.kv), jax.tree.leaves(c2.kv)):
+            np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=2e-5)
+
+
+def test_round_params_decode_the_same_tokens():
+    """A Generator's rounds read weights prepared once (`round_params`, on CPU); passing the
+    model's own weights to `decode_round` gives the same greedy tokens."""
+    from m3jax.decode import DecodeState, compute_prefix, decode_round, prefill, round_params, row_keys
+    p = _params()
+    prefix = compute_prefix(p, CFG)
+    toks = np.random.default_rng(5).integers(3, 256, (2, CFG.chunk_size)).astype(np.int32)
+    outs = []
+    for weights in (p, round_params(p, CFG)):
+        lo, cache = prefill(p, CFG, prefix, jnp.asarray(toks), M.init_cache(CFG, 2, 128),
+                            jnp.asarray([CFG.chunk_size, 20], jnp.int32), None)
+        st = DecodeState.create(cache, lo, budget=30, key_B=row_keys(0, 2), stops_BX=[[-1]])
+        st, out, ran = decode_round(weights, CFG, prefix, None, st, jnp.int32(CFG.chunk_size))
+        outs.append(np.asarray(out))
+        cs = CFG.chunk_size
+        assert int(ran) == cs and list(np.asarray(st.cache.lengths)) == [2 * cs, 20 + cs]
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_rope_table_equals_rope_angles():
+    """The cached path's cos / sin rows (numpy constants) equal `rope_angles` at those positions,
+    for default and llama3 RoPE, with a context offset."""
+    from m3jax.model.layers import rope_angles, rope_table
+    for cfg in (dataclasses.replace(CFG, context_offset=3),
+                dataclasses.replace(CFG, rope_type="llama3", rope_factor=8.0, rope_original_max_len=64)):
+        cos_t, sin_t = rope_table(cfg, 100)
+        cos, sin = rope_angles(cfg.context_offset + jnp.arange(100), cfg)
+        np.testing.assert_allclose(cos_t, np.asarray(cos), atol=2e-6)
+        np.testing.assert_allclose(sin_t, np.asarray(sin), atol=2e-6)

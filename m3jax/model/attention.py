@@ -233,8 +233,13 @@ def _side_scores(q_BCQKGH: Array, prefix: PrefixKV | None, memory: MemoryBlocks 
     functions mapping their (unnormalized) weights to value sums [B, C, Q, K, G, H] (float32)."""
     parts = []
     if prefix is not None:
-        s = _dot("BCQKGH,PKH->BCQKGP", q_BCQKGH, prefix.k_PKH)
-        parts.append(("prefix", s, lambda w, v=prefix.v_PKH: _dot("BCQKGP,PKH->BCQKGH", w.astype(v.dtype), v)))
+        # A few sink keys (P of them): products summed in place of a matmul, whose batched form
+        # makes XLA transpose all the queries to [K, H, B*T*G] first (on CPU, the costliest
+        # part of the prefix's share of a prefill).
+        k_KPH = jnp.swapaxes(prefix.k_PKH, 0, 1).astype(_F32)
+        s = (q_BCQKGH.astype(_F32)[..., None, :] * k_KPH[:, None]).sum(-1)  # [B, C, Q, K, G, P]
+        parts.append(("prefix", s, lambda w, v=jnp.swapaxes(prefix.v_PKH, 0, 1).astype(_F32):
+                      (w[..., None] * v[:, None]).sum(-2)))
     if memory is not None:
         s = _dot("BCQKGH,BCMKH->BCQKGM", q_BCQKGH, memory.k_BCMKH)
         s = jnp.where(memory.mask_BCM[:, :, None, None, None, :], s, _NEG)

@@ -12,7 +12,7 @@ from flax import struct
 
 from m3jax.config import ModelConfig
 from m3jax.model.memory import ChunkMemory
-from m3jax.model.layers import rope_angles
+from m3jax.model.layers import rope_table
 from m3jax.model.transformer import (Params, Reads, Shared, _cached_layers, _check_tokens, _embed, _logits,
                                      init_kv_layers, prefix_kv)
 
@@ -44,12 +44,17 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVC
 
 
 def extend(params: Params, config: ModelConfig, tokens: Array, cache: KVCache, *,
-           memory: ChunkMemory | None = None, prefix=None, new_lengths: Array | None = None):
+           memory: ChunkMemory | None = None, prefix=None, new_lengths: Array | None = None,
+           fresh: bool = False, logits_at: Array | None = None):
     """Append `tokens` [B, T] at each sequence's current length; return (logits [B, T, V], cache).
 
     Used for prefill (empty cache, T a multiple of chunk_size when memory is given, one memory
     block per chunk) and for decoding (T = 1, one memory block). `new_lengths` overrides the
     lengths after the call (prefill of right-padded prompts of different lengths).
+    `fresh=True` promises an empty cache (every length 0): the tokens then attend to their own
+    keys (causal, T keys) instead of every slot of the cache; the cache is written the same.
+    `logits_at` [B]: only the logits of token `logits_at[b]` of each row ([B, 1, V]; a prefill
+    needs the last prompt token's only).
     """
     c = config
     _check_tokens(tokens, c)
@@ -65,9 +70,15 @@ def extend(params: Params, config: ModelConfig, tokens: Array, cache: KVCache, *
     if prefix is None and c.reference_prefix is not None:
         prefix = prefix_kv(params, c)
     slots = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None]  # [B, T]
-    cos, sin = rope_angles(c.context_offset + slots, c)
-    mask = jnp.arange(cache.max_len)[None, None, :] <= slots[:, :, None]  # [B, T, S]
+    cos_SH, sin_SH = rope_table(c, cache.max_len)  # rows gathered: no cos / sin in the step
+    cos, sin = (jnp.take(jnp.asarray(t), slots, axis=0, mode="clip") for t in (cos_SH, sin_SH))
+    if fresh:  # keys = the new tokens' own: causal over T (right padding comes after each row)
+        mask = jnp.broadcast_to(jnp.arange(T)[None, :] <= jnp.arange(T)[:, None], (B, T, T))
+    else:
+        mask = jnp.arange(cache.max_len)[None, None, :] <= slots[:, :, None]  # [B, T, S]
     x = _embed(params, c, tokens)
-    x, kv = _cached_layers(params, c, x, Shared(cos, sin, mask, slots), Reads(prefix, memory, cache.kv))
+    x, kv = _cached_layers(params, c, x, Shared(cos, sin, mask, slots, fresh), Reads(prefix, memory, cache.kv))
     lengths = cache.lengths + T if new_lengths is None else new_lengths.astype(jnp.int32)
+    if logits_at is not None:
+        x = jnp.take_along_axis(x, logits_at.astype(jnp.int32)[:, None, None], axis=1)
     return _logits(params, c, x), KVCache(kv, lengths)

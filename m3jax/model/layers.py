@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -53,6 +54,20 @@ def rope_angles(positions: Array, config: ModelConfig) -> tuple[Array, Array]:
     return jnp.cos(ang), jnp.sin(ang)
 
 
+@functools.lru_cache(maxsize=32)
+def rope_table(config: ModelConfig, slots: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin [slots, head_dim] (float32 numpy) of the positions `context_offset + slot` of a
+    KV cache's slots: the angles as `rope_angles` forms them, cos / sin in float64 then rounded.
+    The cached path gathers its rows from these constants rather than evaluating cos / sin in
+    the step (XLA:CPU fuses the transcendental into every use of the rotated q and k, once per
+    layer)."""
+    inv_freq = rope_inv_freq(config)
+    pos = (config.context_offset + np.arange(slots)).astype(np.float32)
+    ang = pos[:, None] * inv_freq  # float32, as rope_angles
+    ang = np.concatenate([ang, ang], axis=-1).astype(np.float64)
+    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+
 def apply_rope(x_BTNH: Array, cos_BTH: Array, sin_BTH: Array) -> Array:
     """Rotate pairs (i, i + H/2) of every head by the position angle; heads share the angles."""
     x = x_BTNH.astype(jnp.float32)
@@ -67,3 +82,11 @@ def mlp(x_BTD: Array, w_gate_DF: Array, w_up_DF: Array, w_down_FD: Array) -> Arr
     gate = jnp.einsum("BTD,DF->BTF", x_BTD, w_gate_DF)
     up = jnp.einsum("BTD,DF->BTF", x_BTD, w_up_DF)
     return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, w_down_FD)
+
+
+def fused_mlp(x_BTD: Array, w_gu_OD: Array, w_down_DF: Array) -> Array:
+    """`mlp` with gate and up fused into one [2F, D] matrix (gate rows first) and the down
+    projection as [D, F]: the decode layout (`transformer.decode_layers`)."""
+    gu = jnp.einsum("BTD,OD->BTO", x_BTD, w_gu_OD)
+    F = w_gu_OD.shape[0] // 2
+    return jnp.einsum("BTF,DF->BTD", jax.nn.silu(gu[..., :F]) * gu[..., F:], w_down_DF)

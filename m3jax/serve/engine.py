@@ -38,7 +38,8 @@ import numpy as np
 
 from m3jax.config import ModelConfig
 from m3jax.decode import (RAG_CHAT_TOKENS_PER_REFERENCE, ChatPrompt, DecodeState, arrange_memory, check_mode,
-                          compute_prefix, decode_round, first_round_memory, prefill, rag_prompt, rag_query, row_keys)
+                          compute_prefix, decode_round, first_round_memory, prefill, prepared_round_params,
+                          rag_prompt, rag_query, row_keys)
 from m3jax.memory.retrieve import chunk_queries
 from m3jax.model.cache import init_cache
 from m3jax.model.memory import ChunkMemory
@@ -210,6 +211,7 @@ class Engine:
         if knowledge_base is not None:
             self.retriever = knowledge_base.retriever(embedder, tokenizer=tokenizer, k=config.memories_per_chunk)
         self.prefix = compute_prefix(params, config)
+        self._round_params = prepared_round_params(params, config)
         self.groups = [_Group(i, sc.slots) for i in range(sc.groups)]
         self.queue: collections.deque[Request] = collections.deque()
         self._cv = threading.Condition()
@@ -496,7 +498,7 @@ class Engine:
 
     def _dispatch(self, g: _Group) -> None:
         g.t_dispatch = time.perf_counter()
-        g.state, out, ran = decode_round(self.params, self.config, self.prefix, g.memory, g.state,
+        g.state, out, ran = decode_round(self._round_params, self.config, self.prefix, g.memory, g.state,
                                          jnp.int32(self.config.chunk_size))
         g.out = (out, ran)
 
