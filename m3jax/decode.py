@@ -55,7 +55,7 @@ from m3jax.memory.retrieve import rag_prompt as token_rag_prompt
 from m3jax.model.memory import ChunkMemory, MemoryKV
 from m3jax.model.placement import cache_sharding, memory_sharding, shard_params
 from m3jax.model.transformer import Params, check_params, check_token_ids, prefix_kv, decode_layers, is_decode_layout
-from m3jax.runtime import CompileMeter
+from m3jax.runtime import EIGEN_CPU_OPTIONS, CompileMeter, eigen_on_cpu
 from m3jax.sharding import batch_sharding, named_sharding
 from m3jax.tokenizer import chat_question
 
@@ -255,11 +255,7 @@ def _prefill(params: Params, config: ModelConfig, prefix, tokens_BP: Array, cach
 
 
 _prefill_jit = jax.jit(_prefill, static_argnums=(1,), donate_argnums=(4,))
-# XLA:CPU without its YNNPACK fusions (Eigen's matrix products): float32 prefill on the 2-core CPU,
-# smollm2-135m, 32 x 128 tokens 4.4 s instead of 4.9-5.2 s, 32 x 768 (RAG) 38 s instead of 51 s;
-# decoding is the other way round (YNNPACK about 2x faster at 32 rows), so only prefill.
-_prefill_eigen = jax.jit(_prefill, static_argnums=(1,), donate_argnums=(4,),
-                         compiler_options={"xla_cpu_experimental_ynn_fusion_type": ""})
+_prefill_eigen = jax.jit(_prefill, static_argnums=(1,), donate_argnums=(4,), compiler_options=EIGEN_CPU_OPTIONS)
 
 
 def prefill(params: Params, config: ModelConfig, prefix, tokens_BP: Array, cache: KVCache,
@@ -267,8 +263,7 @@ def prefill(params: Params, config: ModelConfig, prefix, tokens_BP: Array, cache
     """Prompts [B, P] (left-aligned, `lengths_B` tokens each) into an empty cache (donated), with
     one memory block per prompt chunk; returns the logits [B, V] of each row's last prompt token
     and the cache. Jitted (float32 on CPU compiled without XLA's YNNPACK fusions: faster there)."""
-    eigen = jax.default_backend() == "cpu" and jnp.dtype(config.dtype) == jnp.float32
-    fn = _prefill_eigen if eigen else _prefill_jit
+    fn = _prefill_eigen if eigen_on_cpu(config.dtype) else _prefill_jit
     return fn(params, config, prefix, tokens_BP, cache, lengths_B, memory)
 
 
@@ -289,7 +284,6 @@ def decode_round(params: Params, config: ModelConfig, prefix, memory: ChunkMemor
     layers = (params if is_decode_layout(params)
               else decode_layers(params, jnp.dtype(config.dtype), decode_lanes()))
     out0 = jnp.full((B, config.chunk_size), config.pad_id, jnp.int32)
-
     def cond(carry):
         i, _, st = carry
         return (i < n_steps) & ~jnp.all(st.done_B)

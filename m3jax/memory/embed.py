@@ -19,7 +19,6 @@ Measured on a 2-core CPU shared with other jobs (load ~7; MiniLM, float32, batch
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tqdm.auto import tqdm
 
 from m3jax.assets import minilm_dir
+from m3jax.runtime import EIGEN_CPU_OPTIONS, eigen_on_cpu
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -258,9 +258,19 @@ def mean_pool_normalize(hidden_BTD: Array, attention_mask: Array) -> Array:
     return mean_BD / jnp.maximum(norm_B1, 1e-12)
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _embed_batch(params: Params, cfg: BertConfig, input_ids: Array, attention_mask: Array) -> Array:
+def _embed(params: Params, cfg: BertConfig, input_ids: Array, attention_mask: Array) -> Array:
     return mean_pool_normalize(bert_forward(params, cfg, input_ids, attention_mask), attention_mask)
+
+
+_embed_jit = jax.jit(_embed, static_argnums=1)
+_embed_eigen = jax.jit(_embed, static_argnums=1, compiler_options=EIGEN_CPU_OPTIONS)
+
+
+def _embed_batch(params: Params, cfg: BertConfig, input_ids: Array, attention_mask: Array) -> Array:
+    """The jitted forward + pooling (float32 on CPU compiled as `runtime.EIGEN_CPU_OPTIONS`: a
+    batch of queries is a many-row product, faster there)."""
+    fn = _embed_eigen if eigen_on_cpu(jax.tree.leaves(params)[0].dtype) else _embed_jit
+    return fn(params, cfg, input_ids, attention_mask)
 
 
 # ----------------------------------------------------------------------------- embedders
