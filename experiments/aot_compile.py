@@ -4,8 +4,8 @@
     python experiments/aot_compile.py --topology v5e:16x16 --preset memory3-2b --global-batch 2048 \
         --seq-len 2048 --mesh 1,32,8 --out aot.json
     python experiments/aot_compile.py --config v5e-256,v4-128 --remat full --out aot_remat.json
-    python experiments/aot_compile.py --config v5e-256,v4-128,v6e-256 --remat full,dots,attention \
-        --global-batch 64 --no-decode --out figures/aot_remat_policies.json        # the policy search
+    python experiments/aot_compile.py --config v6e-256,v4-128 --remat dots,attention \
+        --global-batch 192 --no-decode --out figures/aot_remat_policies.json       # the policy search
 
 Needs `libtpu` (`pip install 'm3jax[tpu]'`, or `pip install libtpu==0.0.42.1` for jax 0.10.2):
 `jax.experimental.topologies.get_topology_desc` then describes the devices of a TPU topology
