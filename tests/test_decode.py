@@ -395,3 +395,19 @@ def test_rope_table_equals_rope_angles():
         cos, sin = rope_angles(cfg.context_offset + jnp.arange(100), cfg)
         np.testing.assert_allclose(cos_t, np.asarray(cos), atol=2e-6)
         np.testing.assert_allclose(sin_t, np.asarray(sin), atol=2e-6)
+
+
+def test_extend_without_the_rope_table_is_the_same(monkeypatch):
+    """Caches too large for a RoPE table (`ROPE_TABLE_MAX`) compute the angles in the step: the
+    same logits and cache."""
+    from m3jax.model import cache as cache_mod
+    p = _params()
+    toks = jnp.asarray(np.random.default_rng(6).integers(3, 256, (2, 9)).astype(np.int32))
+    outs = []
+    for limit in (cache_mod.ROPE_TABLE_MAX, 0):
+        monkeypatch.setattr(cache_mod, "ROPE_TABLE_MAX", limit)
+        lo, c = M.extend(p, CFG, toks, M.init_cache(CFG, 2, 32))
+        lo2, c = M.extend(p, CFG, toks[:, :1], c)
+        outs.append((np.asarray(lo), np.asarray(lo2), np.asarray(c.kv["blocks"][0][0])))
+    for a, b in zip(*outs):
+        np.testing.assert_allclose(b, a, atol=2e-5)

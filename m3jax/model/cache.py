@@ -12,11 +12,14 @@ from flax import struct
 
 from m3jax.config import ModelConfig
 from m3jax.model.memory import ChunkMemory
-from m3jax.model.layers import rope_table
+from m3jax.model.layers import rope_angles, rope_table
 from m3jax.model.transformer import (Params, Reads, Shared, _cached_layers, _check_tokens, _embed, _logits,
                                      init_kv_layers, prefix_kv)
 
 Array = jax.Array
+
+
+ROPE_TABLE_MAX = 1 << 21  # cache slots x head_dim up to which `extend` gathers RoPE rows from a table (8 MiB)
 
 
 @struct.dataclass
@@ -70,8 +73,11 @@ def extend(params: Params, config: ModelConfig, tokens: Array, cache: KVCache, *
     if prefix is None and c.reference_prefix is not None:
         prefix = prefix_kv(params, c)
     slots = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None]  # [B, T]
-    cos_SH, sin_SH = rope_table(c, cache.max_len)  # rows gathered: no cos / sin in the step
-    cos, sin = (jnp.take(jnp.asarray(t), slots, axis=0, mode="clip") for t in (cos_SH, sin_SH))
+    if cache.max_len * c.head_dim <= ROPE_TABLE_MAX:  # rows gathered: no cos / sin in the step
+        cos_SH, sin_SH = rope_table(c, cache.max_len)
+        cos, sin = (jnp.take(jnp.asarray(t), slots, axis=0, mode="clip") for t in (cos_SH, sin_SH))
+    else:  # a table this large would be a large constant in the program
+        cos, sin = rope_angles(c.context_offset + slots, c)
     if fresh:  # keys = the new tokens' own: causal over T (right padding comes after each row)
         mask = jnp.broadcast_to(jnp.arange(T)[None, :] <= jnp.arange(T)[:, None], (B, T, T))
     else:
