@@ -411,3 +411,64 @@ def test_extend_without_the_rope_table_is_the_same(monkeypatch):
         outs.append((np.asarray(lo), np.asarray(lo2), np.asarray(c.kv["blocks"][0][0])))
     for a, b in zip(*outs):
         np.testing.assert_allclose(b, a, atol=2e-5)
+
+
+def test_bfloat16_decode_writes_the_cache_and_tracks_float32():
+    """A bf16 model decodes within bf16 tolerance of the float32 one; its bf16 cache (written
+    through the bits, `transformer._set_slots`) holds each new key at its row's slot and nothing
+    elsewhere, and a second token lands in the next slot."""
+    cfg16 = dataclasses.replace(CFG, dtype="bfloat16")
+    p = _params()
+    rng = np.random.default_rng(7)
+    toks = jnp.asarray(rng.integers(3, 256, (2, 8)).astype(np.int32))
+    lengths = jnp.asarray([8, 5], jnp.int32)
+    out = {}
+    for cfg in (CFG, cfg16):
+        cache = M.init_cache(cfg, 2, 32)
+        lo, cache = M.extend(p, cfg, toks, cache, new_lengths=lengths)
+        lo2, cache = M.extend(p, cfg, toks[:, :1], cache)
+        out[cfg.dtype] = (np.asarray(lo, np.float32), np.asarray(lo2, np.float32),
+                          np.asarray(cache.kv["blocks"][0][0], np.float32), np.asarray(cache.kv["blocks"][0][1], np.float32))
+    k16, v16 = out["bfloat16"][2], out["bfloat16"][3]
+    assert k16.dtype == np.float32 and np.isfinite(k16).all()
+    for b, n in enumerate((8, 5)):  # 8 prompt slots written (row 1's last 3 are padding), then the
+        end = max(8, n + 1)         # decoded token at slot n: nothing after
+        assert np.abs(k16[b, :, :end]).max(axis=-1).min() > 0
+        assert not k16[b, :, end:].any() and not v16[b, :, :, end:].any()
+    k32 = out["float32"][2]
+    np.testing.assert_allclose(k16, k32, atol=0.05 * np.abs(k32).max())
+    for a16, a32 in zip(out["bfloat16"][:2], out["float32"][:2]):
+        scale = np.abs(a32).max()
+        np.testing.assert_allclose(a16, a32, atol=0.05 * scale)
+        assert (a16.argmax(-1) == a32.argmax(-1)).mean() >= 0.5
+
+
+def test_bfloat16_products_and_cache_writes_stay_16_bit_on_cpu():
+    """What makes bf16 decoding fast on XLA:CPU (read from the compiled programs): the dense
+    products take bf16 operands with a float32 result (`layers.dense`), and a bf16 cache write
+    converts nothing to float32 (`transformer._set_slots`)."""
+    import re
+
+    from m3jax.model.layers import dense
+    from m3jax.model.transformer import _set_slots
+
+    x = jnp.ones((4, 1, 64), jnp.bfloat16)
+    w = jnp.ones((64, 96), jnp.float32)
+    hlo = jax.jit(lambda x, w: dense("BTD,DO->BTO", x, w)).lower(x, w).compile().as_text()
+    dots = re.findall(r"= (\w+)\[[\d,]*\][^ ]* dot\((.*)", hlo)
+    assert dots and all(out == "f32" for out, _ in dots), dots
+    assert re.search(r"dot\(bf16\[4,64\]\S* %[\w.]+, bf16\[64,96\]", hlo) or \
+        re.search(r"\(param_0[.\d]*: bf16\[4,64\], param_1[.\d]*: bf16\[64,96\]\)", hlo), hlo
+    got = np.asarray(jax.jit(lambda x, w: dense("BTD,DO->BTO", x, w))(x * 1.5, w * 0.25), np.float32)
+    np.testing.assert_allclose(got, np.full((4, 1, 96), 64 * 1.5 * 0.25), rtol=1e-2)
+
+    cache = jnp.zeros((4, 2, 256, 8), jnp.bfloat16)
+    slots = jnp.asarray([[3], [0], [255], [7]])
+    new = jnp.arange(4 * 1 * 2 * 8, dtype=jnp.float32).reshape(4, 1, 2, 8) / 7
+    write = jax.jit(lambda c, s, n: _set_slots(c, (jnp.arange(4)[:, None], slice(None), s), n))
+    assert not re.search(r"f32\[4,2,256,8\]", write.lower(cache, slots, new).compile().as_text())
+    got = np.asarray(write(cache, slots, new), np.float32)
+    want = np.zeros((4, 2, 256, 8), np.float32)
+    for b, s in enumerate([3, 0, 255, 7]):
+        want[b, :, s] = np.asarray(new[b, 0].astype(jnp.bfloat16), np.float32)
+    np.testing.assert_array_equal(got, want)

@@ -42,7 +42,7 @@ import numpy as np
 
 from m3jax.config import ModelConfig
 from m3jax.model.attention import ATTENTION_NAME, MemoryBlocks, PrefixKV, attention
-from m3jax.model.layers import apply_rope, fused_mlp, mlp, rms_norm, rope_angles
+from m3jax.model.layers import apply_rope, dense, fused_mlp, mlp, rms_norm, rope_angles
 from m3jax.model.memory import ChunkMemory
 from m3jax.sharding import constrain
 
@@ -249,16 +249,16 @@ def _project_qkv(p: Params, h_BTD: Array, c: ModelConfig) -> tuple[Array, Array,
     if "w_qkv_OD" in p:  # the decode layout (`decode_layers`): one fused product
         B, T, _ = h_BTD.shape
         N, K, H = c.num_heads, c.num_kv_heads, c.head_dim
-        qkv = jnp.concatenate([jnp.einsum("BTD,OD->BTO", h_BTD, w.astype(dt)) for w in p["w_qkv_OD"]], axis=-1)
+        qkv = jnp.concatenate([dense("BTD,OD->BTO", h_BTD, w) for w in p["w_qkv_OD"]], axis=-1)
         if c.qkv_bias:
             qkv = qkv + p["b_qkv_O"].astype(dt)
         q = qkv[..., :N * H].reshape(B, T, N, H)
         k = qkv[..., N * H:(N + K) * H].reshape(B, T, K, H)
         v = qkv[..., (N + K) * H:].reshape(B, T, K, H)
     else:
-        q = jnp.einsum("BTD,DNH->BTNH", h_BTD, p["wq"].astype(dt))
-        k = jnp.einsum("BTD,DKH->BTKH", h_BTD, p["wk"].astype(dt))
-        v = jnp.einsum("BTD,DKH->BTKH", h_BTD, p["wv"].astype(dt))
+        q = dense("BTD,DNH->BTNH", h_BTD, p["wq"])
+        k = dense("BTD,DKH->BTKH", h_BTD, p["wk"])
+        v = dense("BTD,DKH->BTKH", h_BTD, p["wv"])
         if c.qkv_bias:
             q, k, v = q + p["bq"].astype(dt), k + p["bk"].astype(dt), v + p["bv"].astype(dt)
     if c.qk_norm:
@@ -312,6 +312,17 @@ class Acts(NamedTuple):
     mass: Array | None
 
 
+def _set_slots(cache: Array, index: tuple, new: Array) -> Array:
+    """`cache.at[index].set(new)` (cast to the cache's dtype). A 16-bit float cache is written
+    through its uint16 bit pattern: XLA:CPU has no bfloat16 scatter and would otherwise convert
+    the whole cache layer to float32 and back at every step (the values are the same bits)."""
+    new = new.astype(cache.dtype)
+    if cache.dtype.itemsize != 2 or not jnp.issubdtype(cache.dtype, jnp.floating):
+        return cache.at[index].set(new)
+    bits = jax.lax.bitcast_convert_type
+    return bits(bits(cache, jnp.uint16).at[index].set(bits(new, jnp.uint16)), cache.dtype)
+
+
 def _block(p: Params, x_BTD: Array, c: ModelConfig, shared: Shared, reads: LayerReads, *, mass: bool = False
            ) -> tuple[Array, tuple[Array, Array] | None, Acts]:
     """One decoder layer: (x, the updated cache layer or None, `Acts`). With a cache layer
@@ -328,8 +339,8 @@ def _block(p: Params, x_BTD: Array, c: ModelConfig, shared: Shared, reads: Layer
     if reads.kv is not None:
         ck, cv = reads.kv
         b_idx = jnp.arange(x_BTD.shape[0])[:, None]
-        ck = ck.at[b_idx, :, shared.slots_BT].set(k_rot.astype(ck.dtype))  # [B, T, K, H] rows into [B, K, S, H]
-        cv = cv.at[b_idx, :, :, shared.slots_BT].set(v.astype(cv.dtype))  # [B, T, K, H] columns into [B, K, H, S]
+        ck = _set_slots(ck, (b_idx, slice(None), shared.slots_BT), k_rot)  # [B, T, K, H] rows into [B, K, S, H]
+        cv = _set_slots(cv, (b_idx, slice(None), slice(None), shared.slots_BT), v)  # columns into [B, K, H, S]
         keys, values, new_kv = ck, cv, (ck, cv)
     if reads.kv is None or shared.fresh:
         keys, values = jnp.swapaxes(k_rot, 1, 2), jnp.transpose(v, (0, 2, 3, 1))
@@ -344,11 +355,11 @@ def _block(p: Params, x_BTD: Array, c: ModelConfig, shared: Shared, reads: Layer
         o = attention(q_rot, keys, values, shared.mask_BTS, prefix=reads.prefix, memory=reads.memory,
                       causal=reads.kv is None or shared.fresh)
     if "wo_HND" in p:  # the decode layout (`decode_layers`)
-        x_BTD = x_BTD + jnp.concatenate([jnp.einsum("BTNH,HND->BTD", o, w.astype(dt)) for w in p["wo_HND"]], axis=-1)
+        x_BTD = x_BTD + jnp.concatenate([dense("BTNH,HND->BTD", o, w) for w in p["wo_HND"]], axis=-1)
         h = rms_norm(x_BTD, p["mlp_norm"], c.norm_eps)
         x_BTD = x_BTD + sum(fused_mlp(h, gu.astype(dt), down.astype(dt)) for gu, down in zip(p["w_gu_OD"], p["w_down_DF"]))
     else:
-        x_BTD = x_BTD + jnp.einsum("BTNH,NHD->BTD", o, p["wo"].astype(dt))
+        x_BTD = x_BTD + dense("BTNH,NHD->BTD", o, p["wo"])
         h = rms_norm(x_BTD, p["mlp_norm"], c.norm_eps)
         x_BTD = x_BTD + mlp(h, p["w_gate"].astype(dt), p["w_up"].astype(dt), p["w_down"].astype(dt))
     return constrain(x_BTD, ("batch", "length", "embed")), new_kv, Acts(q, k, k_rot, v, masses)
@@ -459,7 +470,7 @@ def _embed(params: Params, c: ModelConfig, tokens_BT: Array) -> Array:
 def _logits(params: Params, c: ModelConfig, x_BTD: Array) -> Array:
     x = rms_norm(x_BTD, params["final_norm"], c.norm_eps)
     w = params["embed"].T if c.tie_embeddings else params["lm_head"]
-    logits = jnp.einsum("BTD,DV->BTV", x, w.astype(x.dtype)).astype(jnp.float32)
+    logits = jnp.einsum("BTD,DV->BTV", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
     return constrain(logits, ("batch", "length", "vocab"))
 
 
