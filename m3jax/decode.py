@@ -301,8 +301,27 @@ def decode_round(params: Params, config: ModelConfig, prefix, memory: ChunkMemor
         return i + 1, out, st.replace(cache=cache, logits_BV=logits[:, 0].astype(jnp.float32), done_B=done,
                                       budget_B=budget)
 
+    bits = _cache_as_bits(state.cache, config)
+    if bits:  # the loop carries the cache's bits (see _cache_as_bits)
+        state = state.replace(cache=bits[0])
     i, out, state = jax.lax.while_loop(cond, body, (jnp.int32(0), out0, state))
+    if bits:
+        state = state.replace(cache=bits[1](state.cache))
     return state.replace(step_B=state.step_B + i), out, i
+
+
+def _cache_as_bits(cache: KVCache, config: ModelConfig):
+    """On CPU, a bfloat16 cache as its uint16 bits and the function mapping bits back; else None.
+    Each decode step writes one token per row (a scatter, which XLA:CPU does not run on bf16);
+    written on the bits inside the loop, the cache is converted once per round instead of
+    twice per step and layer (`transformer._set_slots`; same values, bit for bit)."""
+    dt = jnp.dtype(config.dtype)
+    if jax.default_backend() != "cpu" or dt.itemsize != 2 or not jnp.issubdtype(dt, jnp.floating):
+        return None
+    if {a.dtype for a in jax.tree.leaves(cache.kv)} != {dt}:
+        return None
+    cast = lambda to: lambda c: c.replace(kv=jax.tree.map(lambda a: jax.lax.bitcast_convert_type(a, to), c.kv))  # noqa: E731
+    return cast(jnp.uint16)(cache), cast(dt)
 
 
 def check_mode(mode: str, config: ModelConfig, has_retriever: bool,

@@ -465,10 +465,52 @@ def test_bfloat16_products_and_cache_writes_stay_16_bit_on_cpu():
     cache = jnp.zeros((4, 2, 256, 8), jnp.bfloat16)
     slots = jnp.asarray([[3], [0], [255], [7]])
     new = jnp.arange(4 * 1 * 2 * 8, dtype=jnp.float32).reshape(4, 1, 2, 8) / 7
-    write = jax.jit(lambda c, s, n: _set_slots(c, (jnp.arange(4)[:, None], slice(None), s), n))
+    write = jax.jit(lambda c, s, n: _set_slots(c, (jnp.arange(4)[:, None], slice(None), s), n, jnp.bfloat16))
     assert not re.search(r"f32\[4,2,256,8\]", write.lower(cache, slots, new).compile().as_text())
     got = np.asarray(write(cache, slots, new), np.float32)
     want = np.zeros((4, 2, 256, 8), np.float32)
     for b, s in enumerate([3, 0, 255, 7]):
         want[b, :, s] = np.asarray(new[b, 0].astype(jnp.bfloat16), np.float32)
     np.testing.assert_array_equal(got, want)
+
+
+def test_bfloat16_decode_round_carries_the_cache_bits(monkeypatch):
+    """On CPU a bf16 `decode_round` carries its cache as uint16 bits inside the loop
+    (`decode._cache_as_bits`): tokens and the returned bf16 cache are bit for bit those of the
+    same round without it, and the greedy tokens those of stepping `extend` one at a time."""
+    from m3jax import decode as D
+
+    cfg16 = dataclasses.replace(CFG, dtype="bfloat16")
+    p = _params()
+    toks = jnp.asarray(np.random.default_rng(8).integers(3, 256, (3, 8)).astype(np.int32))
+    lengths = jnp.asarray([8, 6, 3], jnp.int32)
+    prefix = D.compute_prefix(p, cfg16)
+    logits, cache = D.prefill(p, cfg16, prefix, toks, M.init_cache(cfg16, 3, 32), lengths, None)
+    lo, want_cache, want = logits, cache, []
+    for _ in range(5):
+        t = jnp.argmax(lo, -1).astype(jnp.int32)
+        want.append(np.asarray(t))
+        lo, want_cache = M.extend(p, cfg16, t[:, None], want_cache, prefix=prefix)
+        lo = lo[:, 0].astype(jnp.float32)
+    assert D._cache_as_bits(cache, cfg16) is not None and D._cache_as_bits(cache, CFG) is None
+
+    def run():
+        state = D.DecodeState.create(jax.tree.map(jnp.copy, cache), jnp.copy(logits), budget=5,  # donated
+                                     key_B=D.row_keys(0, 3), stops_BX=[[-1]])
+        state, out, n = D.decode_round(p, cfg16, prefix, None, state, jnp.int32(5))
+        assert int(n) == 5
+        return np.asarray(out)[:, :5], [np.asarray(a, np.float32) for a in jax.tree.leaves(state.cache.kv)], \
+            {a.dtype for a in jax.tree.leaves(state.cache.kv)}
+
+    out, kv, dtypes = run()
+    assert dtypes == {jnp.dtype(jnp.bfloat16)}
+    np.testing.assert_array_equal(out, np.stack(want, axis=1))
+    for a, b in zip(kv, jax.tree.leaves(want_cache.kv)):
+        np.testing.assert_allclose(a, np.asarray(b, np.float32), atol=0.05 * np.abs(a).max())
+    jax.clear_caches()
+    monkeypatch.setattr(D, "_cache_as_bits", lambda cache, config: None)
+    out0, kv0, _ = run()
+    jax.clear_caches()
+    np.testing.assert_array_equal(out, out0)
+    for a, b in zip(kv, kv0):
+        np.testing.assert_array_equal(a, b)

@@ -312,15 +312,23 @@ class Acts(NamedTuple):
     mass: Array | None
 
 
-def _set_slots(cache: Array, index: tuple, new: Array) -> Array:
-    """`cache.at[index].set(new)` (cast to the cache's dtype). A 16-bit float cache is written
-    through its uint16 bit pattern: XLA:CPU has no bfloat16 scatter and would otherwise convert
-    the whole cache layer to float32 and back at every step (the values are the same bits)."""
+def _set_slots(cache: Array, index: tuple, new: Array, dt) -> Array:
+    """`cache.at[index].set(new)` in the cache's storage: `dt` itself, or the uint16 bits of a
+    16-bit `dt` (`decode.decode_round` on CPU carries bf16 caches so). XLA:CPU has no bfloat16
+    scatter: it would convert the whole cache layer to float32 and back at every step, so a
+    16-bit float cache is written through its bits too (the values are the same bits)."""
+    bits = jax.lax.bitcast_convert_type
+    if cache.dtype == jnp.uint16:
+        return cache.at[index].set(bits(new.astype(dt), jnp.uint16))
     new = new.astype(cache.dtype)
     if cache.dtype.itemsize != 2 or not jnp.issubdtype(cache.dtype, jnp.floating):
         return cache.at[index].set(new)
-    bits = jax.lax.bitcast_convert_type
     return bits(bits(cache, jnp.uint16).at[index].set(bits(new, jnp.uint16)), cache.dtype)
+
+
+def cache_view(cache: Array, dt) -> Array:
+    """A cache layer as attention reads it: uint16 storage (`_set_slots`) viewed as `dt`."""
+    return jax.lax.bitcast_convert_type(cache, dt) if cache.dtype == jnp.uint16 else cache
 
 
 def _block(p: Params, x_BTD: Array, c: ModelConfig, shared: Shared, reads: LayerReads, *, mass: bool = False
@@ -339,9 +347,9 @@ def _block(p: Params, x_BTD: Array, c: ModelConfig, shared: Shared, reads: Layer
     if reads.kv is not None:
         ck, cv = reads.kv
         b_idx = jnp.arange(x_BTD.shape[0])[:, None]
-        ck = _set_slots(ck, (b_idx, slice(None), shared.slots_BT), k_rot)  # [B, T, K, H] rows into [B, K, S, H]
-        cv = _set_slots(cv, (b_idx, slice(None), slice(None), shared.slots_BT), v)  # columns into [B, K, H, S]
-        keys, values, new_kv = ck, cv, (ck, cv)
+        ck = _set_slots(ck, (b_idx, slice(None), shared.slots_BT), k_rot, dt)  # [B, T, K, H] rows into [B, K, S, H]
+        cv = _set_slots(cv, (b_idx, slice(None), slice(None), shared.slots_BT), v, dt)  # columns into [B, K, H, S]
+        keys, values, new_kv = cache_view(ck, dt), cache_view(cv, dt), (ck, cv)
     if reads.kv is None or shared.fresh:
         keys, values = jnp.swapaxes(k_rot, 1, 2), jnp.transpose(v, (0, 2, 3, 1))
     masses = None
