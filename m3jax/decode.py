@@ -243,7 +243,6 @@ def prepared_round_params(params: Params, config: ModelConfig, mesh: Any = None)
     return round_params(params, config) if mesh is None and jax.default_backend() == "cpu" else params
 
 
-
 compute_prefix = jax.jit(prefix_kv, static_argnums=1)  # module level: new generators reuse the compiled prefix
 
 
@@ -279,11 +278,12 @@ def decode_round(params: Params, config: ModelConfig, prefix, memory: ChunkMemor
     steps run), steps run). The Generator and the serving engine both decode with it.
     """
     B = state.done_B.shape[0]
+    dt = jnp.dtype(config.dtype)
     # per-layer weights in the activation dtype and the decode layout, prepared once per round,
     # not once per step
-    layers = (params if is_decode_layout(params)
-              else decode_layers(params, jnp.dtype(config.dtype), decode_lanes()))
+    layers = params if is_decode_layout(params) else decode_layers(params, dt, decode_lanes())
     out0 = jnp.full((B, config.chunk_size), config.pad_id, jnp.int32)
+
     def cond(carry):
         i, _, st = carry
         return (i < n_steps) & ~jnp.all(st.done_B)
@@ -301,27 +301,26 @@ def decode_round(params: Params, config: ModelConfig, prefix, memory: ChunkMemor
         return i + 1, out, st.replace(cache=cache, logits_BV=logits[:, 0].astype(jnp.float32), done_B=done,
                                       budget_B=budget)
 
-    bits = _cache_as_bits(state.cache, config)
-    if bits:  # the loop carries the cache's bits (see _cache_as_bits)
-        state = state.replace(cache=bits[0])
+    as_bits = _carries_bits(state.cache, dt)
+    if as_bits:  # the loop carries the cache's bits (see _carries_bits)
+        state = state.replace(cache=_bitcast_kv(state.cache, jnp.uint16))
     i, out, state = jax.lax.while_loop(cond, body, (jnp.int32(0), out0, state))
-    if bits:
-        state = state.replace(cache=bits[1](state.cache))
+    if as_bits:
+        state = state.replace(cache=_bitcast_kv(state.cache, dt))
     return state.replace(step_B=state.step_B + i), out, i
 
 
-def _cache_as_bits(cache: KVCache, config: ModelConfig):
-    """On CPU, a bfloat16 cache as its uint16 bits and the function mapping bits back; else None.
-    Each decode step writes one token per row (a scatter, which XLA:CPU does not run on bf16);
-    written on the bits inside the loop, the cache is converted once per round instead of
-    twice per step and layer (`transformer._set_slots`; same values, bit for bit)."""
-    dt = jnp.dtype(config.dtype)
-    if jax.default_backend() != "cpu" or dt.itemsize != 2 or not jnp.issubdtype(dt, jnp.floating):
-        return None
-    if {a.dtype for a in jax.tree.leaves(cache.kv)} != {dt}:
-        return None
-    cast = lambda to: lambda c: c.replace(kv=jax.tree.map(lambda a: jax.lax.bitcast_convert_type(a, to), c.kv))  # noqa: E731
-    return cast(jnp.uint16)(cache), cast(dt)
+def _carries_bits(cache: KVCache, dt) -> bool:
+    """Whether a round carries the cache as its uint16 bits: a 16-bit float cache on CPU. Each
+    step writes one token per row (a scatter, which XLA:CPU does not run on bf16); written on the
+    bits inside the loop, the cache is bitcast once per round instead of twice per step and layer
+    (`transformer._set_slots`; the same values, bit for bit)."""
+    return (jax.default_backend() == "cpu" and dt.itemsize == 2 and jnp.issubdtype(dt, jnp.floating)
+            and all(a.dtype == dt for a in jax.tree.leaves(cache.kv)))
+
+
+def _bitcast_kv(cache: KVCache, dtype) -> KVCache:
+    return cache.replace(kv=jax.tree.map(lambda a: jax.lax.bitcast_convert_type(a, dtype), cache.kv))
 
 
 def check_mode(mode: str, config: ModelConfig, has_retriever: bool,

@@ -476,7 +476,7 @@ def test_bfloat16_products_and_cache_writes_stay_16_bit_on_cpu():
 
 def test_bfloat16_decode_round_carries_the_cache_bits(monkeypatch):
     """On CPU a bf16 `decode_round` carries its cache as uint16 bits inside the loop
-    (`decode._cache_as_bits`): tokens and the returned bf16 cache are bit for bit those of the
+    (`decode._carries_bits`): tokens and the returned bf16 cache are bit for bit those of the
     same round without it, and the greedy tokens those of stepping `extend` one at a time."""
     from m3jax import decode as D
 
@@ -492,7 +492,7 @@ def test_bfloat16_decode_round_carries_the_cache_bits(monkeypatch):
         want.append(np.asarray(t))
         lo, want_cache = M.extend(p, cfg16, t[:, None], want_cache, prefix=prefix)
         lo = lo[:, 0].astype(jnp.float32)
-    assert D._cache_as_bits(cache, cfg16) is not None and D._cache_as_bits(cache, CFG) is None
+    assert D._carries_bits(cache, jnp.dtype(jnp.bfloat16)) and not D._carries_bits(cache, jnp.dtype(jnp.float32))
 
     def run():
         state = D.DecodeState.create(jax.tree.map(jnp.copy, cache), jnp.copy(logits), budget=5,  # donated
@@ -508,7 +508,7 @@ def test_bfloat16_decode_round_carries_the_cache_bits(monkeypatch):
     for a, b in zip(kv, jax.tree.leaves(want_cache.kv)):
         np.testing.assert_allclose(a, np.asarray(b, np.float32), atol=0.05 * np.abs(a).max())
     jax.clear_caches()
-    monkeypatch.setattr(D, "_cache_as_bits", lambda cache, config: None)
+    monkeypatch.setattr(D, "_carries_bits", lambda cache, dt: False)
     out0, kv0, _ = run()
     jax.clear_caches()
     np.testing.assert_array_equal(out, out0)

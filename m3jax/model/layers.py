@@ -58,15 +58,12 @@ def rope_angles(positions: Array, config: ModelConfig) -> tuple[Array, Array]:
 @functools.lru_cache(maxsize=32)
 def rope_table(config: ModelConfig, slots: int) -> tuple[np.ndarray, np.ndarray]:
     """cos, sin [slots, head_dim] (float32 numpy) of the positions `context_offset + slot` of a
-    KV cache's slots: the angles as `rope_angles` forms them, cos / sin in float64 then rounded.
-    The cached path gathers its rows from these constants rather than evaluating cos / sin in
-    the step (XLA:CPU fuses the transcendental into every use of the rotated q and k, once per
-    layer)."""
-    inv_freq = rope_inv_freq(config)
-    pos = (config.context_offset + np.arange(slots)).astype(np.float32)
-    ang = pos[:, None] * inv_freq  # float32, as rope_angles
-    ang = np.concatenate([ang, ang], axis=-1).astype(np.float64)
-    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    KV cache's slots (`rope_angles`, evaluated once, also when called while tracing). The cached
+    path gathers its rows from these constants rather than evaluating cos / sin in the step
+    (XLA:CPU fuses the transcendental into every use of the rotated q and k, once per layer)."""
+    with jax.ensure_compile_time_eval():
+        cos, sin = rope_angles(config.context_offset + jnp.arange(slots), config)
+        return np.asarray(cos), np.asarray(sin)
 
 
 def apply_rope(x_BTNH: Array, cos_BTH: Array, sin_BTH: Array) -> Array:
@@ -91,7 +88,7 @@ def dense(spec: str, x: Array, w: Array) -> Array:
 
 
 def mlp(x_BTD: Array, w_gate_DF: Array, w_up_DF: Array, w_down_FD: Array) -> Array:
-    """down(silu(gate(x)) * up(x)), no bias."""
+    """down(silu(gate(x)) * up(x)), no bias; weights cast to x's dtype (`dense`)."""
     gate = dense("BTD,DF->BTF", x_BTD, w_gate_DF)
     up = dense("BTD,DF->BTF", x_BTD, w_up_DF)
     return dense("BTF,FD->BTD", jax.nn.silu(gate) * up, w_down_FD)

@@ -365,11 +365,11 @@ def _block(p: Params, x_BTD: Array, c: ModelConfig, shared: Shared, reads: Layer
     if "wo_HND" in p:  # the decode layout (`decode_layers`)
         x_BTD = x_BTD + jnp.concatenate([dense("BTNH,HND->BTD", o, w) for w in p["wo_HND"]], axis=-1)
         h = rms_norm(x_BTD, p["mlp_norm"], c.norm_eps)
-        x_BTD = x_BTD + sum(fused_mlp(h, gu.astype(dt), down.astype(dt)) for gu, down in zip(p["w_gu_OD"], p["w_down_DF"]))
+        x_BTD = x_BTD + sum(fused_mlp(h, gu, down) for gu, down in zip(p["w_gu_OD"], p["w_down_DF"]))
     else:
         x_BTD = x_BTD + dense("BTNH,NHD->BTD", o, p["wo"])
         h = rms_norm(x_BTD, p["mlp_norm"], c.norm_eps)
-        x_BTD = x_BTD + mlp(h, p["w_gate"].astype(dt), p["w_up"].astype(dt), p["w_down"].astype(dt))
+        x_BTD = x_BTD + mlp(h, p["w_gate"], p["w_up"], p["w_down"])
     return constrain(x_BTD, ("batch", "length", "embed")), new_kv, Acts(q, k, k_rot, v, masses)
 
 
