@@ -348,6 +348,10 @@ class DecodeConfig:
     # Batches in flight in `Generator.generate_many`: while one decodes a chunk on the device, the
     # retrievals of the others run on the host (1 = one batch after another).
     pipeline: int = 2
+    # Size the KV cache per round (prompt + tokens so far + the round's, up to a multiple of
+    # chunk_size), growing it between rounds: a decoding step attends over every cache slot, so
+    # early rounds run faster. One compiled round per cache size; False: one size for the call.
+    grow_cache: bool = True
 
     def __post_init__(self) -> None:
         _check(self.pipeline >= 1, f"DecodeConfig.pipeline must be >= 1, got {self.pipeline}")

@@ -49,7 +49,7 @@ import numpy as np
 from flax import struct
 
 from m3jax.config import DecodeConfig, ModelConfig
-from m3jax.model.cache import KVCache, extend, init_cache
+from m3jax.model.cache import KVCache, extend, grow_cache, init_cache
 from m3jax.memory.retrieve import chunk_queries
 from m3jax.memory.retrieve import rag_prompt as token_rag_prompt
 from m3jax.model.memory import ChunkMemory, MemoryKV
@@ -433,6 +433,7 @@ class _Run:
     retrieved: list[list[np.ndarray]]
     state: DecodeState
     memory: ChunkMemory | None
+    cache_len: int  # the most cache slots its rounds may run with (`Generator._cache_len`)
     t_start: float
     compile_s0: float  # the call's compile meter when this batch started
     generated: list[list[int]] = field(default_factory=list)
@@ -584,6 +585,22 @@ class Generator:
         bucket = self.decode_config.prompt_bucket
         return -(-max(len(p) for p in prompts) // bucket) * bucket
 
+    def _cache_len(self, P: int, need: int) -> int:
+        """Slots of a cache for `need` tokens (prompt bucket P): the next power of two, at least P,
+        at most max_cache_len (a few sizes compile). Decoding attends over all slots, so a cache is
+        sized per call (a cache sized for RAG would slow the other modes down)."""
+        need = max(P, need)
+        return min(max(self.decode_config.max_cache_len, P), max(P, 1 << (need - 1).bit_length()))
+
+    def _round_cache_len(self, P: int, cache_len: int, need: int) -> int:
+        """Slots of the cache a round runs with, for `need` tokens by its end: with
+        `DecodeConfig.grow_cache`, `need` up to a multiple of chunk_size (at least P), else the
+        call's `cache_len` (`_cache_len`), which it never exceeds."""
+        if not self.decode_config.grow_cache:
+            return cache_len
+        cs = self.config.chunk_size
+        return min(cache_len, max(P, -(-need // cs) * cs))
+
     def _check_mode(self, mode: str) -> None:
         check_mode(mode, self.config, self.retriever is not None)
 
@@ -626,12 +643,10 @@ class Generator:
         if lengths.max() + max_new > dc.max_cache_len:
             raise ValueError(f"prompt of {lengths.max()} tokens + {max_new} new tokens exceeds the KV cache "
                              f"(max_cache_len={dc.max_cache_len})")
-        # The cache is sized per call (bucketed to powers of two, so a few sizes compile): decoding
-        # attends over all S slots, so a cache sized for RAG would slow the other modes down.
-        need = max(P, int(lengths.max()) + max_new)
-        S = min(max(dc.max_cache_len, P), max(P, 1 << (need - 1).bit_length()))
-        if S > c.max_len:
+        cache_len = self._cache_len(P, int(lengths.max()) + max_new)
+        if cache_len > c.max_len:
             raise ValueError(f"prompt of {lengths.max()} tokens (bucket {P}) exceeds the model's max_len {c.max_len}")
+        S = self._round_cache_len(P, cache_len, int(lengths.max()) + min(c.chunk_size, max_new))
         tok = np.full((B, P), c.pad_id, np.int32)
         for b, p in enumerate(prompts):
             tok[b, : len(p)] = p
@@ -668,7 +683,8 @@ class Generator:
         jax.block_until_ready(logits)
         stats.prefill_s = time.perf_counter() - t0
         return _Run(prompts=prompts, mode=mode, max_new=max_new, stops=stops, stream=stream, stats=stats,
-                    retrieved=retrieved, state=state, memory=memory, t_start=t_start, compile_s0=compile_s0,
+                    retrieved=retrieved, state=state, memory=memory, cache_len=cache_len, t_start=t_start,
+                    compile_s0=compile_s0,
                     generated=[[] for _ in range(B)], finished=np.zeros(B, bool))
 
     def _dispatch(self, run: _Run) -> None:
@@ -686,6 +702,13 @@ class Generator:
         n = min(c.chunk_size, run.max_new - run.step)
         run.t_dispatch = time.perf_counter()
         with self._on_mesh():
+            need = max(len(p) for p in run.prompts) + run.step + n
+            S = self._round_cache_len(self._padded_len(run.prompts), run.cache_len, need)
+            if S > run.state.cache.max_len:  # room for this round (DecodeConfig.grow_cache)
+                cache = grow_cache(run.state.cache, S)
+                if self.mesh is not None:
+                    cache = self._place(cache, cache_sharding(c, self.mesh, batch=len(run.prompts)))
+                run.state = run.state.replace(cache=cache)
             run.state, out, ran = decode_round(self._round_params, c, self.prefix, run.memory, run.state,
                                                jnp.int32(n))
         run.out = (out, ran)

@@ -514,3 +514,50 @@ def test_bfloat16_decode_round_carries_the_cache_bits(monkeypatch):
     np.testing.assert_array_equal(out, out0)
     for a, b in zip(kv, kv0):
         np.testing.assert_array_equal(a, b)
+
+
+def test_grow_cache_keeps_the_held_slots():
+    """`grow_cache`: every held key / value where it was (keys on their slot axis 2, transposed
+    values on axis 3), zeros after, lengths unchanged; shrinking is refused."""
+    rng = np.random.default_rng(5)
+    cache = M.init_cache(CFG, 2, 32)
+    kv = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape), a.dtype), cache.kv)
+    cache = cache.replace(kv=kv, lengths=jnp.array([5, 32], jnp.int32))
+    big = M.grow_cache(cache, 48)
+    assert big.max_len == 48
+    np.testing.assert_array_equal(np.asarray(big.lengths), [5, 32])
+    for (k, v), (k2, v2) in zip(cache.kv["blocks"], big.kv["blocks"]):
+        k, v, k2, v2 = map(np.asarray, (k, v, k2, v2))
+        assert k2.shape == k.shape[:2] + (48,) + k.shape[3:] and v2.shape == v.shape[:3] + (48,)
+        np.testing.assert_array_equal(k2[:, :, :32], k)
+        np.testing.assert_array_equal(v2[..., :32], v)
+        assert not k2[:, :, 32:].any() and not v2[..., 32:].any()
+    with pytest.raises(ValueError, match="already holds 32 slots"):
+        M.grow_cache(cache, 16)
+
+
+def test_rounds_grow_the_cache_and_decode_the_same_tokens(monkeypatch):
+    """With `DecodeConfig.grow_cache` each round runs with a cache sized for it (prompt bucket +
+    tokens so far + the round's, in chunks) and decodes the tokens of one cache for the call, in
+    memory mode (swaps between the rounds) and with rows of different lengths."""
+    import m3jax.decode as D
+
+    p, ret, gen = _setup()
+    sizes = []
+    real = D.decode_round
+
+    def recording(*a, **kw):
+        sizes.append(a[4].cache.max_len)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(D, "decode_round", recording)
+    cs = CFG.chunk_size
+    rng = np.random.default_rng(12)
+    prompts = [[CFG.bos_id] + [int(t) for t in rng.integers(3, 256, n)] for n in (2 * cs + 5, 4)]
+    got = gen.generate(prompts, mode="memory", max_new_tokens=40, ignore_eos=True)
+    assert sizes == [4 * cs, 5 * cs, 5 * cs]  # the longest row (2cs + 6) holds 3cs + 6, 4cs + 6, 4cs + 14 after them
+    sizes.clear()
+    whole = Generator(p, CFG, None, ret, dataclasses.replace(DC, grow_cache=False))
+    want = whole.generate(prompts, mode="memory", max_new_tokens=40, ignore_eos=True)
+    assert sizes == [128] * 3  # one cache for the call: the power of two above 2cs + 6 + 40
+    assert got.tokens == want.tokens and got.stats.memory_swaps == want.stats.memory_swaps == 2

@@ -6,6 +6,8 @@ fixed 64-token chunks of every sequence start at slot 0). Keys are stored post-R
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -14,7 +16,7 @@ from m3jax.config import ModelConfig
 from m3jax.model.memory import ChunkMemory
 from m3jax.model.layers import rope_angles, rope_table
 from m3jax.model.transformer import (Params, Reads, Shared, _cached_layers, _check_tokens, _embed, _logits,
-                                     init_kv_layers, prefix_kv)
+                                     grow_kv_layers, init_kv_layers, prefix_kv)
 
 Array = jax.Array
 
@@ -44,6 +46,16 @@ class KVCache:
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
     dtype = jnp.dtype(config.dtype) if dtype is None else dtype
     return KVCache(init_kv_layers(config, batch, max_len, dtype), jnp.zeros((batch,), jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def grow_cache(cache: KVCache, max_len: int) -> KVCache:
+    """The same cache with room for `max_len` tokens: held slots and lengths unchanged, the new
+    slots empty. Lets a generator size each round's cache for that round (decoding attends over
+    every slot) instead of for the whole call; one copy per growth."""
+    if max_len < cache.max_len:
+        raise ValueError(f"grow_cache: the cache already holds {cache.max_len} slots, more than {max_len}")
+    return cache.replace(kv=grow_kv_layers(cache.kv, max_len))
 
 
 def extend(params: Params, config: ModelConfig, tokens: Array, cache: KVCache, *,

@@ -509,6 +509,17 @@ def init_kv_layers(config: ModelConfig, batch: int, length: int, dtype=jnp.float
             for name, L in stack_sizes(config).items()}
 
 
+def grow_kv_layers(kv: dict, length: int) -> dict:
+    """`init_kv_layers` buffers with room for `length` slots: the new slots (zeros) after the
+    held ones, keys padded on their slot axis 2, transposed values on axis 3."""
+    def pad(a: Array, axis: int) -> Array:
+        widths = [(0, 0)] * a.ndim
+        widths[axis] = (0, length - a.shape[axis])
+        return jnp.pad(a, widths)
+
+    return {name: tuple((pad(k, 2), pad(v, 3)) for k, v in layers) for name, layers in kv.items()}
+
+
 def _causal_mask(query_slots: Array, key_len: int) -> Array:
     """[T, S] boolean: key slot j is visible to a query in slot i iff j <= i."""
     return jnp.arange(key_len)[None, :] <= query_slots[:, None]
