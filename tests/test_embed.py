@@ -225,3 +225,25 @@ def test_small_model_dir_copy_works(tmp_path):
     with pytest.raises(ValueError, match="max_len"):
         SentenceEmbedder(str(d), max_len=1000)
     shutil.rmtree(d)
+
+
+@needs_minilm
+def test_batches_end_where_a_shorter_length_bucket_begins(embedder):
+    """Texts are not all padded to the longest one's bucket: a batch ends where enough texts of
+    a shorter bucket follow (10 long + 20 short, batches of 8: the short ones pad to their own
+    bucket), a few shorter ones ride along; vectors as embedded alone."""
+    long = [f"text number {i} " + "about explicit memory and attention " * 10 for i in range(10)]
+    short = [f"short {i}" for i in range(20)]
+    texts = short[:7] + long + short[7:]
+    n, batches = embedder._batches(texts)
+    shapes = [tok.shape for _, tok, _ in batches]
+    T_long = shapes[0][1]
+    assert n == 30 and T_long >= 64
+    assert shapes[:2] == [(8, T_long), (2, T_long)] and all(T <= 16 for _, T in shapes[2:])
+    assert sorted(i for idx, _, _ in batches for i in idx) == list(range(30))
+    v = embedder(texts)
+    for i in (0, 7, 16, 29):
+        np.testing.assert_allclose(embedder([texts[i]])[0], v[i], atol=2e-5)
+    # fewer than _MIN_SPLIT shorter texts: padded with the longer ones, in one batch
+    _, batches = embedder._batches(long[:5] + short[:3])
+    assert [tok.shape for _, tok, _ in batches] == [(8, T_long)]

@@ -274,6 +274,9 @@ def _embed_batch(params: Params, cfg: BertConfig, input_ids: Array, attention_ma
 
 
 # ----------------------------------------------------------------------------- embedders
+_MIN_SPLIT = 8  # texts of a shorter length bucket that get their own batch (fewer: padded with the longer)
+
+
 def _bucket(n: int, cap: int, floor: int) -> int:
     """Smallest of floor * 2^k and 1.5 * floor * 2^k that is >= n, capped at `cap`."""
     b = floor
@@ -291,7 +294,8 @@ class SentenceEmbedder:
     `SentenceEmbedder()` loads all-MiniLM-L6-v2 from the installed asset. Texts longer than
     `max_len` tokens (special tokens included) are truncated. Texts are sorted by length and
     batched; each batch is padded to a bucketed length and batch size so the jitted forward
-    compiles once per bucket, not once per batch. Output is in input order.
+    compiles once per bucket, not once per batch, and a batch ends where a shorter length bucket
+    begins (when at least `_MIN_SPLIT` texts fill it). Output is in input order.
     """
 
     def __init__(self, model_dir: str | None = None, *, max_len: int = 128, batch_size: int = 64,
@@ -337,10 +341,17 @@ class SentenceEmbedder:
         ids = self.tokenize(texts)
         lengths = np.array([len(x) for x in ids])
         order = np.argsort(-lengths, kind="stable")
-        batches = []
-        for s in range(0, len(texts), self.batch_size):
-            idx = order[s:s + self.batch_size]
-            T = _bucket(int(lengths[idx].max()), self.max_len, 16)
+        buckets = np.array([_bucket(int(n), self.max_len, 16) for n in lengths[order]])
+        batches, s = [], 0
+        while s < len(texts):
+            e = min(len(texts), s + self.batch_size)
+            # a batch ends where a shorter length bucket begins when enough texts fill it (queries
+            # of ~57 tokens would otherwise all pad to the bucket of the longest, 96)
+            shorter = s + int(np.searchsorted(-buckets[s:e], -buckets[s], side="right"))
+            if shorter < e and len(texts) - shorter >= _MIN_SPLIT:
+                e = shorter
+            idx, s = order[s:e], e
+            T = int(buckets[s - len(idx)])
             B = _bucket(len(idx), self.batch_size, 1)
             tok = np.full((B, T), self.pad_id, np.int32)
             mask = np.zeros((B, T), np.int32)
